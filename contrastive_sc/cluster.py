@@ -1,0 +1,156 @@
+"""Clustering of an embedding: KMeans, Leiden and the paper's Table 2 algorithms.
+
+``cluster_labels`` works on arrays; ``cluster`` is its scanpy-style AnnData counterpart
+(reads ``obsm[use_rep]``, writes ``obs[key_added]`` and ``uns[key_added]["params"]``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+#: Methods that need the number of clusters.
+NEEDS_K = frozenset({"kmeans", "birch", "gmm", "spectral", "ward"})
+METHODS = ("kmeans", "leiden", "birch", "gmm", "meanshift", "spectral", "ward")
+
+
+def cluster_labels(embedding: np.ndarray, method: str = "kmeans", *, n_clusters: int | None = None,
+                   resolution: float = 1.0, n_neighbors: int = 15, seed: int = 0) -> np.ndarray:
+    """Cluster the rows of ``embedding``.
+
+    Parameters
+    ----------
+    embedding
+        ``(cells, dims)`` array.
+    method
+        One of :data:`METHODS`.
+    n_clusters
+        Number of clusters, required by the methods in :data:`NEEDS_K`.
+    resolution, n_neighbors
+        Leiden resolution and the size of the kNN graph it partitions.
+    seed
+        Random seed.
+
+    Returns
+    -------
+    ``int64`` cluster index per cell.
+    """
+    if method not in _ALGORITHMS:
+        msg = f"unknown clustering method {method!r}; expected one of {list(METHODS)}"
+        raise ValueError(msg)
+    embedding = np.asarray(embedding, dtype=np.float32)
+    n_cells = embedding.shape[0]
+    if method in NEEDS_K:
+        if n_clusters is None:
+            msg = f"method {method!r} needs n_clusters; pass it, or use 'leiden' when k is unknown"
+            raise ValueError(msg)
+        if not 1 <= int(n_clusters) <= n_cells:
+            msg = f"n_clusters must be between 1 and the number of cells ({n_cells}), got {n_clusters}"
+            raise ValueError(msg)
+    elif n_cells < 2:
+        msg = f"{method} needs at least 2 cells, got {n_cells}"
+        raise ValueError(msg)
+    options = {"n_clusters": n_clusters, "resolution": resolution, "n_neighbors": n_neighbors, "seed": seed}
+    return np.asarray(_ALGORITHMS[method](embedding, **options), dtype=np.int64)
+
+
+def cluster(adata, method: str = "kmeans", *, use_rep: str = "X_contrastive", key_added: str | None = None,
+            copy: bool = False, **params):
+    """Cluster ``adata.obsm[use_rep]`` and store labels in ``obs[key_added]``.
+
+    ``key_added`` defaults to ``"contrastive_<method>"``; the parameters are recorded in
+    ``uns[key_added]["params"]``. Returns the AnnData when ``copy=True``, else ``None``.
+    """
+    import pandas as pd
+
+    adata = adata.copy() if copy else adata
+    if use_rep not in adata.obsm:
+        msg = f"obsm[{use_rep!r}] not found; run model.embed(adata) first or pass use_rep (have {list(adata.obsm)})"
+        raise KeyError(msg)
+    key = key_added or f"contrastive_{method}"
+    labels = cluster_labels(adata.obsm[use_rep], method, **params)
+    adata.obs[key] = pd.Categorical(labels.astype(str), categories=[str(c) for c in np.unique(labels)])
+    adata.uns[key] = {"params": {"method": method, "use_rep": use_rep, **{k: v for k, v in params.items() if v is not None}}}
+    return adata if copy else None
+
+
+def knn_graph(embedding: np.ndarray, n_neighbors: int = 15):
+    """Symmetric kNN graph as an igraph ``Graph`` (edges weighted 1).
+
+    Exact neighbours from scikit-learn up to 50,000 cells, approximate ones from pynndescent
+    above that (called directly: scanpy's wrapper crashes on some inputs, see the README).
+    """
+    import igraph as ig
+
+    n_cells = embedding.shape[0]
+    k = min(n_neighbors, n_cells - 1)
+    if n_cells > 50_000:
+        from pynndescent import NNDescent
+
+        index = NNDescent(embedding, n_neighbors=k + 1, random_state=0, n_jobs=-1)
+        neighbours = index.neighbor_graph[0][:, 1:]  # first column is the cell itself
+    else:
+        from sklearn.neighbors import NearestNeighbors
+
+        # kneighbors() without X leaves each cell out of its own neighbour list.
+        neighbours = NearestNeighbors(n_neighbors=k).fit(embedding).kneighbors(return_distance=False)
+    rows = np.repeat(np.arange(n_cells), neighbours.shape[1])
+    cols = neighbours.ravel()
+    # Undirected and de-duplicated: an edge i-j seen from both ends counts once.
+    pairs = np.unique(np.sort(np.column_stack([rows, cols]), axis=1), axis=0)
+    pairs = pairs[pairs[:, 0] != pairs[:, 1]]
+    return ig.Graph(n=n_cells, edges=pairs.tolist(), directed=False)
+
+
+def _kmeans(x, *, n_clusters, seed, **_):
+    from sklearn.cluster import KMeans
+
+    return KMeans(n_clusters=int(n_clusters), n_init=10, random_state=seed).fit_predict(x)
+
+
+def _leiden(x, *, resolution, n_neighbors, seed, **_):
+    import leidenalg
+
+    graph = knn_graph(x, n_neighbors)
+    partition = leidenalg.find_partition(graph, leidenalg.RBConfigurationVertexPartition,
+                                         resolution_parameter=float(resolution), seed=int(seed), n_iterations=-1)
+    return np.asarray(partition.membership)
+
+
+def _birch(x, *, n_clusters, **_):
+    from sklearn.cluster import Birch
+
+    return Birch(n_clusters=int(n_clusters)).fit_predict(x)
+
+
+def _gmm(x, *, n_clusters, seed, **_):
+    from sklearn.mixture import GaussianMixture
+
+    return GaussianMixture(n_components=int(n_clusters), random_state=seed).fit_predict(x)
+
+
+def _meanshift(x, *, seed, **_):
+    from sklearn.cluster import MeanShift, estimate_bandwidth
+
+    bandwidth = estimate_bandwidth(x, quantile=0.2, n_samples=min(len(x), 2000), random_state=seed)
+    return MeanShift(bandwidth=bandwidth or None, bin_seeding=True).fit_predict(x)
+
+
+def _spectral(x, *, n_clusters, n_neighbors, seed, **_):
+    from sklearn.cluster import SpectralClustering
+
+    return SpectralClustering(n_clusters=int(n_clusters), affinity="nearest_neighbors",
+                              n_neighbors=min(n_neighbors, len(x) - 1), random_state=seed).fit_predict(x)
+
+
+def _ward(x, *, n_clusters, **_):
+    from sklearn.cluster import AgglomerativeClustering
+
+    return AgglomerativeClustering(n_clusters=int(n_clusters), linkage="ward").fit_predict(x)
+
+
+_ALGORITHMS: dict[str, Callable[..., np.ndarray]] = {
+    "kmeans": _kmeans, "leiden": _leiden, "birch": _birch, "gmm": _gmm,
+    "meanshift": _meanshift, "spectral": _spectral, "ward": _ward,
+}

@@ -1,0 +1,181 @@
+"""Configuration as data: one frozen dataclass per concern, and named presets.
+
+The same flat dictionary (:meth:`ContrastiveConfig.to_params`) is logged to MLflow as
+parameters and saved next to the weights, so a run can always be rebuilt from its record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+#: Gene counts tried when ``n_genes="auto"`` (the paper's Fig. 5 grid).
+AUTO_GENE_COUNTS = (500, 1000, 1500, 3000, 5000)
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How raw counts become the encoder's input.
+
+    Parameters
+    ----------
+    n_genes
+        Number of dispersion-ranked genes kept, ``"all"``, or ``"auto"`` to choose among
+        :data:`AUTO_GENE_COUNTS` by the silhouette of the resulting clustering.
+    min_cells
+        Genes detected in fewer cells are dropped (the paper drops genes seen in <= 1 cell).
+    hvg_flavor
+        scanpy ``highly_variable_genes`` flavor; the paper uses ``"seurat"`` dispersion ranking.
+    clip
+        Clip scaled values to ``[-clip, clip]``; ``None`` (the paper) keeps them as they are.
+    """
+
+    n_genes: int | str = 500
+    min_cells: int = 2
+    hvg_flavor: str = "seurat"
+    clip: float | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.n_genes, str):
+            if self.n_genes not in ("auto", "all"):
+                msg = f"n_genes must be an integer >= 2, 'auto' or 'all', got {self.n_genes!r}"
+                raise ValueError(msg)
+        elif int(self.n_genes) < 2:
+            msg = f"n_genes must be at least 2, got {self.n_genes}"
+            raise ValueError(msg)
+        if self.min_cells < 0:
+            msg = f"min_cells must be >= 0, got {self.min_cells}"
+            raise ValueError(msg)
+        if self.clip is not None and self.clip <= 0:
+            msg = f"clip must be positive or None, got {self.clip}"
+            raise ValueError(msg)
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """The MLP encoder: hidden and output sizes, BatchNorm + ReLU between layers."""
+
+    layers: tuple[int, ...] = (200, 40, 60)
+    batch_norm: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.layers or any(int(w) < 1 for w in self.layers):
+            msg = f"layers must be a non-empty list of positive sizes, got {self.layers!r}"
+            raise ValueError(msg)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Contrastive training: augmentation, loss and optimiser settings.
+
+    ``input_dropout`` is the fraction of genes masked in each view (0.9 keeps 10 %).
+    """
+
+    input_dropout: float = 0.9
+    noise_std: float = 0.0
+    temperature: float = 0.07
+    lr: float = 0.4
+    lr_schedule: str = "cosine"
+    epochs: int = 30
+    batch_size: int = 200
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        checks = [
+            (0.0 <= self.input_dropout < 1.0, "input_dropout must be in [0, 1)"),
+            (self.noise_std >= 0.0, "noise_std must be >= 0"),
+            (self.temperature > 0.0, "temperature must be > 0"),
+            (self.lr > 0.0, "lr must be > 0"),
+            (self.lr_schedule in ("cosine", "constant"), "lr_schedule must be 'cosine' or 'constant'"),
+            (self.epochs >= 1, "epochs must be >= 1"),
+            (self.batch_size >= 2, "batch_size must be >= 2 (BatchNorm needs two cells)"),
+            (self.device in ("auto", "cpu", "cuda"), "device must be 'auto', 'cpu' or 'cuda'"),
+        ]
+        for ok, text in checks:
+            if not ok:
+                msg = f"{text}; got {dataclasses.asdict(self)}"
+                raise ValueError(msg)
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Which clusterings to compute on the embedding, and their settings."""
+
+    methods: tuple[str, ...] = ("kmeans", "leiden")
+    n_clusters: int | None = None
+    resolution: float = 1.0
+    n_neighbors: int = 15
+
+
+@dataclass(frozen=True)
+class ContrastiveConfig:
+    """Everything that defines a model, grouped by concern."""
+
+    preset: str = "paper"
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def to_params(self) -> dict[str, Any]:
+        """Flat ``{name: value}`` of every setting (names are unique across concerns)."""
+        params: dict[str, Any] = {"preset": self.preset}
+        for section in (self.preprocess, self.encoder, self.train, self.cluster):
+            for key, value in dataclasses.asdict(section).items():
+                params[key] = list(value) if isinstance(value, tuple) else value
+        return params
+
+    def replace(self, **overrides: Any) -> ContrastiveConfig:
+        """Return a copy with flat overrides applied (``None`` values are ignored)."""
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        sections = {}
+        for name in ("preprocess", "encoder", "train", "cluster"):
+            section = getattr(self, name)
+            own = {f.name for f in dataclasses.fields(section)}
+            changes = {k: _as_field_value(v) for k, v in overrides.items() if k in own}
+            sections[name] = dataclasses.replace(section, **changes)
+        known = set(self.to_params())
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            msg = f"unknown setting(s) {unknown}; expected some of {sorted(known)}"
+            raise ValueError(msg)
+        return ContrastiveConfig(preset=overrides.get("preset", self.preset), **sections)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_params(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> ContrastiveConfig:
+        """Inverse of :meth:`to_params`."""
+        return cls().replace(**params)
+
+
+def _as_field_value(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _paper() -> ContrastiveConfig:
+    # Ciortan & Defrance 2021, Methods: 500 genes, [200, 40, 60], NN dropout 0.9, NT-Xent
+    # at temperature 0.07, Adam lr 0.4 with a cosine schedule, 30 epochs, batches of 200.
+    return ContrastiveConfig(preset="paper")
+
+
+PRESETS = {"paper": _paper}
+
+
+def get_preset(name: str) -> ContrastiveConfig:
+    """Return the named preset's configuration.
+
+    Raises
+    ------
+    ValueError
+        If ``name`` is not a known preset.
+    """
+    try:
+        return PRESETS[name]()
+    except KeyError:
+        msg = f"unknown preset {name!r}; expected one of {sorted(PRESETS)}"
+        raise ValueError(msg) from None

@@ -1,0 +1,189 @@
+"""``ContrastiveSC``: the AnnData-facing model that wires preprocessing, encoder and training."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from .config import AUTO_GENE_COUNTS, ContrastiveConfig, get_preset
+from .preprocess import GeneCoverage, PreprocessState, fit_preprocess, gene_coverage, transform
+from .train import TrainingHistory, encode, fit_encoder
+
+log = logging.getLogger(__name__)
+
+EMBEDDING_KEY = "X_contrastive"
+_FILES = {"config": "config.json", "state": "preprocess_state.json", "weights": "encoder.pt",
+          "history": "history.json", "reference": "reference_centroids.npy"}
+
+
+class ContrastiveSC:
+    """Contrastive self-supervised embedding of scRNA-seq cells (Ciortan & Defrance, 2021).
+
+    Parameters
+    ----------
+    config
+        Full configuration; defaults to the ``preset``'s.
+    preset
+        Named preset used when ``config`` is not given.
+    **overrides
+        Flat setting overrides, e.g. ``epochs=10, n_genes=1000``.
+
+    Examples
+    --------
+    >>> model = ContrastiveSC(preset="paper").fit(adata)          # doctest: +SKIP
+    >>> model.embed(adata)                                          # obsm["X_contrastive"]
+    >>> contrastive_sc.cluster(adata, "kmeans", n_clusters=8)       # obs["contrastive_kmeans"]
+    """
+
+    def __init__(self, config: ContrastiveConfig | None = None, *, preset: str = "paper", **overrides) -> None:
+        base = config if config is not None else get_preset(preset)
+        self.config = base.replace(**overrides) if overrides else base
+        self.state: PreprocessState | None = None
+        self.encoder = None
+        self.history: TrainingHistory | None = None
+        self.reference_centroids: np.ndarray | None = None
+        self.gene_search: list[dict] = []
+
+    # ------------------------------------------------------------------ training
+    def fit(self, adata, *, progress: bool = False, on_epoch=None) -> ContrastiveSC:
+        """Fit preprocessing and train the encoder on raw counts in ``adata.X``.
+
+        With ``n_genes="auto"`` one model is trained per gene count in
+        :data:`~contrastive_sc.config.AUTO_GENE_COUNTS` and the one whose clustering has the best
+        silhouette is kept (no labels are used).
+        """
+        pre = self.config.preprocess
+        if pre.n_genes == "auto":
+            return self._fit_auto_genes(adata, progress=progress, on_epoch=on_epoch)
+        self.state = fit_preprocess(adata.X, adata.var_names, n_genes=pre.n_genes, min_cells=pre.min_cells,
+                                    hvg_flavor=pre.hvg_flavor, clip=pre.clip)
+        x = transform(adata.X, adata.var_names, self.state)
+        self.encoder, self.history = fit_encoder(x, self.config.encoder, self.config.train,
+                                                 progress=progress, on_epoch=on_epoch)
+        self._fit_reference(encode(self.encoder, x))
+        return self
+
+    def _fit_auto_genes(self, adata, *, progress: bool, on_epoch) -> ContrastiveSC:
+        from .metrics import score_clustering
+
+        n_available = adata.shape[1]
+        candidates = [n for n in AUTO_GENE_COUNTS if n < n_available] or [n_available]
+        best = None
+        self.gene_search = []
+        for n_genes in candidates:
+            trial = ContrastiveSC(self.config.replace(n_genes=n_genes)).fit(adata, progress=progress)
+            embedding = trial.transform(adata)
+            labels = trial._reference_labels(embedding)
+            silhouette = score_clustering(embedding, labels)["silhouette"]
+            self.gene_search.append({"n_genes": n_genes, "silhouette": silhouette})
+            log.info("n_genes=%d silhouette=%.4f", n_genes, silhouette)
+            if best is None or silhouette > best[0]:
+                best = (silhouette, trial)
+        chosen = best[1]
+        self.state, self.encoder, self.history = chosen.state, chosen.encoder, chosen.history
+        self.reference_centroids = chosen.reference_centroids
+        if on_epoch is not None:
+            for epoch, loss in enumerate(self.history.loss):
+                on_epoch(epoch, loss)
+        return self
+
+    def _reference_labels(self, embedding: np.ndarray) -> np.ndarray:
+        from .cluster import cluster_labels
+
+        cfg = self.config.cluster
+        if cfg.n_clusters:
+            return cluster_labels(embedding, "kmeans", n_clusters=cfg.n_clusters, seed=self.config.train.seed)
+        return cluster_labels(embedding, "leiden", resolution=cfg.resolution, n_neighbors=cfg.n_neighbors,
+                              seed=self.config.train.seed)
+
+    def _fit_reference(self, embedding: np.ndarray) -> None:
+        # Centroids of the training clusters let new batches be labelled consistently
+        # (nearest centroid) instead of being re-clustered from scratch.
+        labels = self._reference_labels(embedding)
+        centroids = np.stack([embedding[labels == c].mean(axis=0) for c in np.unique(labels)])
+        self.reference_centroids = (centroids / np.linalg.norm(centroids, axis=1, keepdims=True)).astype(np.float32)
+
+    # ------------------------------------------------------------------ inference
+    def _check_fitted(self) -> None:
+        if self.state is None or self.encoder is None:
+            msg = "this model is not trained yet; call fit(adata) or ContrastiveSC.load(path) first"
+            raise RuntimeError(msg)
+
+    def coverage(self, adata) -> GeneCoverage:
+        """How many of the model's genes ``adata`` provides."""
+        self._check_fitted()
+        return gene_coverage(adata.var_names, self.state)
+
+    def preprocess(self, adata) -> np.ndarray:
+        """Raw counts -> the encoder's input, with the frozen training state."""
+        self._check_fitted()
+        return transform(adata.X, adata.var_names, self.state)
+
+    def transform(self, adata) -> np.ndarray:
+        """Embedding of every cell, ``(cells, embedding_dim)`` float32."""
+        return encode(self.encoder, self.preprocess(adata))
+
+    def embed(self, adata, *, key_added: str = EMBEDDING_KEY, copy: bool = False):
+        """Write the embedding to ``adata.obsm[key_added]`` (scanpy style).
+
+        The gene coverage and the model's settings go to ``uns[key_added]``. Returns the
+        AnnData when ``copy=True``, else ``None``.
+        """
+        adata = adata.copy() if copy else adata
+        coverage = self.coverage(adata)
+        if coverage.n_found < coverage.n_model_genes:
+            log.warning("%d of the model's %d genes are missing from the input; they are set to 0",
+                        coverage.n_model_genes - coverage.n_found, coverage.n_model_genes)
+        adata.obsm[key_added] = self.transform(adata)
+        adata.uns[key_added] = {"params": self.config.to_params(), "coverage": coverage.as_dict()}
+        return adata if copy else None
+
+    def reference_labels(self, embedding: np.ndarray) -> np.ndarray:
+        """Nearest training-cluster centroid (cosine) for each embedded cell."""
+        self._check_fitted()
+        return np.argmax(embedding @ self.reference_centroids.T, axis=1).astype(np.int64)
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | Path) -> Path:
+        """Save config, preprocessing state, weights, history and reference centroids to a folder."""
+        import torch
+
+        self._check_fitted()
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / _FILES["config"]).write_text(self.config.to_json())
+        self.state.to_json(path / _FILES["state"])
+        torch.save({"n_inputs": self.encoder.n_inputs, "state_dict": self.encoder.state_dict()}, path / _FILES["weights"])
+        history = asdict(self.history) | {"gene_search": self.gene_search}
+        (path / _FILES["history"]).write_text(json.dumps(history))
+        np.save(path / _FILES["reference"], self.reference_centroids)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> ContrastiveSC:
+        """Load a model written by :meth:`save`."""
+        import torch
+
+        from .encoder import ContrastiveEncoder
+
+        path = Path(path)
+        missing = [name for name in _FILES.values() if not (path / name).exists()]
+        if missing:
+            msg = f"{str(path)!r} is not a saved ContrastiveSC model: missing {missing}"
+            raise FileNotFoundError(msg)
+        config = ContrastiveConfig.from_params(json.loads((path / _FILES["config"]).read_text()))
+        model = cls(config)
+        model.state = PreprocessState.from_json(path / _FILES["state"])
+        checkpoint = torch.load(path / _FILES["weights"], map_location="cpu", weights_only=True)
+        encoder = ContrastiveEncoder(checkpoint["n_inputs"], config.encoder.layers, config.encoder.batch_norm)
+        encoder.load_state_dict(checkpoint["state_dict"])
+        model.encoder = encoder.eval()
+        history = json.loads((path / _FILES["history"]).read_text())
+        model.gene_search = history.pop("gene_search", [])
+        model.history = TrainingHistory(**history)
+        model.reference_centroids = np.load(path / _FILES["reference"])
+        return model

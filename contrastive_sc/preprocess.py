@@ -1,0 +1,259 @@
+"""The paper's preprocessing as a fitted state, applied unchanged at training and serving time.
+
+``fit_preprocess`` learns a :class:`PreprocessState` from raw counts: genes detected in fewer
+than ``min_cells`` cells are dropped, cells are scaled to the median library size, log1p is
+applied, the top-N genes by scanpy's seurat dispersion ranking are kept and each is scaled to
+zero mean and unit variance. ``transform`` applies exactly that state to any count matrix whose
+columns are named by genes, in any order and with any gene set.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PreprocessState:
+    """What ``fit_preprocess`` learned; everything ``transform`` needs.
+
+    Attributes
+    ----------
+    genes
+        The model's input genes, in input order.
+    mean, std
+        Per-gene mean and standard deviation of log1p-normalised expression (scanpy's
+        ``pp.scale`` convention: unbiased std, zero std replaced by 1).
+    target_sum
+        Library size every cell is scaled to (the training median).
+    library_genes, library_share
+        Genes whose counts make up a cell's library size, and the share of all training counts
+        each carried. A new dataset that lacks some of them has its library sizes rescaled by
+        the share of the genes it has, so normalisation matches training.
+    clip
+        Scaled values are clipped to ``[-clip, clip]`` when set.
+    """
+
+    genes: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    target_sum: float
+    library_genes: tuple[str, ...]
+    library_share: tuple[float, ...]
+    clip: float | None = None
+    n_cells_fit: int = 0
+    version: int = STATE_VERSION
+
+    @property
+    def n_genes(self) -> int:
+        return len(self.genes)
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        """Serialise to JSON; also write it to ``path`` when given."""
+        text = json.dumps(asdict(self))
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_json(cls, source: str | Path) -> PreprocessState:
+        """Load from a JSON string or a path to a JSON file."""
+        text = Path(source).read_text() if _looks_like_path(source) else str(source)
+        data = json.loads(text)
+        if data.get("version") != STATE_VERSION:
+            msg = f"preprocessing state version {data.get('version')} is not supported; expected {STATE_VERSION}"
+            raise ValueError(msg)
+        for key in ("genes", "mean", "std", "library_genes", "library_share"):
+            data[key] = tuple(data[key])
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class GeneCoverage:
+    """How many of the model's genes a dataset provides."""
+
+    n_model_genes: int
+    n_found: int
+    missing: tuple[str, ...]
+    library_share_found: float
+
+    @property
+    def fraction(self) -> float:
+        return self.n_found / self.n_model_genes
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {
+            "n_model_genes": self.n_model_genes,
+            "n_found": self.n_found,
+            "fraction": round(self.fraction, 4),
+            "library_share_found": round(self.library_share_found, 4),
+        }
+
+
+def fit_preprocess(counts, gene_names, *, n_genes: int | str = 500, min_cells: int = 2,
+                   hvg_flavor: str = "seurat", clip: float | None = None) -> PreprocessState:
+    """Learn the preprocessing state from a raw count matrix.
+
+    Parameters
+    ----------
+    counts
+        Cells x genes raw counts, dense or scipy sparse.
+    gene_names
+        One name per column.
+    n_genes
+        Number of dispersion-ranked genes to keep, or ``"all"``.
+    min_cells
+        Genes detected in fewer cells are dropped.
+    hvg_flavor
+        scanpy ``highly_variable_genes`` flavor.
+    clip
+        Optional clipping of scaled values.
+    """
+    counts = sp.csr_matrix(counts, dtype=np.float32)
+    gene_names = np.asarray(gene_names, dtype=str)
+    if counts.shape[1] != len(gene_names):
+        msg = f"{len(gene_names)} gene names for a matrix of {counts.shape[1]} columns"
+        raise ValueError(msg)
+
+    detected_in = np.asarray((counts > 0).sum(axis=0)).ravel()
+    keep = detected_in >= min_cells
+    if keep.sum() < 2:
+        msg = (
+            f"only {int(keep.sum())} gene(s) are detected in >= {min_cells} cells; "
+            "expected a count matrix with at least two expressed genes"
+        )
+        raise ValueError(msg)
+    counts = counts[:, keep]
+    library_genes = gene_names[keep]
+    gene_totals = np.asarray(counts.sum(axis=0)).ravel().astype(np.float64)
+    library_share = gene_totals / gene_totals.sum()
+
+    totals = np.asarray(counts.sum(axis=1)).ravel()
+    target_sum = float(np.median(totals[totals > 0]))
+    lognorm = _log_normalise(counts, totals, target_sum)
+
+    chosen = _select_genes(lognorm, library_genes, n_genes, hvg_flavor)
+    selected = lognorm[:, chosen].toarray().astype(np.float64)
+    mean = selected.mean(axis=0)
+    std = selected.std(axis=0, ddof=1) if selected.shape[0] > 1 else np.ones_like(mean)
+    std[std == 0] = 1.0
+    return PreprocessState(
+        genes=tuple(library_genes[chosen].tolist()),
+        mean=tuple(mean.tolist()),
+        std=tuple(std.tolist()),
+        target_sum=target_sum,
+        library_genes=tuple(library_genes.tolist()),
+        library_share=tuple(library_share.tolist()),
+        clip=clip,
+        n_cells_fit=int(counts.shape[0]),
+    )
+
+
+def gene_coverage(gene_names, state: PreprocessState) -> GeneCoverage:
+    """Report which of the model's genes ``gene_names`` provides."""
+    present = set(map(str, gene_names))
+    missing = tuple(g for g in state.genes if g not in present)
+    share = sum(s for g, s in zip(state.library_genes, state.library_share) if g in present)
+    return GeneCoverage(state.n_genes, state.n_genes - len(missing), missing, float(share))
+
+
+def transform(counts, gene_names, state: PreprocessState) -> np.ndarray:
+    """Apply a fitted state to raw counts; the same function runs at training and serving.
+
+    Parameters
+    ----------
+    counts
+        Cells x genes raw counts (dense or scipy sparse), columns named by ``gene_names`` in any
+        order. Genes unknown to the model are ignored.
+    gene_names
+        One name per column.
+    state
+        The fitted preprocessing state.
+
+    Returns
+    -------
+    Cells x ``state.n_genes`` float32 matrix in the model's gene order. A model gene missing
+    from the input is set to 0, its training mean after scaling, so it carries no signal.
+    """
+    gene_names = np.asarray(gene_names, dtype=str)
+    if counts.shape[1] != len(gene_names):
+        msg = f"{len(gene_names)} gene names for a matrix of {counts.shape[1]} columns"
+        raise ValueError(msg)
+    column_of = {g: i for i, g in enumerate(gene_names)}
+    if len(column_of) != len(gene_names):
+        msg = "gene names must be unique; found duplicates in the input columns"
+        raise ValueError(msg)
+    counts = sp.csr_matrix(counts) if sp.issparse(counts) else np.asarray(counts)
+
+    lib_cols, lib_share = [], 0.0
+    for gene, share in zip(state.library_genes, state.library_share):
+        col = column_of.get(gene)
+        if col is not None:
+            lib_cols.append(col)
+            lib_share += share
+    if not lib_cols:
+        msg = (
+            f"none of the {len(gene_names)} input genes is among the model's "
+            f"{len(state.library_genes)} genes; check that columns are gene names of the same species/annotation"
+        )
+        raise ValueError(msg)
+    # Library size over the genes the input has, rescaled by the share of training counts
+    # they carried, so a partial gene set is normalised as the full one was.
+    totals = _row_sums(counts, np.asarray(lib_cols)) / lib_share
+
+    found = [(j, column_of[g]) for j, g in enumerate(state.genes) if g in column_of]
+    out = np.zeros((counts.shape[0], state.n_genes), dtype=np.float32)
+    if found:
+        model_pos, input_cols = map(np.asarray, zip(*found))
+        block = counts[:, input_cols]
+        block = block.toarray() if sp.issparse(block) else np.asarray(block)
+        scale = np.divide(state.target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
+        block = np.log1p(block.astype(np.float64) * scale[:, None])
+        mean = np.asarray(state.mean)[model_pos]
+        std = np.asarray(state.std)[model_pos]
+        out[:, model_pos] = ((block - mean) / std).astype(np.float32)
+    if state.clip is not None:
+        np.clip(out, -state.clip, state.clip, out=out)
+    return out
+
+
+def _row_sums(counts, cols: np.ndarray) -> np.ndarray:
+    if len(cols) == counts.shape[1]:
+        return np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
+    return np.asarray(counts[:, cols].sum(axis=1), dtype=np.float64).ravel()
+
+
+def _log_normalise(counts: sp.csr_matrix, totals: np.ndarray, target_sum: float) -> sp.csr_matrix:
+    scale = np.divide(target_sum, totals, out=np.zeros_like(totals, dtype=np.float64), where=totals > 0)
+    out = sp.diags(scale.astype(np.float32)) @ counts
+    out = sp.csr_matrix(out)
+    out.data = np.log1p(out.data)
+    return out
+
+
+def _select_genes(lognorm: sp.csr_matrix, names: np.ndarray, n_genes: int | str, flavor: str) -> np.ndarray:
+    """Indices (sorted, input order) of the top ``n_genes`` by scanpy's dispersion ranking."""
+    if n_genes == "all" or int(n_genes) >= lognorm.shape[1]:
+        return np.arange(lognorm.shape[1])
+    import anndata as ad
+    import scanpy as sc
+
+    tmp = ad.AnnData(X=lognorm)
+    tmp.var_names = names
+    # The paper's settings (scziDesk's normalize()): seurat flavor on log data; with
+    # n_top_genes set, scanpy ranks by normalised dispersion and ignores the mean cut-offs.
+    sc.pp.highly_variable_genes(tmp, n_top_genes=int(n_genes), flavor=flavor,
+                                min_mean=0.0125, max_mean=3, min_disp=0.5)
+    return np.flatnonzero(tmp.var["highly_variable"].to_numpy())
+
+
+def _looks_like_path(source: str | Path) -> bool:
+    if isinstance(source, Path):
+        return True
+    return not str(source).lstrip().startswith("{")

@@ -122,7 +122,7 @@ def _embed(adata, source: str, seed: int, overrides: dict) -> _Embedded:
 
     started = time.perf_counter()
     if source in PRESETS:
-        model = ContrastiveSC(get_preset(source).replace(**overrides), seed=seed).fit(adata)
+        model = ContrastiveSC(get_preset(source).replace(**overrides), seed=seed).fit(adata, reference=False)
         embedding = model.transform(adata)
         return _Embedded(embedding, time.perf_counter() - started, model.history.seconds)
 

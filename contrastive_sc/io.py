@@ -192,6 +192,9 @@ def _read_table(path: Path, sep: str, label_key: str | None) -> ad.AnnData:
         msg = f"{path.name}: duplicated gene column(s) {dup[:5]}; gene names must be unique"
         raise ValueError(msg)
     table = pd.read_csv(path, sep=sep, index_col=0)
+    if table.empty:
+        msg = f"empty count matrix in {path.name}: got {table.shape[0]} cells x {table.shape[1]} genes"
+        raise ValueError(msg)
     labels = None
     if label_key is not None and label_key in table.columns:
         labels = table.pop(label_key)

@@ -49,8 +49,12 @@ class ContrastiveSC:
         self.gene_search: list[dict] = []
 
     # ------------------------------------------------------------------ training
-    def fit(self, adata, *, progress: bool = False, on_epoch=None) -> ContrastiveSC:
+    def fit(self, adata, *, progress: bool = False, on_epoch=None, reference: bool = True) -> ContrastiveSC:
         """Fit preprocessing and train the encoder on raw counts in ``adata.X``.
+
+        ``reference=True`` also clusters the training cells (KMeans when ``n_clusters`` is set,
+        else Leiden) and keeps the centroids, so new cells can be labelled consistently with
+        :meth:`reference_labels`; benchmarks that only need the embedding switch it off.
 
         With ``n_genes="auto"`` one model is trained per gene count in
         :data:`~contrastive_sc.config.AUTO_GENE_COUNTS` and the one whose clustering has the best
@@ -58,16 +62,17 @@ class ContrastiveSC:
         """
         pre = self.config.preprocess
         if pre.n_genes == "auto":
-            return self._fit_auto_genes(adata, progress=progress, on_epoch=on_epoch)
+            return self._fit_auto_genes(adata, progress=progress, on_epoch=on_epoch, reference=reference)
         self.state = fit_preprocess(adata.X, adata.var_names, n_genes=pre.n_genes, min_cells=pre.min_cells,
                                     hvg_flavor=pre.hvg_flavor, clip=pre.clip)
         x = transform(adata.X, adata.var_names, self.state)
         self.encoder, self.history = fit_encoder(x, self.config.encoder, self.config.train,
                                                  progress=progress, on_epoch=on_epoch)
-        self._fit_reference(encode(self.encoder, x))
+        if reference:
+            self._fit_reference(encode(self.encoder, x))
         return self
 
-    def _fit_auto_genes(self, adata, *, progress: bool, on_epoch) -> ContrastiveSC:
+    def _fit_auto_genes(self, adata, *, progress: bool, on_epoch, reference: bool) -> ContrastiveSC:
         from .metrics import score_clustering
 
         n_available = adata.shape[1]
@@ -75,7 +80,8 @@ class ContrastiveSC:
         best = None
         self.gene_search = []
         for n_genes in candidates:
-            trial = ContrastiveSC(self.config.replace(n_genes=n_genes)).fit(adata, progress=progress)
+            trial = ContrastiveSC(self.config.replace(n_genes=n_genes)).fit(adata, progress=progress,
+                                                                            reference=reference)
             embedding = trial.transform(adata)
             labels = trial._reference_labels(embedding)
             silhouette = score_clustering(embedding, labels)["silhouette"]
@@ -145,6 +151,9 @@ class ContrastiveSC:
     def reference_labels(self, embedding: np.ndarray) -> np.ndarray:
         """Nearest training-cluster centroid (cosine) for each embedded cell."""
         self._check_fitted()
+        if self.reference_centroids is None:
+            msg = "this model has no reference clusters; train it with fit(adata, reference=True)"
+            raise RuntimeError(msg)
         return np.argmax(embedding @ self.reference_centroids.T, axis=1).astype(np.int64)
 
     # ------------------------------------------------------------------ persistence
@@ -160,7 +169,8 @@ class ContrastiveSC:
         torch.save({"n_inputs": self.encoder.n_inputs, "state_dict": self.encoder.state_dict()}, path / _FILES["weights"])
         history = asdict(self.history) | {"gene_search": self.gene_search}
         (path / _FILES["history"]).write_text(json.dumps(history))
-        np.save(path / _FILES["reference"], self.reference_centroids)
+        if self.reference_centroids is not None:
+            np.save(path / _FILES["reference"], self.reference_centroids)
         return path
 
     @classmethod
@@ -171,7 +181,7 @@ class ContrastiveSC:
         from .encoder import ContrastiveEncoder
 
         path = Path(path)
-        missing = [name for name in _FILES.values() if not (path / name).exists()]
+        missing = [name for key, name in _FILES.items() if key != "reference" and not (path / name).exists()]
         if missing:
             msg = f"{str(path)!r} is not a saved ContrastiveSC model: missing {missing}"
             raise FileNotFoundError(msg)
@@ -185,5 +195,6 @@ class ContrastiveSC:
         history = json.loads((path / _FILES["history"]).read_text())
         model.gene_search = history.pop("gene_search", [])
         model.history = TrainingHistory(**history)
-        model.reference_centroids = np.load(path / _FILES["reference"])
+        if (path / _FILES["reference"]).exists():
+            model.reference_centroids = np.load(path / _FILES["reference"])
         return model

@@ -1,0 +1,58 @@
+import h5py
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from contrastive_sc.benchmark import COLUMNS, available_methods, run_benchmark, summarise
+from contrastive_sc.cli import main
+
+
+@pytest.fixture
+def labelled_h5(tmp_path, synthetic):
+    path = tmp_path / "tiny.h5"
+    with h5py.File(path, "w") as f:
+        f["X"] = synthetic.X.toarray()
+        f["Y"] = synthetic.obs["label"].to_numpy() + 1
+    return path
+
+
+def test_every_method_produces_a_row(labelled_h5):
+    methods = ["paper-kmeans", "paper-leiden", "pca2-kmeans", "pca50-kmeans", "scanpy-leiden", "reference-paper-kmeans"]
+    results = run_benchmark([labelled_h5], methods, seeds=[0], overrides={"n_genes": 100, "epochs": 2})
+    assert list(results.columns) == COLUMNS
+    assert list(results["method"]) == methods
+    assert (results["dataset"] == "tiny").all()
+    assert results["ari"].between(-1, 1).all() and (results["seconds"] > 0).all()
+    kmeans_rows = results[results["method"].str.endswith("kmeans")]
+    assert (kmeans_rows["n_clusters"] == 3).all()
+    assert results.loc[results["method"] == "paper-kmeans", "train_seconds"].iloc[0] > 0
+    table = summarise(results)
+    assert "±" in table.loc[0, "ari"]
+
+
+def test_cli_writes_csv_and_table(labelled_h5, tmp_path):
+    out = tmp_path / "bench.csv"
+    result = CliRunner().invoke(main, ["benchmark", "--data", str(labelled_h5), str(labelled_h5), "--methods",
+                                       "paper-kmeans,pca50-kmeans", "--seeds", "2", "--n-genes", "100",
+                                       "--epochs", "1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    frame = pd.read_csv(out)
+    assert len(frame) == 2 * 2 * 2
+    assert set(frame["seed"]) == {0, 1}
+    assert "paper-kmeans" in result.output and "±" in result.output
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--methods", "magic-kmeans"], "expected a comma-separated list"),
+    (["--seeds", "0"], "0 is not in the range"),
+    (["--n-genes", "many"], "expected a whole number of genes"),
+])
+def test_cli_rejects_bad_values(labelled_h5, tmp_path, args, message):
+    result = CliRunner().invoke(main, ["benchmark", "--data", str(labelled_h5), "--out", str(tmp_path / "x.csv"), *args])
+    assert result.exit_code == 2
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_methods_listed():
+    assert {"paper-kmeans", "paper-leiden", "pca2-kmeans", "pca50-kmeans", "scanpy-leiden"} <= set(available_methods())

@@ -1,0 +1,51 @@
+import torch
+
+from contrastive_sc.augment import make_views
+from contrastive_sc.encoder import ContrastiveEncoder
+
+
+def test_shapes_and_unit_norm():
+    encoder = ContrastiveEncoder(50, (200, 40, 60))
+    out = encoder(torch.randn(32, 50))
+    assert out.shape == (32, 60)
+    assert torch.allclose(out.norm(dim=1), torch.ones(32), atol=1e-5)
+    assert [m.out_features for m in encoder.linears] == [200, 40, 60]
+    assert len(encoder.norms) == 2
+
+
+def test_stacked_views_equal_separate_passes():
+    # One pass over stacked views must be the two forward passes of the original code.
+    torch.manual_seed(0)
+    encoder = ContrastiveEncoder(20, (16, 8)).train()
+    a, b = torch.randn(10, 20), torch.randn(10, 20)
+    stacked = encoder(torch.cat([a, b]), n_views=2)
+    separate = torch.cat([encoder(a), encoder(b)])
+    assert torch.allclose(stacked, separate, atol=1e-6)
+
+
+def test_eval_mode_is_deterministic():
+    encoder = ContrastiveEncoder(20).eval()
+    x = torch.randn(5, 20)
+    assert torch.equal(encoder(x), encoder(x))
+
+
+def test_views_mask_and_rescale_like_dropout():
+    x = torch.ones(1000, 100)
+    views = make_views(x, mask_rate=0.9, generator=torch.Generator().manual_seed(0))
+    assert views.shape == (2000, 100)
+    kept = views != 0
+    assert abs(kept.float().mean().item() - 0.1) < 0.01
+    assert torch.allclose(views[kept], torch.full_like(views[kept], 10.0))
+    assert not torch.equal(kept[:1000], kept[1000:])  # the two views mask different genes
+
+
+def test_views_reproducible_with_generator():
+    x = torch.randn(8, 30)
+    first = make_views(x, noise_std=0.5, generator=torch.Generator().manual_seed(3))
+    second = make_views(x, noise_std=0.5, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(first, second)
+
+
+def test_no_mask_no_noise_is_identity():
+    x = torch.randn(4, 6)
+    assert torch.equal(make_views(x, mask_rate=0.0), torch.cat([x, x]))

@@ -1,0 +1,66 @@
+import numpy as np
+import pytest
+import torch
+
+from contrastive_sc.config import EncoderConfig, TrainConfig
+from contrastive_sc.train import _batch_bounds, cosine_lr, encode, fit_encoder
+
+
+@pytest.fixture
+def x(rng):
+    return rng.normal(size=(130, 40)).astype(np.float32)
+
+
+def test_seeded_training_is_deterministic(x):
+    cfg = TrainConfig(epochs=2, batch_size=32, seed=5, device="cpu")
+    first, h1 = fit_encoder(x, EncoderConfig(layers=(16, 8)), cfg)
+    second, h2 = fit_encoder(x, EncoderConfig(layers=(16, 8)), cfg)
+    assert h1.loss == h2.loss
+    np.testing.assert_array_equal(encode(first, x), encode(second, x))
+    other, h3 = fit_encoder(x, EncoderConfig(layers=(16, 8)), TrainConfig(epochs=2, batch_size=32, seed=6))
+    assert h3.loss != h1.loss
+
+
+def test_history_and_loss_decreases(rng):
+    # two well separated groups: the contrastive loss must fall
+    centers = rng.normal(scale=3, size=(2, 40))
+    x = (centers[rng.integers(0, 2, 400)] + rng.normal(size=(400, 40))).astype(np.float32)
+    encoder, history = fit_encoder(x, EncoderConfig(layers=(32, 16)), TrainConfig(epochs=8, batch_size=100, lr=0.05))
+    assert len(history.loss) == len(history.lr) == 8
+    assert history.loss[-1] < history.loss[0]
+    assert history.lr[0] == pytest.approx(0.05) and history.lr[-1] < history.lr[0]
+    assert history.seconds > 0 and history.cells_per_second > 0
+    assert not encoder.training
+
+
+def test_epoch_callback(x):
+    seen = []
+    fit_encoder(x, EncoderConfig(layers=(8,)), TrainConfig(epochs=3, batch_size=64), on_epoch=lambda e, loss: seen.append(e))
+    assert seen == [0, 1, 2]
+
+
+def test_last_batch_of_one_cell_is_skipped():
+    assert _batch_bounds(401, 200) == [(0, 200), (200, 400)]
+    assert _batch_bounds(400, 200) == [(0, 200), (200, 400)]
+    assert _batch_bounds(405, 200) == [(0, 200), (200, 400), (400, 405)]
+    x = np.random.default_rng(0).normal(size=(65, 10)).astype(np.float32)
+    fit_encoder(x, EncoderConfig(layers=(8,)), TrainConfig(epochs=1, batch_size=32))  # 32 + 32 + 1
+
+
+def test_cosine_schedule_matches_supcontrast():
+    assert cosine_lr(0.4, 0, 30) == pytest.approx(0.4)
+    assert cosine_lr(0.4, 15, 30) == pytest.approx(0.4e-3 + (0.4 - 0.4e-3) / 2)
+
+
+def test_cuda_request_without_gpu_is_clear(x):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        fit_encoder(x, EncoderConfig(), TrainConfig(device="cuda"))
+
+
+def test_bad_config_values():
+    with pytest.raises(ValueError, match="input_dropout"):
+        TrainConfig(input_dropout=1.0)
+    with pytest.raises(ValueError, match="batch_size"):
+        TrainConfig(batch_size=1)

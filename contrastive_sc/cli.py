@@ -34,6 +34,23 @@ class _NGenes(click.ParamType):
         return number
 
 
+class _PresetDefault(click.ParamType):
+    """Wraps a type so that ``""`` or ``"preset"`` mean "keep the preset's value" (``None``).
+
+    MLproject parameters always pass a value; these sentinels let an entry point leave a
+    setting to the chosen preset.
+    """
+
+    def __init__(self, inner):
+        self.inner = inner if isinstance(inner, click.ParamType) else click.types.convert_type(inner)
+        self.name = self.inner.name
+
+    def convert(self, value, param, ctx):
+        if value is None or (isinstance(value, str) and value.strip() in ("", "preset")):
+            return None
+        return self.inner.convert(value, param, ctx)
+
+
 class _CsvList(click.ParamType):
     """A comma-separated list whose items must come from ``choices``."""
 
@@ -50,6 +67,10 @@ class _CsvList(click.ParamType):
         if not items or bad:
             self.fail(f"expected a comma-separated list of {self.choices}, got {value!r}", param, ctx)
         return items
+
+
+def _none_if_empty(ctx, param, value):
+    return value or None
 
 
 def _friendly_errors(func):
@@ -76,12 +97,13 @@ def main(verbose: bool) -> None:
 @main.command()
 @click.option("--data", "data", required=True, type=click.Path(exists=True), help="Labelled dataset (more may follow).")
 @click.argument("more_data", nargs=-1, type=click.Path(exists=True))
-@click.option("--label-key", default=None, help="obs column with labels (default: 'label' when present).")
+@click.option("--label-key", default=None, callback=_none_if_empty,
+              help="obs column with labels (default: 'label' when present).")
 @click.option("--methods", default="paper-kmeans,pca50-kmeans", help="Comma-separated methods.",
               type=_CsvList(available_methods()))
 @click.option("--seeds", default=3, type=click.IntRange(min=1), help="Seeds 0..N-1.")
-@click.option("--n-genes", default=None, type=_NGenes(), help="Override the presets' gene count.")
-@click.option("--epochs", default=None, type=click.IntRange(min=1), help="Override the presets' epochs.")
+@click.option("--n-genes", default=None, type=_PresetDefault(_NGenes()), help="Override the presets' gene count.")
+@click.option("--epochs", default=None, type=_PresetDefault(click.IntRange(min=1)), help="Override the presets' epochs.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="CSV with one row per run.")
 @_friendly_errors
 def benchmark(data, more_data, label_key, methods, seeds, n_genes, epochs, out) -> None:
@@ -102,6 +124,206 @@ def benchmark(data, more_data, label_key, methods, seeds, n_genes, epochs, out) 
     results.to_csv(out, index=False)
     click.echo(summarise(results).to_markdown(index=False) if _has_tabulate() else summarise(results).to_string())
     click.echo(f"\nwrote {len(results)} rows to {out}")
+
+
+# ---------------------------------------------------------------------------- MLflow commands
+def _tracking_options(func):
+    func = click.option("--tracking-uri", default=None, envvar="MLFLOW_TRACKING_URI",
+                        help="MLflow tracking URI [default: sqlite:///<cwd>/mlflow.db].")(func)
+    return func
+
+
+def _experiment_option(func):
+    return click.option("--experiment", default="contrastive-sc", help="MLflow experiment name.")(func)
+
+
+def _hyperparameter_options(func):
+    """Every setting of a preset, as an optional override (None keeps the preset's value)."""
+    options = [
+        click.option("--preset", default="paper", type=_PRESET_CHOICE, help="Named preset to start from."),
+        click.option("--n-genes", default=None, type=_PresetDefault(_NGenes()), help="Genes kept: a number, 'auto' or 'all'."),
+        click.option("--min-cells", default=None, type=_PresetDefault(click.IntRange(min=0)), help="Drop genes seen in fewer cells."),
+        click.option("--clip", default=None, type=_PresetDefault(click.FloatRange(min=0, min_open=True)), help="Clip scaled values."),
+        click.option("--layers", default=None, type=_PresetDefault(_IntList()), help="Encoder sizes, e.g. 200,40,60."),
+        click.option("--input-dropout", default=None, type=_PresetDefault(click.FloatRange(0, 1, max_open=True)),
+                     help="Fraction of genes masked per view."),
+        click.option("--noise-std", default=None, type=_PresetDefault(click.FloatRange(min=0)), help="Gaussian noise on views."),
+        click.option("--temperature", default=None, type=_PresetDefault(click.FloatRange(min=0, min_open=True)), help="NT-Xent T."),
+        click.option("--lr", default=None, type=_PresetDefault(click.FloatRange(min=0, min_open=True)), help="Adam learning rate."),
+        click.option("--lr-schedule", default=None, type=_PresetDefault(click.Choice(["cosine", "constant"])), help="LR schedule."),
+        click.option("--epochs", default=None, type=_PresetDefault(click.IntRange(min=1)), help="Training epochs."),
+        click.option("--batch-size", default=None, type=_PresetDefault(click.IntRange(min=2)), help="Cells per batch."),
+        click.option("--seed", default=None, type=_PresetDefault(click.IntRange(min=0)), help="Random seed."),
+        click.option("--device", default=None, type=_PresetDefault(click.Choice(["auto", "cpu", "cuda"])), help="Training device."),
+        click.option("--n-clusters", default=None, type=_PresetDefault(click.IntRange(min=1)),
+                     help="k for KMeans [default: number of labels when --label-key is given]."),
+        click.option("--resolution", default=None, type=_PresetDefault(click.FloatRange(min=0, min_open=True)), help="Leiden."),
+        click.option("--n-neighbors", default=None, type=_PresetDefault(click.IntRange(min=2)), help="kNN graph size for Leiden."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+_HYPERPARAMETERS = ("n_genes", "min_cells", "clip", "layers", "input_dropout", "noise_std", "temperature", "lr",
+                    "lr_schedule", "epochs", "batch_size", "seed", "device", "n_clusters", "resolution", "n_neighbors")
+
+
+class _IntList(click.ParamType):
+    name = "N,N,..."
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, list | tuple):
+            return tuple(value)
+        try:
+            sizes = tuple(int(v) for v in str(value).split(",") if v.strip())
+        except ValueError:
+            self.fail(f"expected comma-separated whole numbers such as 200,40,60, got {value!r}", param, ctx)
+        if not sizes or min(sizes) < 1:
+            self.fail(f"expected positive layer sizes, got {value!r}", param, ctx)
+        return sizes
+
+
+def _build_config(preset: str, values: dict):
+    from .config import get_preset
+
+    return get_preset(preset).replace(**{k: values.get(k) for k in _HYPERPARAMETERS})
+
+
+_CLUSTER_METHODS = ("kmeans", "leiden", "birch", "gmm", "meanshift", "spectral", "ward")
+
+
+@main.command()
+@click.option("--data", required=True, help="Counts file or 10x folder, or 'simulated' for the built-in dataset.")
+@click.option("--label-key", default=None, callback=_none_if_empty, help="obs column with labels (enables ARI/NMI).")
+@click.option("--cluster", "methods", default="kmeans,leiden", type=_CsvList(_CLUSTER_METHODS),
+              help="Clustering methods to score.")
+@_hyperparameter_options
+@_experiment_option
+@click.option("--run-name", default=None, help="MLflow run name.")
+@click.option("--no-map", is_flag=True, help="Skip the 2-D t-SNE map artifact.")
+@_tracking_options
+@_friendly_errors
+def train(data, label_key, methods, preset, experiment, run_name, no_map, tracking_uri, **values) -> None:
+    """Train one model and log it (params, loss, metrics, artifacts, pyfunc model) to MLflow."""
+    from . import tracking
+    from .io import default_label_key, load
+
+    config = _build_config(preset, values)
+    adata = load(data, label_key)
+    label_key = label_key or default_label_key(adata)
+    uri = tracking.setup(tracking_uri, experiment)
+    result = tracking.train_run(adata, config, label_key=label_key, methods=methods, run_name=run_name,
+                                map_plot=not no_map, progress=sys.stderr.isatty())
+    scores = ", ".join(f"{k}={v:.3f}" for k, v in result["metrics"].items() if k.endswith(("_ari", "_silhouette")))
+    click.echo(f"run {result['run_id']} logged to {uri}: {scores}")
+    click.echo(f"model: {result['model_uri']}")
+
+
+@main.command()
+@click.option("--data", required=True, help="Counts file or 'simulated'.")
+@click.option("--label-key", default=None, callback=_none_if_empty, help="obs column with labels.")
+@click.option("--grid", default="", help="Semicolon-separated NAME=V1,V2 lists, e.g. 'lr=0.1,0.4;n_genes=500,1000'.")
+@click.option("--seeds", default=1, type=click.IntRange(min=1), help="Seeds 0..N-1 per grid point.")
+@click.option("--cluster", "methods", default="kmeans,leiden", type=_CsvList(_CLUSTER_METHODS))
+@click.option("--preset", default="paper", type=_PRESET_CHOICE)
+@click.option("--epochs", default=None, type=_PresetDefault(click.IntRange(min=1)), help="Epochs for every grid point.")
+@_experiment_option
+@_tracking_options
+@_friendly_errors
+def sweep(data, label_key, grid, seeds, methods, preset, epochs, experiment, tracking_uri) -> None:
+    """Train a grid of settings x seeds as nested runs under one parent run with a summary table."""
+    from . import tracking
+    from .experiments import parse_grid, run_sweep
+    from .io import default_label_key, load
+
+    adata = load(data, label_key)
+    label_key = label_key or default_label_key(adata)
+    tracking.setup(tracking_uri, experiment)
+    base = _build_config(preset, {"epochs": epochs})
+    summary = run_sweep(adata, base, parse_grid(grid), range(seeds), label_key=label_key, methods=methods)
+    click.echo(summary.to_string(index=False))
+
+
+@main.command()
+@click.option("--name", required=True, help="Registered model name.")
+@click.option("--metric", default=None, callback=_none_if_empty, help="Selection metric [default: kmeans_ari with labels, else silhouette].")
+@_experiment_option
+@_tracking_options
+@_friendly_errors
+def register(name, metric, experiment, tracking_uri) -> None:
+    """Register the best run's model of an experiment and alias it @challenger."""
+    from . import registry, tracking
+
+    tracking.setup(tracking_uri)
+    result = registry.register_best(experiment, name, metric)
+    state = "registered as" if result["new"] else "already registered as"
+    click.echo(f"run {result['run_id']} ({result['metric']}={result['value']:.4f}) {state} {name} "
+               f"version {result['version']} @challenger")
+
+
+@main.command()
+@click.option("--name", required=True, help="Registered model name.")
+@click.option("--version", default=None, callback=_none_if_empty, help="Version to promote [default: @challenger].")
+@_tracking_options
+@_friendly_errors
+def promote(name, version, tracking_uri) -> None:
+    """Move @champion to a version only if it beats the current champion on its metric."""
+    from . import registry, tracking
+
+    tracking.setup(tracking_uri)
+    click.echo(registry.promote(name, version).message)
+
+
+@main.command()
+@click.option("--name", required=True, help="Registered model name.")
+@_tracking_options
+@_friendly_errors
+def rollback(name, tracking_uri) -> None:
+    """Give @champion back to the version the last promotion replaced."""
+    from . import registry, tracking
+
+    tracking.setup(tracking_uri)
+    click.echo(registry.rollback(name).message)
+
+
+@main.command("export-onnx")
+@click.option("--model-uri", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output .onnx file.")
+@click.option("--data", default=None, callback=_none_if_empty, help="Optional counts file: parity is also checked on its cells.")
+@click.option("--provider", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), help="onnxruntime provider.")
+@_tracking_options
+@_friendly_errors
+def export_onnx(model_uri, out, data, provider, tracking_uri) -> None:
+    """Export a registered model's encoder to ONNX, check parity with torch, report the provider."""
+    from . import tracking
+    from .exporting import export_registered
+
+    tracking.setup(tracking_uri)
+    report = export_registered(model_uri, out, data=data, provider=provider)
+    click.echo(f"wrote {report['path']}: max |onnxruntime - torch| = {report['max_abs_diff']:.2e} "
+               f"on {report['rows_checked']} rows; providers in use: {report['providers']}")
+
+
+@main.command()
+@click.option("--model-uri", required=True, help="models:/NAME@ALIAS of an embed-then-cluster model.")
+@click.option("--data", required=True, help="Counts file to embed.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output .h5ad.")
+@click.option("--method", default="reference", type=click.Choice(["reference", "kmeans", "leiden"]))
+@click.option("--n-clusters", default=0, type=click.IntRange(min=0), help="k for kmeans.")
+@click.option("--resolution", default=1.0, type=click.FloatRange(min=0, min_open=True), help="Leiden resolution.")
+@click.option("--label-key", default=None, callback=_none_if_empty, help="obs column with labels: ARI/NMI are printed.")
+@_tracking_options
+@_friendly_errors
+def embed(model_uri, data, out, method, n_clusters, resolution, label_key, tracking_uri) -> None:
+    """Embed and cluster a dataset with a registered model; write an .h5ad."""
+    from . import tracking
+    from .exporting import embed_with_registered
+
+    tracking.setup(tracking_uri)
+    params = {"method": method, "n_clusters": n_clusters, "resolution": resolution}
+    summary = embed_with_registered(model_uri, data, out, params, label_key=label_key)
+    click.echo(", ".join(f"{k}={v}" for k, v in summary.items()))
 
 
 def _has_tabulate() -> bool:

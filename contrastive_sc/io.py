@@ -14,10 +14,48 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from .validation import check_count_values
+
 #: ``obs`` column that holds labels read from a benchmark ``.h5`` file.
 BENCHMARK_LABEL_KEY = "label"
 
 _TABLE_SUFFIXES = {".csv": ",", ".tsv": "\t", ".txt": "\t"}
+
+
+#: Data spec that needs no file: the package's Splat simulator, ``simulated[:GROUPS]``.
+SIMULATED = "simulated"
+
+
+def simulated_dataset(spec: str = SIMULATED, seed: int = 0) -> ad.AnnData:
+    """A built-in labelled dataset: 1,200 cells x 2,000 genes from the Splat simulator.
+
+    ``spec`` is ``"simulated"`` (6 groups) or ``"simulated:N"`` (N groups); labels are in
+    ``obs["label"]``.
+    """
+    from .simulate import simulate_splat
+
+    _, _, groups = spec.partition(":")
+    try:
+        n_groups = int(groups) if groups else 6
+    except ValueError:
+        msg = f"expected 'simulated' or 'simulated:N' with N groups, got {spec!r}"
+        raise ValueError(msg) from None
+    sim = simulate_splat(n_cells=1200, n_genes=2000, group_prob=tuple([1 / n_groups] * n_groups),
+                         de_fac_scale=0.5, dropout_mid=0.0, seed=seed)
+    adata = sim.to_anndata()
+    adata.uns["dataset"] = {"name": f"simulated-splat-{n_groups}groups", "path": None}
+    return adata
+
+
+def load(spec: str | Path, label_key: str | None = None) -> ad.AnnData:
+    """:func:`read` a file, or build the simulated dataset when ``spec`` starts with ``simulated``."""
+    if str(spec).startswith(SIMULATED):
+        adata = simulated_dataset(str(spec))
+        if label_key is not None and label_key not in adata.obs:
+            msg = f"label key {label_key!r} not found in the simulated data; it has {list(adata.obs.columns)}"
+            raise KeyError(msg)
+        return adata
+    return read(spec, label_key)
 
 
 def read(path: str | Path, label_key: str | None = None, *, validate: bool = True) -> ad.AnnData:
@@ -101,33 +139,6 @@ def validate_counts(adata: ad.AnnData) -> None:
         raise ValueError(msg)
     values = adata.X.data if sp.issparse(adata.X) else np.asarray(adata.X)
     check_count_values(values, what="count matrix")
-
-
-def check_count_values(values: np.ndarray, *, what: str) -> None:
-    """Raise a ``ValueError`` if ``values`` hold anything but finite non-negative integers."""
-    values = np.asarray(values)
-    if not np.issubdtype(values.dtype, np.number):
-        msg = f"{what} must be numeric, got dtype {values.dtype}"
-        raise ValueError(msg)
-    if values.size == 0:
-        return
-    bad = ~np.isfinite(values)
-    if bad.any():
-        msg = f"{what} holds {int(bad.sum())} NaN/inf value(s); expected finite raw counts"
-        raise ValueError(msg)
-    if (values < 0).any():
-        msg = f"{what} holds {int((values < 0).sum())} negative value(s) (min {values.min():g}); expected raw counts >= 0"
-        raise ValueError(msg)
-    if np.issubdtype(values.dtype, np.floating):
-        frac = np.abs(values - np.round(values)) > 1e-6
-        if frac.any():
-            example = values[frac][0]
-            msg = (
-                f"{what} holds {int(frac.sum())} non-integer value(s) (e.g. {example:g}); expected raw "
-                "integer counts, not normalised or log-transformed data. Pass the raw counts "
-                "(often in adata.raw or adata.layers['counts'])"
-            )
-            raise ValueError(msg)
 
 
 def _dataset_name(path: Path) -> str:

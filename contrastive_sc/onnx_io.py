@@ -1,0 +1,134 @@
+"""ONNX export of a trained encoder and onnxruntime inference on the CPU or CUDA.
+
+``onnxruntime`` (CPU) and ``onnxruntime-gpu`` are alternative installs of the same import
+package; the provider actually used is read back from the session, never assumed.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+INPUT_NAME = "x"
+OUTPUT_NAME = "z"
+PARITY_ATOL = 1e-5
+_PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+
+
+def export_onnx(encoder, path: str | Path, *, check: np.ndarray | None = None) -> Path:
+    """Export an encoder in eval mode to a single ONNX file with a dynamic batch axis.
+
+    Parameters
+    ----------
+    encoder
+        A trained :class:`~contrastive_sc.encoder.ContrastiveEncoder`.
+    path
+        Output ``.onnx`` file.
+    check
+        Optional preprocessed input rows: the export is rejected unless onnxruntime reproduces
+        torch on them within :data:`PARITY_ATOL` (random rows are always checked).
+    """
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    encoder = encoder.eval()  # a train-mode export would keep the input masking
+    example = (torch.randn(8, encoder.n_inputs),)
+    names = {"input_names": [INPUT_NAME], "output_names": [OUTPUT_NAME]}
+    try:
+        # The TorchScript exporter takes 0.4 s here against 10 s for the dynamo one, and the
+        # graph (Gemm, BatchNormalization, Relu, L2 normalisation) is the same.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(encoder, example, str(path), dynamo=False,
+                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, **names)
+    except Exception as error:  # the legacy exporter is deprecated: fall back to dynamo
+        log.info("TorchScript ONNX export failed (%s); using the dynamo exporter", error)
+        torch.onnx.export(encoder, example, str(path), dynamic_shapes=({0: torch.export.Dim("batch")},),
+                          dynamo=True, external_data=False, **names)
+    rows = np.random.default_rng(0).normal(size=(64, encoder.n_inputs)).astype(np.float32)
+    if check is not None:
+        rows = np.concatenate([rows, np.asarray(check[:1024], dtype=np.float32)])
+    diff = parity(encoder, path, rows)
+    if diff > PARITY_ATOL:
+        msg = f"ONNX export differs from torch by {diff:.2e} (> {PARITY_ATOL:g}); not using {path}"
+        raise RuntimeError(msg)
+    return path
+
+
+def parity(encoder, path: str | Path, rows: np.ndarray) -> float:
+    """Largest absolute difference between torch and onnxruntime outputs on ``rows``."""
+    import torch
+
+    with torch.no_grad():
+        expected = encoder.eval()(torch.as_tensor(rows)).numpy()
+    got = OnnxEncoder(path, provider="cpu")(rows)
+    return float(np.abs(expected - got).max())
+
+
+def session_options():
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # quiet: the CUDA-missing warnings are handled below
+    return options
+
+
+class OnnxEncoder:
+    """An onnxruntime session over an exported encoder.
+
+    Parameters
+    ----------
+    path
+        The ``.onnx`` file.
+    provider
+        ``"auto"`` (CUDA when the installed onnxruntime and the machine offer it, else CPU),
+        ``"cpu"`` or ``"cuda"`` (an error if CUDA cannot actually be used).
+
+    Attributes
+    ----------
+    providers
+        The providers the session really uses (``session.get_providers()``).
+    """
+
+    def __init__(self, path: str | Path, provider: str = "auto") -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as error:  # pragma: no cover - depends on the install
+            msg = ("onnxruntime is not installed; install the CPU build with `pip install contrastive-sc[cpu]` "
+                   "or the CUDA build with `pip install contrastive-sc[gpu]` (not both)")
+            raise ImportError(msg) from error
+        if provider not in ("auto", "cpu", "cuda"):
+            msg = f"provider must be 'auto', 'cpu' or 'cuda', got {provider!r}"
+            raise ValueError(msg)
+        wanted = provider
+        if provider == "auto":
+            wanted = "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
+        self.session = ort.InferenceSession(str(path), sess_options=session_options(), providers=_PROVIDERS[wanted])
+        # onnxruntime-gpu lists CUDA as available even without a usable GPU and silently falls
+        # back to the CPU: what the session reports is the only truth.
+        self.providers = list(self.session.get_providers())
+        if provider == "cuda" and "CUDAExecutionProvider" not in self.providers:
+            msg = f"CUDA was requested but onnxruntime runs on {self.providers}; install onnxruntime-gpu on a CUDA machine"
+            raise RuntimeError(msg)
+        self.n_inputs = int(self.session.get_inputs()[0].shape[1])
+        log.info("onnxruntime providers in use: %s", self.providers)
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.providers and self.providers[0] == "CUDAExecutionProvider" else "cpu"
+
+    def __call__(self, x: np.ndarray, batch_size: int = 65536) -> np.ndarray:
+        """Embed preprocessed rows ``(cells, n_inputs)`` -> ``(cells, dims)`` float32."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != self.n_inputs:
+            msg = f"expected input of shape (cells, {self.n_inputs}), got {x.shape}"
+            raise ValueError(msg)
+        parts = [self.session.run([OUTPUT_NAME], {INPUT_NAME: x[i:i + batch_size]})[0]
+                 for i in range(0, x.shape[0], batch_size)]
+        return np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)

@@ -1,0 +1,217 @@
+"""The one place that starts MLflow runs and logs to them.
+
+Tracking defaults to an explicit SQLite store, ``sqlite:///<cwd>/mlflow.db``;
+``MLFLOW_TRACKING_URI`` or an explicit URI (a remote tracking server, say) overrides it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EXPERIMENT = "contrastive-sc"
+MODEL_NAME_IN_RUN = "model"
+#: Run artifact folder holding the torch checkpoint (for re-export and fine inspection).
+TORCH_MODEL_ARTIFACT = "torch_model"
+PYFUNC_FILE = Path(__file__).resolve().parents[1] / "models" / "contrastive_sc_model.py"
+#: What the served model needs; torch stays out (its pin would pull CUDA wheels on serve).
+SERVING_REQUIREMENTS = ["numpy", "pandas", "scipy", "scikit-learn", "onnxruntime", "leidenalg", "igraph"]
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """``uri``, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db``."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def setup(tracking_uri: str | None = None, experiment: str | None = None) -> str:
+    """Point MLflow at the tracking store and experiment; return the URI in use."""
+    import mlflow
+
+    uri = resolve_tracking_uri(tracking_uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    if experiment and not os.environ.get("MLFLOW_RUN_ID"):
+        # Under `mlflow run` the run already exists in the experiment the user chose.
+        mlflow.set_experiment(experiment)
+    return uri
+
+
+def dataset_digest(adata) -> str:
+    """Short content hash of a count matrix (shape, gene names and values)."""
+    import scipy.sparse as sp
+
+    digest = hashlib.sha256()
+    digest.update(str(adata.shape).encode())
+    digest.update("\n".join(map(str, adata.var_names)).encode())
+    x = adata.X
+    if sp.issparse(x):
+        x = sp.csr_matrix(x)
+        for part in (x.data, x.indices, x.indptr):
+            digest.update(np.ascontiguousarray(part).tobytes())
+    else:
+        digest.update(np.ascontiguousarray(x).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def train_run(adata, config, *, label_key: str | None = None, methods=("kmeans", "leiden"),
+              run_name: str | None = None, nested: bool = False, log_model: bool = True,
+              map_plot: bool = True, progress: bool = False) -> dict:
+    """Train one model and record everything about it in an MLflow run.
+
+    Logs every config value as a param, the loss per epoch, ARI / NMI (with labels),
+    silhouette, Calinski-Harabasz and clusters found per clustering method, timings, the
+    dataset, tags (preset, package version, git commit), the preprocessing state and config,
+    a loss curve, a 2-D map, contingency tables and the embed-then-cluster pyfunc model.
+
+    Returns
+    -------
+    ``{"run_id", "metrics", "model_uri"}``.
+    """
+    import mlflow
+
+    from .cluster import cluster_labels
+    from .metrics import score_clustering
+    from .model import ContrastiveSC
+
+    truth = np.asarray(adata.obs[label_key]) if label_key else None
+    n_clusters = config.cluster.n_clusters or (len(np.unique(truth)) if truth is not None else None)
+    config = config.replace(n_clusters=n_clusters)
+    methods = [m for m in methods if m != "kmeans" or n_clusters]
+
+    with mlflow.start_run(run_name=run_name, nested=nested) as run:
+        # Effective values under "config.": `mlflow run` has already logged the entry point's
+        # raw parameters (e.g. lr=preset) under the plain names, and params cannot change.
+        params = {f"config.{k}": v for k, v in config.to_params().items()}
+        mlflow.log_params(_as_param_strings(params | {"cluster_methods": ",".join(methods)}))
+        mlflow.set_tags({"preset": config.preset, "contrastive_sc_version": __version__, "git_commit": git_commit()})
+        dataset_name = adata.uns.get("dataset", {}).get("name", "anndata")
+        _log_dataset(adata, dataset_name, label_key)
+
+        started = time.perf_counter()
+        model = ContrastiveSC(config).fit(
+            adata, progress=progress, on_epoch=lambda epoch, loss: mlflow.log_metric("loss", loss, step=epoch))
+        fit_seconds = time.perf_counter() - started
+        embedding = model.transform(adata)
+        metrics = {"fit_seconds": fit_seconds, "train_seconds": model.history.seconds,
+                   "cells_per_second": model.history.cells_per_second, "n_genes_used": model.state.n_genes}
+        tables = {}
+        for method in methods:
+            started = time.perf_counter()
+            labels = cluster_labels(embedding, method, n_clusters=n_clusters, resolution=config.cluster.resolution,
+                                    n_neighbors=config.cluster.n_neighbors, seed=config.train.seed)
+            scores = score_clustering(embedding, labels, truth, seed=config.train.seed)
+            scores["seconds"] = time.perf_counter() - started
+            metrics.update({f"{method}_{key}": value for key, value in scores.items()})
+            tables[method] = labels
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if np.isfinite(v)})
+
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            _log_artifacts(tmp, model, embedding, tables, truth, map_plot)
+            mlflow.log_artifacts(str(model.save(tmp / TORCH_MODEL_ARTIFACT)), TORCH_MODEL_ARTIFACT)
+            model_uri = _log_model(tmp / "package", model, embedding) if log_model else None
+        if model_uri:
+            mlflow.set_tag("model_uri", model_uri)
+        mlflow.set_tag("dataset", dataset_name)
+        return {"run_id": run.info.run_id, "metrics": metrics, "model_uri": model_uri}
+
+
+def _as_param_strings(params: dict) -> dict:
+    return {k: ",".join(map(str, v)) if isinstance(v, list | tuple) else v for k, v in params.items()}
+
+
+def _log_dataset(adata, name: str, label_key: str | None) -> None:
+    import mlflow
+    from mlflow.data.meta_dataset import MetaDataset
+
+    path = adata.uns.get("dataset", {}).get("path")
+    dataset = MetaDataset(source=_dataset_source(path), name=name, digest=dataset_digest(adata))
+    mlflow.log_input(dataset, context="training")
+    mlflow.log_params({"data.name": name, "data.n_cells": adata.n_obs, "data.n_genes": adata.n_vars,
+                       "data.digest": dataset.digest, "data.label_key": label_key or ""})
+
+
+def _dataset_source(path: str | None):
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+    if not path:
+        return CodeDatasetSource(tags={"origin": "in-memory AnnData"})
+    # A local file is referenced, not copied: datasets can be large and belong to the user.
+    return resolve_dataset_source(str(Path(path).resolve()))
+
+
+def _log_artifacts(folder: Path, model, embedding, labels_by_method: dict, truth, map_plot: bool) -> None:
+    import mlflow
+    import pandas as pd
+
+    from .plots import embedding_map, loss_curve
+
+    (folder / "config.json").write_text(model.config.to_json())
+    model.state.to_json(folder / "preprocess_state.json")
+    (folder / "history.json").write_text(json.dumps({"loss": model.history.loss, "lr": model.history.lr,
+                                                     "gene_search": model.gene_search}))
+    loss_curve(model.history.loss, folder / "loss_curve.png")
+    if map_plot:
+        embedding_map(embedding, labels_by_method, truth, folder / "embedding_map.png")
+    for method, labels in labels_by_method.items():
+        if truth is not None:
+            pd.crosstab(pd.Series(truth, name="label"), pd.Series(labels, name=f"{method}_cluster")).to_csv(
+                folder / f"contingency_{method}.csv")
+    for path in folder.iterdir():
+        if path.is_file():
+            mlflow.log_artifact(str(path))
+
+
+def _log_model(folder: Path, model, embedding) -> str:
+    import mlflow
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ParamSchema, ParamSpec
+
+    from .inference import PredictParams, package_model
+
+    artifacts = package_model(model, folder)
+    defaults = PredictParams()
+    params = ParamSchema([
+        ParamSpec("method", "string", defaults.method),
+        ParamSpec("n_clusters", "long", defaults.n_clusters),
+        ParamSpec("resolution", "double", defaults.resolution),
+        ParamSpec("n_neighbors", "long", defaults.n_neighbors),
+        ParamSpec("seed", "long", defaults.seed),
+        ParamSpec("return_embedding", "boolean", defaults.return_embedding),
+        ParamSpec("min_coverage", "double", defaults.min_coverage),
+    ])
+    if not PYFUNC_FILE.exists():
+        msg = f"pyfunc definition not found at {PYFUNC_FILE}; run from a checkout of the contrastive-sc repository"
+        raise FileNotFoundError(msg)
+    info = mlflow.pyfunc.log_model(
+        name=MODEL_NAME_IN_RUN,
+        python_model=str(PYFUNC_FILE),
+        artifacts=artifacts,
+        code_paths=[str(Path(__file__).resolve().parent)],
+        # No input schema: the model takes any gene set and checks the columns itself.
+        signature=ModelSignature(inputs=None, outputs=None, params=params),
+        pip_requirements=SERVING_REQUIREMENTS,
+    )
+    return info.model_uri

@@ -248,15 +248,19 @@ def sweep(data, label_key, grid, seeds, methods, preset, epochs, experiment, tra
 @main.command()
 @click.option("--name", required=True, help="Registered model name.")
 @click.option("--metric", default=None, callback=_none_if_empty, help="Selection metric [default: kmeans_ari with labels, else silhouette].")
+@click.option("--run-id", default=None, callback=_none_if_empty, help="Register this run instead of the best one.")
 @_experiment_option
 @_tracking_options
 @_friendly_errors
-def register(name, metric, experiment, tracking_uri) -> None:
-    """Register the best run's model of an experiment and alias it @challenger."""
+def register(name, metric, run_id, experiment, tracking_uri) -> None:
+    """Register the best run's model of an experiment (or --run-id's) and alias it @challenger."""
     from . import registry, tracking
 
     tracking.setup(tracking_uri)
-    result = registry.register_best(experiment, name, metric)
+    if run_id:
+        result = registry.register_run(run_id, name, metric)
+    else:
+        result = registry.register_best(experiment, name, metric)
     state = "registered as" if result["new"] else "already registered as"
     click.echo(f"run {result['run_id']} ({result['metric']}={result['value']:.4f}) {state} {name} "
                f"version {result['version']} @challenger")

@@ -69,21 +69,37 @@ def register_best(experiment: str, name: str, metric: str | None = None) -> dict
         raise ValueError(msg)
     # search_runs(order_by=...) cannot be trusted to sort missing metrics last: sort here.
     best = max(scored, key=lambda r: (r.data.metrics[metric], r.info.start_time))
-    value = best.data.metrics[metric]
+    return register_run(best.info.run_id, name, metric)
 
-    existing = _version_of_run(client, name, best.info.run_id)
+
+def register_run(run_id: str, name: str, metric: str | None = None) -> dict:
+    """Register one run's model under ``name``, tag it, and alias it ``@challenger``.
+
+    A run that already has a version of ``name`` is not registered twice.
+    """
+    client = _client()
+    run = client.get_run(run_id)
+    if run.info.status != "FINISHED" or not run.data.tags.get("model_uri"):
+        msg = f"run {run_id} is {run.info.status} and has {'a' if run.data.tags.get('model_uri') else 'no'} logged model; only finished runs with a model can be registered"
+        raise ValueError(msg)
+    metric = metric or choose_metric([run])
+    if metric not in run.data.metrics:
+        msg = f"run {run_id} does not report {metric!r}; it has {sorted(run.data.metrics)}"
+        raise ValueError(msg)
+    value = run.data.metrics[metric]
+    existing = _version_of_run(client, name, run_id)
     if existing is not None:
         client.set_registered_model_alias(name, CHALLENGER, existing)
-        return {"version": existing, "run_id": best.info.run_id, "metric": metric, "value": value, "new": False}
+        return {"version": existing, "run_id": run_id, "metric": metric, "value": value, "new": False}
 
     import mlflow
 
-    tags = {"run_id": best.info.run_id, "metric": metric, "metric_value": repr(value),
-            "dataset": best.data.tags.get("dataset", ""), "preset": best.data.tags.get("preset", "")}
-    tags |= {f"metric.{k}": repr(v) for k, v in best.data.metrics.items() if k != "loss"}
-    version = mlflow.register_model(best.data.tags["model_uri"], name, tags=tags)
+    tags = {"run_id": run_id, "metric": metric, "metric_value": repr(value),
+            "dataset": run.data.tags.get("dataset", ""), "preset": run.data.tags.get("preset", "")}
+    tags |= {f"metric.{k}": repr(v) for k, v in run.data.metrics.items() if k != "loss"}
+    version = mlflow.register_model(run.data.tags["model_uri"], name, tags=tags)
     client.set_registered_model_alias(name, CHALLENGER, version.version)
-    return {"version": str(version.version), "run_id": best.info.run_id, "metric": metric, "value": value, "new": True}
+    return {"version": str(version.version), "run_id": run_id, "metric": metric, "value": value, "new": True}
 
 
 def promote(name: str, version: str | None = None) -> PromotionResult:

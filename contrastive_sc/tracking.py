@@ -44,8 +44,28 @@ def setup(tracking_uri: str | None = None, experiment: str | None = None) -> str
     mlflow.set_registry_uri(uri)
     if experiment and not os.environ.get("MLFLOW_RUN_ID"):
         # Under `mlflow run` the run already exists in the experiment the user chose.
+        ensure_experiment(experiment, uri)
         mlflow.set_experiment(experiment)
     return uri
+
+
+def ensure_experiment(name: str, uri: str | None = None) -> str:
+    """Create experiment ``name`` if needed and return its id.
+
+    With a local SQLite store, artifacts go to ``mlartifacts/`` beside the database file rather
+    than MLflow's default of the current directory, so a store and its artifacts move together.
+    """
+    from mlflow import MlflowClient
+
+    uri = uri or resolve_tracking_uri()
+    client = MlflowClient(tracking_uri=uri)
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):
+        location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+    return client.create_experiment(name, artifact_location=location)
 
 
 def dataset_digest(adata) -> str:

@@ -10,6 +10,9 @@ export MLFLOW_TRACKING_URI="${MLFLOW_TRACKING_URI:-sqlite:///$(cd "$DEMO_DIR" &&
 export MLFLOW_EXPERIMENT_NAME="${MLFLOW_EXPERIMENT_NAME:-contrastive-sc}"
 step() { printf '\n== %s\n' "$*"; }
 
+# Create the experiment first so its artifacts live in $DEMO_DIR beside the database.
+python -c "from contrastive_sc.tracking import ensure_experiment; ensure_experiment('$MLFLOW_EXPERIMENT_NAME')"
+
 step "1/6 train the paper preset on the built-in simulated dataset (mlflow run -e train)"
 mlflow run . -e train --env-manager local --experiment-name "$MLFLOW_EXPERIMENT_NAME" \
   -P data=simulated -P label_key=label 2>&1 | grep -E "^run |^model:|succeeded|failed|Error" || true

@@ -63,3 +63,85 @@ def trained(_trained_session):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+# ----------------------------------------------------------------------------- MLflow stores
+@pytest.fixture(scope="session")
+def _template_store(tmp_path_factory):
+    """A migrated, empty SQLite store (migrating takes seconds: done once, copied per test)."""
+    from mlflow import MlflowClient
+
+    folder = tmp_path_factory.mktemp("template_store")
+    MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlflow.db'}").search_experiments()
+    return folder / "mlflow.db"
+
+
+def _use_store(db_path: Path, monkeypatch) -> str:
+    import mlflow
+
+    uri = f"sqlite:///{db_path}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return uri
+
+
+@pytest.fixture
+def tracking_uri(_template_store, tmp_path, monkeypatch):
+    """A fresh SQLite tracking + registry store in tmp_path, active for this test."""
+    import shutil
+
+    import mlflow
+
+    db = tmp_path / "mlflow.db"
+    shutil.copyfile(_template_store, db)
+    uri = _use_store(db, monkeypatch)
+    yield uri
+    while mlflow.active_run():
+        mlflow.end_run()
+
+
+@pytest.fixture(scope="session")
+def _store_with_runs(_template_store, _synthetic_session, tiny_config, tmp_path_factory):
+    """A store with two finished training runs of different quality on ``synthetic``."""
+    import shutil
+
+    import mlflow
+
+    from contrastive_sc import tracking
+
+    folder = tmp_path_factory.mktemp("store_with_runs")
+    shutil.copyfile(_template_store, folder / "mlflow.db")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        tracking.setup(uri, "tests")
+        runs = [
+            tracking.train_run(_synthetic_session.copy(), tiny_config.replace(epochs=6, seed=1), label_key="label",
+                               run_name="good"),
+            tracking.train_run(_synthetic_session.copy(), tiny_config.replace(epochs=1, n_genes=20, layers=(2,), seed=2),
+                               label_key="label", run_name="poor", map_plot=False),
+        ]
+    finally:
+        if old is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old
+        mlflow.set_tracking_uri(None)
+    return folder / "mlflow.db", runs
+
+
+@pytest.fixture
+def store_with_runs(_store_with_runs, tmp_path, monkeypatch):
+    """A private copy of a store holding two runs; returns ``(uri, [good_run, poor_run])``."""
+    import shutil
+
+    import mlflow
+
+    db, runs = _store_with_runs
+    shutil.copyfile(db, tmp_path / "mlflow.db")
+    uri = _use_store(tmp_path / "mlflow.db", monkeypatch)
+    yield uri, runs
+    while mlflow.active_run():
+        mlflow.end_run()

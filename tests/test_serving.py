@@ -1,0 +1,223 @@
+"""A real `mlflow models serve` process on 127.0.0.1 answering real HTTP requests."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.conftest import shared_file
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`serving/serve.sh MODEL_URI PORT` in a subprocess, stopped at teardown."""
+
+    def __init__(self, model_uri: str, tracking_uri: str, log: Path) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = os.environ | {"MLFLOW_TRACKING_URI": tracking_uri,
+                            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+        self.log = log
+        self.process = subprocess.Popen(["bash", str(REPO / "serving" / "serve.sh"), model_uri, str(self.port)],
+                                        env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited: {log.read_text()[-3000:]}")
+            if self.ping() == 200:
+                return
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"server not ready in 180 s: {log.read_text()[-3000:]}")
+
+    def ping(self) -> int | None:
+        try:
+            with urllib.request.urlopen(f"{self.url}/ping", timeout=2) as response:
+                return response.status
+        except (urllib.error.URLError, OSError):
+            return None
+
+    def post(self, body, content_type="application/json"):
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        request = urllib.request.Request(f"{self.url}/invocations", data=data, method="POST",
+                                         headers={"Content-Type": content_type})
+        try:
+            with urllib.request.urlopen(request, timeout=600) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read() or b"{}")
+
+    def stop(self) -> None:
+        import signal
+
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(self.process.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def served(_store_with_runs, tmp_path_factory, _synthetic_session):
+    import mlflow
+
+    from contrastive_sc import registry
+
+    folder = tmp_path_factory.mktemp("served")
+    db, runs = _store_with_runs
+    shutil.copyfile(db, folder / "mlflow.db")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    registry.register_run(runs[0]["run_id"], "served")
+    registry.promote("served")
+    mlflow.set_tracking_uri(None)
+    server = Server("models:/served@champion", uri, folder / "server.log")
+    yield server, _synthetic_session.to_df()
+    server.stop()
+
+
+def _split(frame, params=None):
+    body = {"dataframe_split": {"index": list(map(str, frame.index)), "columns": list(map(str, frame.columns)),
+                                "data": frame.to_numpy().tolist()}}
+    return body | ({"params": params} if params is not None else {})
+
+
+def test_valid_requests_in_two_json_formats_and_each_method(served):
+    server, frame = served
+    cells = frame.iloc[:40]
+    status, body = server.post(_split(cells, {"method": "reference"}))
+    assert status == 200, body
+    rows = pd.DataFrame(body["predictions"])
+    assert len(rows) == 40 and list(rows["cell"]) == list(cells.index) and "emb_59" in rows
+
+    records = {"dataframe_records": cells.to_dict(orient="records"),
+               "params": {"method": "kmeans", "n_clusters": 3, "return_embedding": False}}
+    status, body = server.post(records)
+    assert status == 200, body
+    rows = pd.DataFrame(body["predictions"])
+    assert list(rows.columns) == ["cell", "cluster", "gene_coverage"] and rows["cluster"].nunique() == 3
+
+    status, body = server.post(_split(cells, {"method": "leiden", "resolution": 0.8, "seed": 3}))
+    assert status == 200, body
+    assert len(body["predictions"]) == 40
+
+
+def test_reference_labels_match_in_process_and_across_batches(served):
+    server, frame = served
+    whole = pd.DataFrame(server.post(_split(frame, {"return_embedding": False}))[1]["predictions"])
+    halves = [pd.DataFrame(server.post(_split(part, {"return_embedding": False}))[1]["predictions"])
+              for part in (frame.iloc[:150], frame.iloc[150:])]
+    np.testing.assert_array_equal(whole["cluster"], pd.concat(halves)["cluster"])
+
+
+def test_tensor_form(served):
+    server, frame = served
+    status, _ = server.post({"inputs": frame.iloc[:3].to_numpy().tolist()})
+    assert status == 400  # 400 genes are not the model's 100 in order
+    genes = _model_genes(server)
+    status, body = server.post({"inputs": frame[genes].iloc[:5].to_numpy().tolist(), "params": {"method": "reference"}})
+    assert status == 200, body
+    assert len(body["predictions"]) == 5
+
+
+def _model_genes(server):
+    # The model's genes, in order, from the preprocessing state logged with its run.
+    from contrastive_sc.preprocess import PreprocessState
+
+    state = server.log.parent / "state.json"
+    if not state.exists():
+        import mlflow
+
+        from contrastive_sc.registry import run_of
+
+        mlflow.set_tracking_uri(f"sqlite:///{server.log.parent / 'mlflow.db'}")
+        path = mlflow.artifacts.download_artifacts(run_id=run_of("models:/served@champion"),
+                                                   artifact_path="preprocess_state.json")
+        mlflow.set_tracking_uri(None)
+        shutil.copyfile(path, state)
+    return list(PreprocessState.from_json(state).genes)
+
+
+BAD_REQUESTS = {
+    "too few genes": (lambda f: _split(f.iloc[:5, :30]), "of the model's 100 genes are in the input"),
+    "duplicated genes": (lambda f: _split(pd.concat([f.iloc[:5], f.iloc[:5, :2]], axis=1)), "duplicated gene column"),
+    "NaN": (lambda f: _split(f.iloc[:5].astype(float).mask(f.iloc[:5] > 3)), "NaN/inf"),
+    "negative": (lambda f: _split(f.iloc[:5] * -1 - 1), "negative value"),
+    "non-numeric": (lambda f: _split(f.iloc[:5].astype(str).replace("0", "zero")), "non-numeric column"),
+    "empty": (lambda f: _split(f.iloc[:0]), "empty input"),
+    "fewer cells than clusters": (lambda f: _split(f.iloc[:2], {"method": "kmeans", "n_clusters": 5}),
+                                  "only 2 cell(s) were sent"),
+    "unknown method": (lambda f: _split(f.iloc[:5], {"method": "dbscan"}), "unknown method 'dbscan'"),
+    "kmeans without k": (lambda f: _split(f.iloc[:5], {"method": "kmeans"}), "needs n_clusters"),
+    "not json": (lambda f: b"{not json", ""),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_requests_get_4xx_with_message_and_server_keeps_serving(served, case):
+    server, frame = served
+    make, message = BAD_REQUESTS[case]
+    status, body = server.post(make(frame))
+    assert 400 <= status < 500, (status, body)
+    assert message in body.get("message", ""), body
+    assert server.ping() == 200
+    status, _ = server.post(_split(frame.iloc[:3]))
+    assert status == 200
+
+
+@pytest.mark.realdata
+def test_real_dataset_over_http_matches_in_process(tmp_path, _template_store):
+    """Clustering PBMC over HTTP: `reference` labels identical, `kmeans` ARI within 0.01."""
+    import mlflow
+    from sklearn.metrics import adjusted_rand_score
+
+    from contrastive_sc import get_preset, read, registry, tracking
+
+    adata = read(shared_file("10X_PBMC_top2000.h5"))
+    shutil.copyfile(_template_store, tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking.setup(uri, "pbmc")
+    result = tracking.train_run(adata, get_preset("paper"), label_key="label", map_plot=False)
+    registry.register_run(result["run_id"], "pbmc")
+    registry.promote("pbmc")
+    in_process = mlflow.pyfunc.load_model("models:/pbmc@champion")
+    frame = adata.to_df().astype(np.int64)
+    local_ref = in_process.predict(frame, params={"return_embedding": False})
+    local_km = in_process.predict(frame, params={"method": "kmeans", "n_clusters": 8, "return_embedding": False})
+    mlflow.set_tracking_uri(None)
+
+    server = Server("models:/pbmc@champion", uri, tmp_path / "server.log")
+    try:
+        remote_ref = pd.concat([pd.DataFrame(server.post(_split(frame.iloc[i:i + 1000], {"return_embedding": False}))[1]
+                                             ["predictions"]) for i in range(0, len(frame), 1000)], ignore_index=True)
+        status, body = server.post(_split(frame, {"method": "kmeans", "n_clusters": 8, "return_embedding": False}))
+        assert status == 200
+        remote_km = pd.DataFrame(body["predictions"])
+    finally:
+        server.stop()
+    np.testing.assert_array_equal(remote_ref["cluster"].to_numpy(), local_ref["cluster"].to_numpy())
+    truth = adata.obs["label"].to_numpy()
+    ari_local = adjusted_rand_score(truth, local_km["cluster"])
+    ari_remote = adjusted_rand_score(truth, remote_km["cluster"])
+    assert abs(ari_local - ari_remote) <= 0.01
+    assert ari_remote > 0.5

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .augment import MaskedViews
+
 
 class ContrastiveEncoder(nn.Module):
     """MLP ``n_inputs -> layers[0] -> ... -> layers[-1]``, output on the unit sphere.
@@ -35,14 +37,18 @@ class ContrastiveEncoder(nn.Module):
         self.n_inputs = int(n_inputs)
         self.n_outputs = sizes[-1]
 
-    def forward(self, x: torch.Tensor, n_views: int = 1) -> torch.Tensor:
-        # x: (n_views * batch, n_inputs) -> (n_views * batch, n_outputs), unit L2 norm per row
-        h = x
-        for linear, norm in zip(self.linears[:-1], self.norms):
-            h = linear(h)
+    def forward(self, x: torch.Tensor | MaskedViews, n_views: int = 1) -> torch.Tensor:
+        """Embed ``(n_views * batch, n_inputs)`` rows (a tensor, or sparse training views).
+
+        Returns ``(n_views * batch, n_outputs)``, one unit-norm row per input row.
+        """
+        layers = iter(self.linears)
+        first = next(layers)
+        h = x.linear(first) if isinstance(x, MaskedViews) else first(x)
+        for norm, linear in zip(self.norms, layers):
             if n_views > 1 and self.training and isinstance(norm, nn.BatchNorm1d):
                 h = torch.cat([norm(chunk) for chunk in h.chunk(n_views)])
             else:
                 h = norm(h)
-            h = F.relu(h)
-        return F.normalize(self.linears[-1](h), dim=1)
+            h = linear(F.relu(h))
+        return F.normalize(h, dim=1)

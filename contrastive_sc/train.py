@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
 
-from .augment import make_views
+from .augment import MaskedViews, make_views
 from .config import EncoderConfig, TrainConfig
 from .encoder import ContrastiveEncoder
 from .loss import NTXentLoss
@@ -67,6 +71,13 @@ def fit_encoder(x: np.ndarray, encoder_config: EncoderConfig, train_config: Trai
     Returns
     -------
     The trained encoder in eval mode, on the CPU, and its training history.
+
+    Notes
+    -----
+    On the CPU, with most genes masked, the views are sampled as sparse :class:`MaskedViews`
+    by a helper thread and torch runs single-threaded for the duration (see
+    :func:`_single_threaded`); elsewhere they are dense :func:`make_views` tensors. Both are
+    the paper's views, so the two paths train the same model up to the random draws.
     """
     cfg = train_config
     if x.ndim != 2 or x.shape[0] < 2:
@@ -74,43 +85,101 @@ def fit_encoder(x: np.ndarray, encoder_config: EncoderConfig, train_config: Trai
         raise ValueError(msg)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
-
-    data = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32), device=device)
-    encoder = ContrastiveEncoder(data.shape[1], encoder_config.layers, encoder_config.batch_norm).to(device)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    sparse = device.type == "cpu" and cfg.input_dropout >= SPARSE_MASK_RATE
+    batches = _masked_batches(x, cfg) if sparse else _dense_batches(x, cfg, device)
+    encoder = ContrastiveEncoder(x.shape[1], encoder_config.layers, encoder_config.batch_norm).to(device)
     criterion = NTXentLoss(cfg.temperature)
     optimizer = torch.optim.Adam(encoder.parameters(), lr=cfg.lr, fused=True)
     history = TrainingHistory(device=str(device))
-    n_cells = data.shape[0]
-    batch_size = min(cfg.batch_size, n_cells)
 
     started = time.perf_counter()
     epochs = _progress(range(cfg.epochs), progress)
     encoder.train()
-    for epoch in epochs:
-        lr = cosine_lr(cfg.lr, epoch, cfg.epochs) if cfg.lr_schedule == "cosine" else cfg.lr
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        order = torch.randperm(n_cells, generator=generator, device=device)
-        losses = torch.zeros((), device=device)
-        for n_steps, (start, stop) in enumerate(_batch_bounds(n_cells, batch_size), start=1):
-            batch = data[order[start:stop]]
-            views = make_views(batch, mask_rate=cfg.input_dropout, noise_std=cfg.noise_std, generator=generator)
-            loss = criterion(encoder(views, n_views=2))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses += loss.detach()  # stays on device: no sync per step
-            history._cells_seen += batch.shape[0]
-        epoch_loss = float(losses) / n_steps
-        history.loss.append(epoch_loss)
-        history.lr.append(lr)
-        if on_epoch is not None:
-            on_epoch(epoch, epoch_loss)
-        if progress:
-            epochs.set_postfix(loss=f"{epoch_loss:.3f}")
+    with _single_threaded(device.type == "cpu"):
+        for epoch in epochs:
+            lr = cosine_lr(cfg.lr, epoch, cfg.epochs) if cfg.lr_schedule == "cosine" else cfg.lr
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            losses = []
+            for views in batches():
+                loss = criterion(encoder(views, n_views=2))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.detach())  # stays on device: no sync per step
+                history._cells_seen += views.shape[0] // 2
+            epoch_loss = float(torch.stack(losses).mean())
+            history.loss.append(epoch_loss)
+            history.lr.append(lr)
+            if on_epoch is not None:
+                on_epoch(epoch, epoch_loss)
+            if progress:
+                epochs.set_postfix(loss=f"{epoch_loss:.3f}")
     history.seconds = time.perf_counter() - started
     return encoder.cpu().eval(), history
+
+
+#: From this input dropout on, CPU training uses sparse views (dense products win below it).
+SPARSE_MASK_RATE = 0.5
+
+
+def _dense_batches(x: np.ndarray, cfg: TrainConfig, device: torch.device) -> Callable[[], Iterator[torch.Tensor]]:
+    # Torch-native epochs of dense stacked views, on any device.
+    data = torch.as_tensor(x, device=device)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    bounds = _batch_bounds(len(x), min(cfg.batch_size, len(x)))
+
+    def epoch() -> Iterator[torch.Tensor]:
+        order = torch.randperm(len(x), generator=generator, device=device)
+        for start, stop in bounds:
+            yield make_views(data[order[start:stop]], mask_rate=cfg.input_dropout, noise_std=cfg.noise_std,
+                             generator=generator)
+
+    return epoch
+
+
+def _masked_batches(x: np.ndarray, cfg: TrainConfig) -> Callable[[], Iterator[MaskedViews]]:
+    # CPU epochs of sparse views; numpy draws them in a helper thread, ahead of the training step.
+    scaled = x * np.float32(1.0 / (1.0 - cfg.input_dropout))  # dropout's rescaling, once for all epochs
+    shuffle_rng, mask_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(cfg.seed).spawn(2))
+    bounds = _batch_bounds(len(x), min(cfg.batch_size, len(x)))
+
+    def sample(cells: np.ndarray) -> MaskedViews:
+        return MaskedViews.sample(scaled[cells], mask_rng, mask_rate=cfg.input_dropout, noise_std=cfg.noise_std)
+
+    def epoch() -> Iterator[MaskedViews]:
+        order = shuffle_rng.permutation(len(x))
+        return _prefetched(partial(sample, order[start:stop]) for start, stop in bounds)
+
+    return epoch
+
+
+def _prefetched(tasks: Iterable[Callable], depth: int = 2) -> Iterator:
+    # Each task's result, in order, with up to `depth` tasks run ahead by one helper thread (one
+    # thread, so the tasks draw from their random generator in a fixed order).
+    with ThreadPoolExecutor(1) as pool:
+        pending = deque()
+        for task in tasks:
+            pending.append(pool.submit(task))
+            if len(pending) > depth:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+@contextmanager
+def _single_threaded(enabled: bool) -> Iterator[None]:
+    # A training step is ~1 ms of small products: more OpenMP threads mostly add barrier waits,
+    # and these stall the whole step whenever another process holds a core. The spare core
+    # samples the next views instead.
+    threads = torch.get_num_threads()
+    if enabled:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @torch.no_grad()

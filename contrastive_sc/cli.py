@@ -15,6 +15,7 @@ import click
 
 from .benchmark import available_methods
 from .config import PRESETS
+from .experiments import EXPERIMENT_NAMES
 
 _PRESET_CHOICE = click.Choice(sorted(PRESETS))
 
@@ -328,6 +329,29 @@ def embed(model_uri, data, out, method, n_clusters, resolution, label_key, track
     params = {"method": method, "n_clusters": n_clusters, "resolution": resolution}
     summary = embed_with_registered(model_uri, data, out, params, label_key=label_key)
     click.echo(", ".join(f"{k}={v}" for k, v in summary.items()))
+
+
+@main.command()
+@click.option("--name", "name", required=True, type=click.Choice(list(EXPERIMENT_NAMES)), help="Which experiment.")
+@click.option("--data", "data", default=None, callback=_none_if_empty,
+              help="Labelled dataset (more may follow) [default: the files in ../shared/data].")
+@click.argument("more_data", nargs=-1, type=click.Path(exists=True))
+@click.option("--seeds", default=1, type=click.IntRange(min=1), help="Seeds 0..N-1 per setting.")
+@click.option("--epochs", default=None, type=_PresetDefault(click.IntRange(min=1)), help="Override the epochs.")
+@click.option("--n-genes", default=None, type=_PresetDefault(_NGenes()), help="Override the gene count.")
+@_experiment_option
+@_tracking_options
+@_friendly_errors
+def experiment(name, data, more_data, seeds, epochs, n_genes, experiment, tracking_uri) -> None:
+    """Run one of the paper's experiments as a parent run with nested runs, a table and a figure."""
+    from . import tracking
+    from .experiments import run_experiment
+
+    tracking.setup(tracking_uri, experiment)
+    paths = [p for p in (data, *more_data) if p]
+    overrides = {k: v for k, v in {"epochs": epochs, "n_genes": n_genes}.items() if v is not None}
+    summary = run_experiment(name, paths or None, seeds=range(seeds), overrides=overrides)
+    click.echo(summary.to_markdown(index=False, floatfmt=".3f"))
 
 
 def _has_tabulate() -> bool:

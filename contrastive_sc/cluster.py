@@ -133,8 +133,11 @@ def _gmm(x, *, n_clusters, seed, **_):
 def _meanshift(x, *, seed, **_):
     from sklearn.cluster import MeanShift, estimate_bandwidth
 
-    bandwidth = estimate_bandwidth(x, quantile=0.2, n_samples=min(len(x), 2000), random_state=seed)
-    return MeanShift(bandwidth=bandwidth or None, bin_seeding=True).fit_predict(x)
+    bandwidth = estimate_bandwidth(x, quantile=0.2, n_samples=min(len(x), 2000), random_state=seed) or None
+    try:
+        return MeanShift(bandwidth=bandwidth, bin_seeding=True).fit_predict(x)
+    except ValueError:  # no bin seed had a neighbour (a collapsed embedding): seed from every cell
+        return MeanShift(bandwidth=bandwidth, bin_seeding=False).fit_predict(x)
 
 
 def _spectral(x, *, n_clusters, n_neighbors, seed, **_):

@@ -7,6 +7,7 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from .config import ContrastiveConfig
@@ -108,3 +109,322 @@ def log_table(table: pd.DataFrame, name: str) -> None:
         md.write_text(table.to_markdown(index=False, floatfmt=".4f"))
         mlflow.log_artifact(str(csv))
         mlflow.log_artifact(str(md))
+
+
+# ------------------------------------------------------------------------------ the paper's experiments
+#: Settings of each one-parameter experiment (the paper's Figs. 5, 6, 10 and 11).
+SETTINGS = {
+    "genes": ("n_genes", [500, 1000, 1500, 3000, 5000, "all"]),
+    "dropout": ("input_dropout", [0.2, 0.4, 0.6, 0.8, 0.9, 0.95]),
+    "noise": ("noise_std", [0.0, 0.1, 0.25, 0.5, 1.0]),
+    "architecture": ("layers", [(2,), (60,), (200, 60), (200, 40, 60), (512, 128, 60), (200, 100, 40, 60),
+                                (1000, 200, 40, 60)]),
+    "learning-rate": ("lr", [1e-4, 1e-3, 1e-2, 0.1, 0.4, 1.0, 2.0]),
+    "epochs": ("epochs", [5, 10, 30, 50, 100]),
+}
+ALGORITHMS = ("kmeans", "leiden", "birch", "gmm", "meanshift", "spectral", "ward")
+DOWNSAMPLING = (0.25, 0.5, 0.75, 1.0)
+SCALE_CELLS = (1_000, 5_000, 10_000, 25_000, 50_000)
+SCALE_GENES = (500, 1_000, 2_000, 5_000)
+EXPERIMENT_NAMES = (*SETTINGS, "algorithms", "stability", "downsampling", "simulated", "scalability")
+
+
+def default_datasets() -> list[Path]:
+    """The labelled files in ``../shared/data`` beside the repository, when present."""
+    folder = Path(__file__).resolve().parents[2] / "shared" / "data"
+    return sorted(p for p in folder.glob("*.h5*")) if folder.exists() else []
+
+
+def run_experiment(name: str, datasets: list | None = None, *, seeds: Iterable[int] = (0,),
+                   overrides: dict | None = None, settings: list | None = None, quick: bool = False) -> pd.DataFrame:
+    """Run one of :data:`EXPERIMENT_NAMES` as a parent MLflow run with nested runs.
+
+    Parameters
+    ----------
+    name
+        The experiment.
+    datasets
+        Labelled AnnData objects or paths (default: :func:`default_datasets`); ignored by the
+        simulated experiments.
+    seeds
+        Seeds per setting (``stability`` wants several).
+    overrides
+        Flat config overrides applied to every run (e.g. ``{"epochs": 5}``).
+    settings
+        Replace the experiment's default grid (its values, e.g. ``[500, 1000]`` for ``genes``).
+    quick
+        Small sizes for the simulated experiments (tests).
+
+    Returns
+    -------
+    The summary table that is also logged (CSV and markdown) with a PNG figure.
+    """
+    import mlflow
+
+    if name not in EXPERIMENT_NAMES:
+        msg = f"unknown experiment {name!r}; expected one of {list(EXPERIMENT_NAMES)}"
+        raise ValueError(msg)
+    seeds = list(seeds)
+    overrides = overrides or {}
+    with mlflow.start_run(run_name=f"experiment:{name}"):
+        mlflow.set_tags({"experiment": name, "kind": "paper-experiment"})
+        mlflow.log_params({"experiment": name, "seeds": ",".join(map(str, seeds)),
+                           "overrides": repr(overrides), "quick": quick})
+        if name in ("simulated", "scalability"):
+            rows = _SIMULATED[name](seeds, overrides, settings, quick)
+        else:
+            adatas = _load_all(datasets)
+            mlflow.log_param("datasets", ",".join(_name(a) for a in adatas))
+            rows = _REAL[name](adatas, seeds, overrides, settings)
+        results = pd.DataFrame(rows)
+        summary = _summarise_experiment(name, results)
+        log_table(results, f"{name}_runs")
+        log_table(summary, f"{name}_summary")
+        _log_figure(name, summary)
+    return summary
+
+
+def _load_all(datasets) -> list:
+    from .io import read
+
+    datasets = datasets if datasets else default_datasets()
+    if not datasets:
+        msg = "no datasets given and none found in ../shared/data; pass --data PATH [PATH ...]"
+        raise ValueError(msg)
+    return [read(d) if isinstance(d, str | Path) else d for d in datasets]
+
+
+def _name(adata) -> str:
+    return adata.uns.get("dataset", {}).get("name", "anndata")
+
+
+def _truth(adata) -> np.ndarray:
+    from .io import default_label_key
+
+    key = default_label_key(adata)
+    if key is None:
+        msg = f"{_name(adata)} has no obs['label']; experiments need labelled data"
+        raise ValueError(msg)
+    return np.asarray(adata.obs[key])
+
+
+def _train_and_score(adata, config, truth, methods=("kmeans",)) -> tuple[dict, np.ndarray]:
+    """Fit, embed, cluster and score; log one nested run. Returns (metrics, embedding)."""
+    import time
+
+    import mlflow
+
+    from .cluster import cluster_labels
+    from .metrics import score_clustering
+    from .model import ContrastiveSC
+
+    started = time.perf_counter()
+    model = ContrastiveSC(config).fit(adata, reference=False)
+    embedding = model.transform(adata)
+    metrics = {"train_seconds": model.history.seconds, "fit_seconds": time.perf_counter() - started}
+    k = len(np.unique(truth))
+    for method in methods:
+        started = time.perf_counter()
+        labels = cluster_labels(embedding, method, n_clusters=k, seed=config.train.seed,
+                                resolution=config.cluster.resolution)
+        scores = score_clustering(embedding, labels, truth, seed=config.train.seed)
+        scores["seconds"] = time.perf_counter() - started
+        metrics |= {f"{method}_{key}": value for key, value in scores.items()}
+    return metrics, embedding
+
+
+def _log_nested(run_name: str, params: dict, metrics: dict) -> None:
+    import mlflow
+
+    with mlflow.start_run(run_name=run_name, nested=True):
+        mlflow.log_params({k: str(v) for k, v in params.items()})
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if np.isfinite(v)})
+
+
+def _one_parameter(name: str):
+    def run(adatas, seeds, overrides, settings):
+        from .config import get_preset
+
+        parameter, values = SETTINGS[name]
+        values = settings or values
+        rows = []
+        for adata in adatas:
+            truth = _truth(adata)
+            for value in values:
+                for seed in seeds:
+                    config = get_preset("paper").replace(**(overrides | {parameter: value, "seed": seed}))
+                    metrics, _ = _train_and_score(adata, config, truth)
+                    setting = "/".join(map(str, value)) if isinstance(value, tuple) else str(value)
+                    row = {"dataset": _name(adata), "setting": setting, "seed": seed, **metrics}
+                    _log_nested(f"{_name(adata)} {parameter}={setting} seed={seed}",
+                                {"dataset": _name(adata), parameter: setting, "seed": seed}, metrics)
+                    rows.append(row)
+        return rows
+
+    return run
+
+
+def _algorithms(adatas, seeds, overrides, settings):
+    from .config import get_preset
+
+    rows = []
+    for adata in adatas:
+        truth = _truth(adata)
+        for seed in seeds:
+            config = get_preset("paper").replace(**(overrides | {"seed": seed}))
+            metrics, _ = _train_and_score(adata, config, truth, methods=tuple(settings or ALGORITHMS))
+            for method in settings or ALGORITHMS:
+                row = {"dataset": _name(adata), "setting": method, "seed": seed,
+                       **{k.removeprefix(f"{method}_"): v for k, v in metrics.items() if k.startswith(f"{method}_")}}
+                rows.append(row)
+            _log_nested(f"{_name(adata)} seed={seed}", {"dataset": _name(adata), "seed": seed}, metrics)
+    return rows
+
+
+def _stability(adatas, seeds, overrides, settings):
+    from .config import get_preset
+
+    rows = []
+    for adata in adatas:
+        truth = _truth(adata)
+        for seed in seeds:
+            config = get_preset("paper").replace(**(overrides | {"seed": seed}))
+            metrics, _ = _train_and_score(adata, config, truth, methods=("kmeans", "leiden"))
+            _log_nested(f"{_name(adata)} seed={seed}", {"dataset": _name(adata), "seed": seed}, metrics)
+            for method in ("kmeans", "leiden"):
+                rows.append({"dataset": _name(adata), "setting": method, "seed": seed,
+                             **{k.removeprefix(f"{method}_"): v for k, v in metrics.items() if k.startswith(f"{method}_")}})
+    return rows
+
+
+def _downsampling(adatas, seeds, overrides, settings):
+    from sklearn.model_selection import train_test_split
+
+    from .config import get_preset
+
+    rows = []
+    for adata in adatas:
+        truth = _truth(adata)
+        for fraction in settings or DOWNSAMPLING:
+            for sample in range(3):
+                if fraction < 1:
+                    keep, _ = train_test_split(np.arange(adata.n_obs), train_size=fraction, stratify=_stratifiable(truth),
+                                               random_state=sample)
+                    sub = adata[np.sort(keep)].copy()
+                else:
+                    sub = adata
+                for seed in seeds:
+                    config = get_preset("paper").replace(**(overrides | {"seed": seed}))
+                    metrics, _ = _train_and_score(sub, config, _truth(sub))
+                    _log_nested(f"{_name(adata)} {fraction:.0%} sample={sample} seed={seed}",
+                                {"dataset": _name(adata), "fraction": fraction, "sample": sample, "seed": seed}, metrics)
+                    rows.append({"dataset": _name(adata), "setting": fraction, "seed": seed, "sample": sample, **metrics})
+                if fraction == 1:
+                    break  # the full data has one "sample"
+    return rows
+
+
+def _stratifiable(truth: np.ndarray) -> np.ndarray | None:
+    # Stratification needs at least two cells per class; tiny classes are then sampled freely.
+    _, counts = np.unique(truth, return_counts=True)
+    return truth if counts.min() >= 2 else None
+
+
+def _simulated(seeds, overrides, settings, quick):
+    from .benchmark import benchmark_adata
+    from .simulate import balanced_grid, grid_name, imbalanced_grid, simulate_splat
+
+    methods = settings or ["paper-kmeans", "paper-leiden", "pca50-kmeans", "scanpy-leiden"]
+    grids = [("balanced", p) for p in balanced_grid()] + [("imbalanced", p) for p in imbalanced_grid()]
+    if quick:
+        import dataclasses
+
+        grids = [(kind, dataclasses.replace(p, n_cells=min(p.n_cells, 300), n_genes=300))
+                 for kind, p in grids if p.n_groups == 4 and p.dropout_mid in (-1.0, 1.5)]
+    rows = []
+    for kind, params in grids:
+        sim = simulate_splat(params)
+        adata = sim.to_anndata()
+        adata.uns["dataset"] = {"name": grid_name(params)}
+        for row in benchmark_adata(adata, methods, seeds, overrides=overrides):
+            row |= {"grid": kind, "n_groups": params.n_groups, "dropout_mid": params.dropout_mid,
+                    "dropout_rate": sim.dropout_rate, "sparsity": sim.sparsity, "setting": row["method"]}
+            _log_nested(f"{row['dataset']} {row['method']} seed={row['seed']}",
+                        {"dataset": row["dataset"], "method": row["method"], "seed": row["seed"]},
+                        {k: row[k] for k in ("ari", "nmi", "silhouette", "n_clusters", "seconds", "dropout_rate")})
+            rows.append(row)
+    return rows
+
+
+def _scalability(seeds, overrides, settings, quick):
+    """Time and peak memory against cells (2,000 genes) and against genes kept (5,000 cells)."""
+    import time
+
+    from .cluster import cluster_labels
+    from .model import ContrastiveSC
+    from .profiling import PeakMemory
+    from .simulate import simulate_splat
+
+    cells, genes = ((500, 1_000), (100, 200)) if quick else (settings or SCALE_CELLS, SCALE_GENES)
+    n_genes_total, n_cells_fixed = (300, 500) if quick else (2_000, 5_000)
+    trials = [("cells", n, n_genes_total, 500) for n in cells] + [("genes", n_cells_fixed, max(g, n_genes_total), g)
+                                                                  for g in genes]
+    rows = []
+    for axis, n_cells, n_simulated_genes, n_kept in trials:
+        adata = simulate_splat(n_cells=n_cells, n_genes=n_simulated_genes, group_prob=(0.25,) * 4, seed=0).to_anndata()
+        for seed in seeds:
+            config = ContrastiveSC(n_genes=n_kept, seed=seed, **overrides).config
+            with PeakMemory() as memory:
+                started = time.perf_counter()
+                model = ContrastiveSC(config).fit(adata, reference=False)
+                fit_seconds = time.perf_counter() - started
+                embedding = model.transform(adata)
+                started = time.perf_counter()
+                cluster_labels(embedding, "kmeans", n_clusters=4, seed=seed)
+                kmeans_seconds = time.perf_counter() - started
+                started = time.perf_counter()
+                cluster_labels(embedding, "leiden", seed=seed)
+                leiden_seconds = time.perf_counter() - started
+            metrics = {"fit_seconds": fit_seconds, "train_seconds": model.history.seconds,
+                       "preprocess_seconds": fit_seconds - model.history.seconds, "kmeans_seconds": kmeans_seconds,
+                       "leiden_seconds": leiden_seconds, "peak_memory_mb": memory.peak_mb}
+            _log_nested(f"{n_cells} cells x {n_kept} genes seed={seed}",
+                        {"n_cells": n_cells, "n_genes": n_kept, "seed": seed}, metrics)
+            rows.append({"dataset": f"simulated, varying {axis}", "setting": n_cells if axis == "cells" else n_kept,
+                         "n_cells": n_cells, "n_genes": n_kept, "seed": seed, **metrics})
+    return rows
+
+
+_REAL = {name: _one_parameter(name) for name in SETTINGS} | {
+    "algorithms": _algorithms, "stability": _stability, "downsampling": _downsampling}
+_SIMULATED = {"simulated": _simulated, "scalability": _scalability}
+
+#: The score each experiment's figure shows.
+_FIGURE_METRIC = {"algorithms": "ari", "stability": "ari", "simulated": "ari", "scalability": "fit_seconds"}
+
+
+def _summarise_experiment(name: str, results: pd.DataFrame) -> pd.DataFrame:
+    keys = ["dataset", "setting"]
+    numeric = [c for c in results.columns if c not in (*keys, "seed", "sample", "method", "grid")
+               and pd.api.types.is_numeric_dtype(results[c])]
+    grouped = results.groupby(keys, sort=False)[numeric]
+    summary = grouped.mean().add_suffix("_mean").join(grouped.std(ddof=0).add_suffix("_sd"))
+    if name == "stability":
+        for score in ("ari", "nmi", "silhouette", "calinski_harabasz"):
+            if f"{score}_mean" in summary:
+                summary[f"{score}_cv"] = summary[f"{score}_sd"] / summary[f"{score}_mean"].abs()
+    return summary.reset_index()
+
+
+def _log_figure(name: str, summary: pd.DataFrame) -> None:
+    import mlflow
+
+    from .plots import experiment_figure
+
+    metric = _FIGURE_METRIC.get(name, "kmeans_ari")
+    if f"{metric}_mean" not in summary:
+        return
+    kind = "bar" if name in ("algorithms", "stability", "architecture", "simulated") else "line"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = experiment_figure(summary, metric, Path(tmp) / f"{name}.png", title=name, kind=kind)
+        mlflow.log_artifact(str(path))

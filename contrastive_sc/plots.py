@@ -54,3 +54,28 @@ def embedding_map(embedding: np.ndarray, labels_by_method: dict[str, np.ndarray]
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def experiment_figure(summary, metric: str, path: str | Path, *, title: str = "", kind: str = "line") -> Path:
+    """One series per dataset of ``<metric>_mean`` (± sd) against the experiment's setting."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    datasets = list(dict.fromkeys(summary["dataset"]))
+    settings = list(dict.fromkeys(summary["setting"].astype(str)))
+    width = 0.8 / max(1, len(datasets))
+    for i, dataset in enumerate(datasets):
+        part = summary[summary["dataset"] == dataset]
+        x = np.array([settings.index(str(s)) for s in part["setting"]])
+        y = part[f"{metric}_mean"].to_numpy()
+        err = part[f"{metric}_sd"].to_numpy() if f"{metric}_sd" in part else None
+        if kind == "bar":
+            ax.bar(x + i * width - 0.4 + width / 2, y, width, yerr=err, label=dataset)
+        else:
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=dataset)
+    ax.set_xticks(range(len(settings)), settings, rotation=30, ha="right")
+    ax.set(ylabel=metric, title=title)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

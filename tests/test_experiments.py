@@ -1,0 +1,47 @@
+"""Every paper experiment runs end to end on a small setting and logs parent, children, table, figure."""
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from contrastive_sc.experiments import EXPERIMENT_NAMES, run_experiment
+
+pytestmark = pytest.mark.slow
+
+SMALL = {
+    "genes": [50, "all"], "dropout": [0.5, 0.9], "noise": [0.0, 0.5], "architecture": [(8,), (16, 8)],
+    "learning-rate": [0.01, 0.4], "epochs": [1, 2], "algorithms": None, "stability": None,
+    "downsampling": [0.5, 1.0], "simulated": ["paper-kmeans", "pca50-kmeans"], "scalability": None,
+}
+
+
+@pytest.mark.parametrize("name", EXPERIMENT_NAMES)
+def test_experiment_logs_parent_children_table_and_figure(name, tracking_uri, synthetic):
+    from contrastive_sc.tracking import setup
+
+    setup(tracking_uri, "experiments")
+    synthetic.uns["dataset"] = {"name": "synthetic"}
+    seeds = [0, 1] if name == "stability" else [0]
+    overrides = {"epochs": 1, "batch_size": 64} | ({} if name in ("genes", "scalability") else {"n_genes": 50})
+    if name == "epochs":
+        overrides.pop("epochs")
+    summary = run_experiment(name, [synthetic], seeds=seeds, overrides=overrides, settings=SMALL[name], quick=True)
+    assert len(summary) > 0 and {"dataset", "setting"} <= set(summary.columns)
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("experiments")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("experiment") == name]
+    assert len(parents) == 1
+    parent = parents[0]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert children, "no nested runs"
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {f"{name}_summary.csv", f"{name}_summary.md", f"{name}_runs.csv", f"{name}.png"} <= artifacts
+    if name == "stability":
+        assert "ari_cv" in summary.columns
+
+
+def test_unknown_experiment(tracking_uri):
+    with pytest.raises(ValueError, match="unknown experiment 'nope'"):
+        run_experiment("nope")

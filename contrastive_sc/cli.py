@@ -98,10 +98,12 @@ def main(verbose: bool) -> None:
 @main.command()
 @click.option("--data", "data", required=True, type=click.Path(exists=True), help="Labelled dataset (more may follow).")
 @click.argument("more_data", nargs=-1, type=click.Path(exists=True))
-@click.option("--label-key", default=None, callback=_none_if_empty,
-              help="obs column with labels (default: 'label' when present).")
-@click.option("--methods", default="paper-kmeans,pca50-kmeans", help="Comma-separated methods.",
-              type=_CsvList(available_methods()))
+@click.option(
+    "--label-key", default=None, callback=_none_if_empty, help="obs column with labels (default: 'label' when present)."
+)
+@click.option(
+    "--methods", default="paper-kmeans,pca50-kmeans", help="Comma-separated methods.", type=_CsvList(available_methods())
+)
 @click.option("--seeds", default=3, type=click.IntRange(min=1), help="Seeds 0..N-1.")
 @click.option("--n-genes", default=None, type=_PresetDefault(_NGenes()), help="Override the presets' gene count.")
 @click.option("--epochs", default=None, type=_PresetDefault(click.IntRange(min=1)), help="Override the presets' epochs.")
@@ -115,12 +117,14 @@ def benchmark(data, more_data, label_key, methods, seeds, n_genes, epochs, out) 
     from .benchmark import run_benchmark, summarise
 
     def show(row):
-        click.echo(f"{row['dataset']:<32} {row['method']:<24} seed={row['seed']} ari={row.get('ari', float('nan')):.3f} "
-                   f"k={row['n_clusters']} {row['seconds']:.1f}s", err=True)
+        click.echo(
+            f"{row['dataset']:<32} {row['method']:<24} seed={row['seed']} ari={row.get('ari', float('nan')):.3f} "
+            f"k={row['n_clusters']} {row['seconds']:.1f}s",
+            err=True,
+        )
 
     overrides = {"n_genes": n_genes, "epochs": epochs}
-    results = run_benchmark([data, *more_data], methods, range(seeds), label_key=label_key,
-                            overrides=overrides, on_row=show)
+    results = run_benchmark([data, *more_data], methods, range(seeds), label_key=label_key, overrides=overrides, on_row=show)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     results.to_csv(out, index=False)
     click.echo(summarise(results).to_markdown(index=False) if _has_tabulate() else summarise(results).to_string())
@@ -129,8 +133,12 @@ def benchmark(data, more_data, label_key, methods, seeds, n_genes, epochs, out) 
 
 # ---------------------------------------------------------------------------- MLflow commands
 def _tracking_options(func):
-    func = click.option("--tracking-uri", default=None, envvar="MLFLOW_TRACKING_URI",
-                        help="MLflow tracking URI [default: sqlite:///<cwd>/mlflow.db].")(func)
+    func = click.option(
+        "--tracking-uri",
+        default=None,
+        envvar="MLFLOW_TRACKING_URI",
+        help="MLflow tracking URI [default: sqlite:///<cwd>/mlflow.db].",
+    )(func)
     return func
 
 
@@ -142,32 +150,76 @@ def _hyperparameter_options(func):
     """Every setting of a preset, as an optional override (None keeps the preset's value)."""
     options = [
         click.option("--preset", default="paper", type=_PRESET_CHOICE, help="Named preset to start from."),
-        click.option("--n-genes", default=None, type=_PresetDefault(_NGenes()), help="Genes kept: a number, 'auto' or 'all'."),
-        click.option("--min-cells", default=None, type=_PresetDefault(click.IntRange(min=0)), help="Drop genes seen in fewer cells."),
-        click.option("--clip", default=None, type=_PresetDefault(click.FloatRange(min=0, min_open=True)), help="Clip scaled values."),
+        click.option(
+            "--n-genes", default=None, type=_PresetDefault(_NGenes()), help="Genes kept: a number, 'auto' or 'all'."
+        ),
+        click.option(
+            "--min-cells", default=None, type=_PresetDefault(click.IntRange(min=0)), help="Drop genes seen in fewer cells."
+        ),
+        click.option(
+            "--clip", default=None, type=_PresetDefault(click.FloatRange(min=0, min_open=True)), help="Clip scaled values."
+        ),
         click.option("--layers", default=None, type=_PresetDefault(_IntList()), help="Encoder sizes, e.g. 200,40,60."),
-        click.option("--input-dropout", default=None, type=_PresetDefault(click.FloatRange(0, 1, max_open=True)),
-                     help="Fraction of genes masked per view."),
-        click.option("--noise-std", default=None, type=_PresetDefault(click.FloatRange(min=0)), help="Gaussian noise on views."),
-        click.option("--temperature", default=None, type=_PresetDefault(click.FloatRange(min=0, min_open=True)), help="NT-Xent T."),
-        click.option("--lr", default=None, type=_PresetDefault(click.FloatRange(min=0, min_open=True)), help="Adam learning rate."),
-        click.option("--lr-schedule", default=None, type=_PresetDefault(click.Choice(["cosine", "constant"])), help="LR schedule."),
+        click.option(
+            "--input-dropout",
+            default=None,
+            type=_PresetDefault(click.FloatRange(0, 1, max_open=True)),
+            help="Fraction of genes masked per view.",
+        ),
+        click.option(
+            "--noise-std", default=None, type=_PresetDefault(click.FloatRange(min=0)), help="Gaussian noise on views."
+        ),
+        click.option(
+            "--temperature", default=None, type=_PresetDefault(click.FloatRange(min=0, min_open=True)), help="NT-Xent T."
+        ),
+        click.option(
+            "--lr", default=None, type=_PresetDefault(click.FloatRange(min=0, min_open=True)), help="Adam learning rate."
+        ),
+        click.option(
+            "--lr-schedule", default=None, type=_PresetDefault(click.Choice(["cosine", "constant"])), help="LR schedule."
+        ),
         click.option("--epochs", default=None, type=_PresetDefault(click.IntRange(min=1)), help="Training epochs."),
         click.option("--batch-size", default=None, type=_PresetDefault(click.IntRange(min=2)), help="Cells per batch."),
         click.option("--seed", default=None, type=_PresetDefault(click.IntRange(min=0)), help="Random seed."),
-        click.option("--device", default=None, type=_PresetDefault(click.Choice(["auto", "cpu", "cuda"])), help="Training device."),
-        click.option("--n-clusters", default=None, type=_PresetDefault(click.IntRange(min=1)),
-                     help="k for KMeans [default: number of labels when --label-key is given]."),
-        click.option("--resolution", default=None, type=_PresetDefault(click.FloatRange(min=0, min_open=True)), help="Leiden."),
-        click.option("--n-neighbors", default=None, type=_PresetDefault(click.IntRange(min=2)), help="kNN graph size for Leiden."),
+        click.option(
+            "--device", default=None, type=_PresetDefault(click.Choice(["auto", "cpu", "cuda"])), help="Training device."
+        ),
+        click.option(
+            "--n-clusters",
+            default=None,
+            type=_PresetDefault(click.IntRange(min=1)),
+            help="k for KMeans [default: number of labels when --label-key is given].",
+        ),
+        click.option(
+            "--resolution", default=None, type=_PresetDefault(click.FloatRange(min=0, min_open=True)), help="Leiden."
+        ),
+        click.option(
+            "--n-neighbors", default=None, type=_PresetDefault(click.IntRange(min=2)), help="kNN graph size for Leiden."
+        ),
     ]
     for option in reversed(options):
         func = option(func)
     return func
 
 
-_HYPERPARAMETERS = ("n_genes", "min_cells", "clip", "layers", "input_dropout", "noise_std", "temperature", "lr",
-                    "lr_schedule", "epochs", "batch_size", "seed", "device", "n_clusters", "resolution", "n_neighbors")
+_HYPERPARAMETERS = (
+    "n_genes",
+    "min_cells",
+    "clip",
+    "layers",
+    "input_dropout",
+    "noise_std",
+    "temperature",
+    "lr",
+    "lr_schedule",
+    "epochs",
+    "batch_size",
+    "seed",
+    "device",
+    "n_clusters",
+    "resolution",
+    "n_neighbors",
+)
 
 
 class _IntList(click.ParamType):
@@ -197,8 +249,9 @@ _CLUSTER_METHODS = ("kmeans", "leiden", "birch", "gmm", "meanshift", "spectral",
 @main.command()
 @click.option("--data", required=True, help="Counts file or 10x folder, or 'simulated' for the built-in dataset.")
 @click.option("--label-key", default=None, callback=_none_if_empty, help="obs column with labels (enables ARI/NMI).")
-@click.option("--cluster", "methods", default="kmeans,leiden", type=_CsvList(_CLUSTER_METHODS),
-              help="Clustering methods to score.")
+@click.option(
+    "--cluster", "methods", default="kmeans,leiden", type=_CsvList(_CLUSTER_METHODS), help="Clustering methods to score."
+)
 @_hyperparameter_options
 @_experiment_option
 @click.option("--run-name", default=None, help="MLflow run name.")
@@ -214,8 +267,15 @@ def train(data, label_key, methods, preset, experiment, run_name, no_map, tracki
     adata = load(data, label_key)
     label_key = label_key or default_label_key(adata)
     uri = tracking.setup(tracking_uri, experiment)
-    result = tracking.train_run(adata, config, label_key=label_key, methods=methods, run_name=run_name,
-                                map_plot=not no_map, progress=sys.stderr.isatty())
+    result = tracking.train_run(
+        adata,
+        config,
+        label_key=label_key,
+        methods=methods,
+        run_name=run_name,
+        map_plot=not no_map,
+        progress=sys.stderr.isatty(),
+    )
     scores = ", ".join(f"{k}={v:.3f}" for k, v in result["metrics"].items() if k.endswith(("_ari", "_silhouette")))
     click.echo(f"run {result['run_id']} logged to {uri}: {scores}")
     click.echo(f"model: {result['model_uri']}")
@@ -248,7 +308,12 @@ def sweep(data, label_key, grid, seeds, methods, preset, epochs, experiment, tra
 
 @main.command()
 @click.option("--name", required=True, help="Registered model name.")
-@click.option("--metric", default=None, callback=_none_if_empty, help="Selection metric [default: kmeans_ari with labels, else silhouette].")
+@click.option(
+    "--metric",
+    default=None,
+    callback=_none_if_empty,
+    help="Selection metric [default: kmeans_ari with labels, else silhouette].",
+)
 @click.option("--run-id", default=None, callback=_none_if_empty, help="Register this run instead of the best one.")
 @_experiment_option
 @_tracking_options
@@ -263,8 +328,10 @@ def register(name, metric, run_id, experiment, tracking_uri) -> None:
     else:
         result = registry.register_best(experiment, name, metric)
     state = "registered as" if result["new"] else "already registered as"
-    click.echo(f"run {result['run_id']} ({result['metric']}={result['value']:.4f}) {state} {name} "
-               f"version {result['version']} @challenger")
+    click.echo(
+        f"run {result['run_id']} ({result['metric']}={result['value']:.4f}) {state} {name} "
+        f"version {result['version']} @challenger"
+    )
 
 
 @main.command()
@@ -295,7 +362,9 @@ def rollback(name, tracking_uri) -> None:
 @main.command("export-onnx")
 @click.option("--model-uri", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output .onnx file.")
-@click.option("--data", default=None, callback=_none_if_empty, help="Optional counts file: parity is also checked on its cells.")
+@click.option(
+    "--data", default=None, callback=_none_if_empty, help="Optional counts file: parity is also checked on its cells."
+)
 @click.option("--provider", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), help="onnxruntime provider.")
 @_tracking_options
 @_friendly_errors
@@ -306,8 +375,10 @@ def export_onnx(model_uri, out, data, provider, tracking_uri) -> None:
 
     tracking.setup(tracking_uri)
     report = export_registered(model_uri, out, data=data, provider=provider)
-    click.echo(f"wrote {report['path']}: max |onnxruntime - torch| = {report['max_abs_diff']:.2e} "
-               f"on {report['rows_checked']} rows; providers in use: {report['providers']}")
+    click.echo(
+        f"wrote {report['path']}: max |onnxruntime - torch| = {report['max_abs_diff']:.2e} "
+        f"on {report['rows_checked']} rows; providers in use: {report['providers']}"
+    )
 
 
 @main.command()
@@ -333,8 +404,13 @@ def embed(model_uri, data, out, method, n_clusters, resolution, label_key, track
 
 @main.command()
 @click.option("--name", "name", required=True, type=click.Choice(list(EXPERIMENT_NAMES)), help="Which experiment.")
-@click.option("--data", "data", default=None, callback=_none_if_empty,
-              help="Labelled dataset (more may follow) [default: the files in ../shared/data].")
+@click.option(
+    "--data",
+    "data",
+    default=None,
+    callback=_none_if_empty,
+    help="Labelled dataset (more may follow) [default: the files in ../shared/data].",
+)
 @click.argument("more_data", nargs=-1, type=click.Path(exists=True))
 @click.option("--seeds", default=1, type=click.IntRange(min=1), help="Seeds 0..N-1 per setting.")
 @click.option("--epochs", default=None, type=_PresetDefault(click.IntRange(min=1)), help="Override the epochs.")

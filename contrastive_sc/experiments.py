@@ -212,8 +212,6 @@ def _train_and_score(adata, config, truth, methods=("kmeans",)) -> tuple[dict, n
     """Fit, embed, cluster and score; log one nested run. Returns (metrics, embedding)."""
     import time
 
-    import mlflow
-
     from .cluster import cluster_labels
     from .metrics import score_clustering
     from .model import ContrastiveSC

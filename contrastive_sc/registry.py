@@ -80,7 +80,9 @@ def register_run(run_id: str, name: str, metric: str | None = None) -> dict:
     client = _client()
     run = client.get_run(run_id)
     if run.info.status != "FINISHED" or not run.data.tags.get("model_uri"):
-        msg = f"run {run_id} is {run.info.status} and has {'a' if run.data.tags.get('model_uri') else 'no'} logged model; only finished runs with a model can be registered"
+        has_model = "a" if run.data.tags.get("model_uri") else "no"
+        msg = (f"run {run_id} is {run.info.status} and has {has_model} logged model; "
+               "only finished runs with a model can be registered")
         raise ValueError(msg)
     metric = metric or choose_metric([run])
     if metric not in run.data.metrics:
@@ -94,8 +96,13 @@ def register_run(run_id: str, name: str, metric: str | None = None) -> dict:
 
     import mlflow
 
-    tags = {"run_id": run_id, "metric": metric, "metric_value": repr(value),
-            "dataset": run.data.tags.get("dataset", ""), "preset": run.data.tags.get("preset", "")}
+    tags = {
+        "run_id": run_id,
+        "metric": metric,
+        "metric_value": repr(value),
+        "dataset": run.data.tags.get("dataset", ""),
+        "preset": run.data.tags.get("preset", ""),
+    }
     tags |= {f"metric.{k}": repr(v) for k, v in run.data.metrics.items() if k != "loss"}
     version = mlflow.register_model(run.data.tags["model_uri"], name, tags=tags)
     client.set_registered_model_alias(name, CHALLENGER, version.version)
@@ -112,27 +119,43 @@ def promote(name: str, version: str | None = None) -> PromotionResult:
     candidate = _get_version(client, name, version)
     champion = _alias_version(client, name, CHAMPION)
     if champion is not None and str(champion.version) == str(candidate.version):
-        return PromotionResult(False, str(champion.version), None,
-                               f"version {candidate.version} is already @{CHAMPION} of {name}; nothing changed")
+        return PromotionResult(
+            False,
+            str(champion.version),
+            None,
+            f"version {candidate.version} is already @{CHAMPION} of {name}; nothing changed",
+        )
     metric = candidate.tags.get("metric")
     value = _metric_value(candidate, metric)
     if champion is not None:
         if champion.tags.get("metric") != metric:
-            return PromotionResult(False, str(champion.version), None,
-                                   f"refused: version {candidate.version} was scored on {metric!r} but champion "
-                                   f"{champion.version} on {champion.tags.get('metric')!r}; they cannot be compared")
+            return PromotionResult(
+                False,
+                str(champion.version),
+                None,
+                f"refused: version {candidate.version} was scored on {metric!r} but champion "
+                f"{champion.version} on {champion.tags.get('metric')!r}; they cannot be compared",
+            )
         incumbent = _metric_value(champion, metric)
         if not value > incumbent:
             verdict = "ties" if value == incumbent else "loses to"
-            return PromotionResult(False, str(champion.version), None,
-                                   f"refused: version {candidate.version} ({metric}={value:.4f}) {verdict} "
-                                   f"@{CHAMPION} version {champion.version} ({metric}={incumbent:.4f})")
+            return PromotionResult(
+                False,
+                str(champion.version),
+                None,
+                f"refused: version {candidate.version} ({metric}={value:.4f}) {verdict} "
+                f"@{CHAMPION} version {champion.version} ({metric}={incumbent:.4f})",
+            )
         _push_history(client, name, str(champion.version))
     client.set_registered_model_alias(name, CHAMPION, candidate.version)
     previous = str(champion.version) if champion is not None else None
     detail = f" (was version {previous})" if previous else ""
-    return PromotionResult(True, str(candidate.version), previous,
-                           f"version {candidate.version} ({metric}={value:.4f}) is now @{CHAMPION} of {name}{detail}")
+    return PromotionResult(
+        True,
+        str(candidate.version),
+        previous,
+        f"version {candidate.version} ({metric}={value:.4f}) is now @{CHAMPION} of {name}{detail}",
+    )
 
 
 def rollback(name: str) -> PromotionResult:
@@ -162,7 +185,7 @@ def run_of(model_uri: str) -> str:
     if not model_uri.startswith("models:/"):
         msg = f"expected a registry URI such as models:/NAME@champion, got {model_uri!r}"
         raise ValueError(msg)
-    ref = model_uri[len("models:/"):]
+    ref = model_uri[len("models:/") :]
     if "@" in ref:
         name, alias = ref.split("@", 1)
         version = client.get_model_version_by_alias(name, alias)
@@ -177,7 +200,7 @@ def download_run_artifacts(model_uri: str, artifact_path: str) -> str:
     import mlflow
 
     if model_uri.startswith("runs:/"):
-        run_id = model_uri[len("runs:/"):].split("/", 1)[0]
+        run_id = model_uri[len("runs:/") :].split("/", 1)[0]
     else:
         run_id = run_of(model_uri)
     return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path)

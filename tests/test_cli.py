@@ -6,27 +6,33 @@ from click.testing import CliRunner
 from contrastive_sc.cli import main
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--epochs", "0"], "0 is not in the range"),
-    (["--epochs", "ten"], "'ten' is not a valid integer"),
-    (["--lr", "-1"], "-1.0 is not in the range"),
-    (["--input-dropout", "1"], "1.0 is not in the range"),
-    (["--layers", "200,x"], "expected comma-separated whole numbers"),
-    (["--n-genes", "1"], "expected at least 2 genes"),
-    (["--cluster", "kmeans,dbscan"], "expected a comma-separated list"),
-    (["--preset", "fancy"], "Invalid value for '--preset': 'fancy'"),
-    (["--device", "tpu"], "'tpu' is not one of"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--epochs", "0"], "0 is not in the range"),
+        (["--epochs", "ten"], "'ten' is not a valid integer"),
+        (["--lr", "-1"], "-1.0 is not in the range"),
+        (["--input-dropout", "1"], "1.0 is not in the range"),
+        (["--layers", "200,x"], "expected comma-separated whole numbers"),
+        (["--n-genes", "1"], "expected at least 2 genes"),
+        (["--cluster", "kmeans,dbscan"], "expected a comma-separated list"),
+        (["--preset", "fancy"], "Invalid value for '--preset': 'fancy'"),
+        (["--device", "tpu"], "'tpu' is not one of"),
+    ],
+)
 def test_train_rejects_bad_values(args, message, tmp_path):
-    result = CliRunner().invoke(main, ["train", "--data", "simulated", "--tracking-uri", f"sqlite:///{tmp_path}/x.db", *args])
+    result = CliRunner().invoke(
+        main, ["train", "--data", "simulated", "--tracking-uri", f"sqlite:///{tmp_path}/x.db", *args]
+    )
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert "Traceback" not in result.output
 
 
 def test_missing_data_file_is_a_message(tmp_path):
-    result = CliRunner().invoke(main, ["train", "--data", str(tmp_path / "absent.h5ad"),
-                                       "--tracking-uri", f"sqlite:///{tmp_path}/x.db"])
+    result = CliRunner().invoke(
+        main, ["train", "--data", str(tmp_path / "absent.h5ad"), "--tracking-uri", f"sqlite:///{tmp_path}/x.db"]
+    )
     assert result.exit_code == 2 and "does not exist" in result.output
 
 

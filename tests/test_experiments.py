@@ -1,6 +1,5 @@
 """Every paper experiment runs end to end on a small setting and logs parent, children, table, figure."""
 
-import mlflow
 import pytest
 from mlflow import MlflowClient
 

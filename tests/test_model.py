@@ -38,7 +38,9 @@ def test_reference_labels_follow_training_clusters(trained, synthetic):
     labels = trained.reference_labels(z)
     assert set(np.unique(labels)) <= set(range(len(trained.reference_centroids)))
     # labelling the same cells in two batches gives the same answer as all at once
-    np.testing.assert_array_equal(np.concatenate([trained.reference_labels(z[:100]), trained.reference_labels(z[100:])]), labels)
+    np.testing.assert_array_equal(
+        np.concatenate([trained.reference_labels(z[:100]), trained.reference_labels(z[100:])]), labels
+    )
 
 
 def test_auto_gene_count_picks_by_silhouette(synthetic, tiny_config):

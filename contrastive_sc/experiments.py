@@ -262,7 +262,8 @@ def _one_parameter(name: str):
     return run
 
 
-def _algorithms(adatas, seeds, overrides, settings):
+def _per_method(adatas, seeds, overrides, methods) -> list[dict]:
+    """One embedding per dataset and seed, clustered by every method: one row per method."""
     from .config import get_preset
 
     rows = []
@@ -270,29 +271,20 @@ def _algorithms(adatas, seeds, overrides, settings):
         truth = _truth(adata)
         for seed in seeds:
             config = get_preset("paper").replace(**(overrides | {"seed": seed}))
-            metrics, _ = _train_and_score(adata, config, truth, methods=tuple(settings or ALGORITHMS))
-            for method in settings or ALGORITHMS:
-                row = {"dataset": _name(adata), "setting": method, "seed": seed,
-                       **{k.removeprefix(f"{method}_"): v for k, v in metrics.items() if k.startswith(f"{method}_")}}
-                rows.append(row)
+            metrics, _ = _train_and_score(adata, config, truth, methods=tuple(methods))
             _log_nested(f"{_name(adata)} seed={seed}", {"dataset": _name(adata), "seed": seed}, metrics)
+            for method in methods:
+                scores = {k.removeprefix(f"{method}_"): v for k, v in metrics.items() if k.startswith(f"{method}_")}
+                rows.append({"dataset": _name(adata), "setting": method, "seed": seed, **scores})
     return rows
+
+
+def _algorithms(adatas, seeds, overrides, settings):
+    return _per_method(adatas, seeds, overrides, settings or ALGORITHMS)
 
 
 def _stability(adatas, seeds, overrides, settings):
-    from .config import get_preset
-
-    rows = []
-    for adata in adatas:
-        truth = _truth(adata)
-        for seed in seeds:
-            config = get_preset("paper").replace(**(overrides | {"seed": seed}))
-            metrics, _ = _train_and_score(adata, config, truth, methods=("kmeans", "leiden"))
-            _log_nested(f"{_name(adata)} seed={seed}", {"dataset": _name(adata), "seed": seed}, metrics)
-            for method in ("kmeans", "leiden"):
-                rows.append({"dataset": _name(adata), "setting": method, "seed": seed,
-                             **{k.removeprefix(f"{method}_"): v for k, v in metrics.items() if k.startswith(f"{method}_")}})
-    return rows
+    return _per_method(adatas, seeds, overrides, settings or ("kmeans", "leiden"))
 
 
 def _downsampling(adatas, seeds, overrides, settings):

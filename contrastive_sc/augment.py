@@ -154,11 +154,16 @@ class _MaskedLinear(torch.autograd.Function):
 
 
 def _bernoulli_positions(rng: np.random.Generator, n: int, p: float) -> np.ndarray:
-    # Sorted positions of the successes among n independent Bernoulli(p) trials, drawn as
-    # geometric gaps between successes: about n * p random numbers instead of n.
+    # Sorted positions of the successes among n independent Bernoulli(p) trials, drawn as the
+    # gaps between successes, about n * p numbers instead of n. floor(E / -log(1 - p)) + 1 with
+    # E ~ Exp(1) is exactly Geometric(p), and numpy's exponential is 3x faster than its geometric.
+    if p >= 1:
+        return np.arange(n)
     expected = n * p
     draw = math.ceil(expected + 6 * math.sqrt(expected) + 16)  # enough but for ~1e-9 of calls
-    positions = np.cumsum(rng.geometric(p, draw)) - 1
+    scale = -1.0 / math.log1p(-p)
+    positions = np.cumsum((rng.standard_exponential(draw) * scale).astype(np.int64) + 1) - 1
     while positions[-1] < n:
-        positions = np.concatenate([positions, positions[-1] + np.cumsum(rng.geometric(p, draw))])
+        more = np.cumsum((rng.standard_exponential(draw) * scale).astype(np.int64) + 1)
+        positions = np.concatenate([positions, positions[-1] + more])
     return positions[:np.searchsorted(positions, n)]

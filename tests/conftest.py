@@ -22,6 +22,20 @@ def shared_file(name: str) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def _isolate_mlflow_environment():
+    """Restore every MLFLOW_* variable after each test.
+
+    ``mlflow.set_experiment`` and ``mlflow.set_tracking_uri`` write os.environ; left behind, they
+    would steer later tests (and the `mlflow run` subprocesses they start).
+    """
+    before = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
+    yield
+    for key in [k for k in os.environ if k.startswith("MLFLOW_")]:
+        del os.environ[key]
+    os.environ.update(before)
+
+
 @pytest.fixture(scope="session")
 def _synthetic_session():
     from contrastive_sc.simulate import simulate_splat

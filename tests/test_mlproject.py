@@ -19,7 +19,11 @@ def _mlflow_run(entry, params, cwd, uri, experiment="mlproject"):
                "--experiment-name", experiment]
     for key, value in params.items():
         command += ["-P", f"{key}={value}"]
-    env = os.environ | {"MLFLOW_TRACKING_URI": uri, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    # Experiment and run selectors left in the environment by earlier in-process runs would clash
+    # with --experiment-name.
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME",
+                                                             "MLFLOW_RUN_ID")}
+    env |= {"MLFLOW_TRACKING_URI": uri, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
 
 

@@ -8,19 +8,19 @@ from __future__ import annotations
 
 import importlib
 
+# Light modules are bound eagerly: `cluster` is both a module and a function, and an eager
+# import makes the function win (a lazily loaded submodule would shadow it).
+from .cluster import cluster, cluster_labels
+from .config import ContrastiveConfig, get_preset
+from .metrics import score_clustering
+
 __version__ = "0.1.0"
 
-_EXPORTS = {
-    "ContrastiveSC": "model",
-    "ContrastiveConfig": "config",
-    "get_preset": "config",
-    "read": "io",
-    "cluster": "cluster",
-    "cluster_labels": "cluster",
-    "score_clustering": "metrics",
-}
+# Heavy entry points (torch, anndata) load on first use.
+_EXPORTS = {"ContrastiveSC": "model", "read": "io"}
 
-__all__ = ["__version__", *_EXPORTS]
+__all__ = ["ContrastiveConfig", "ContrastiveSC", "__version__", "cluster", "cluster_labels", "get_preset", "read",
+           "score_clustering"]
 
 
 def __getattr__(name: str):

@@ -156,7 +156,8 @@ def _embed(adata, source: str, seed: int, overrides: dict) -> _Embedded:
         cfg = get_preset("paper").replace(**overrides)
         encoder, train_seconds = train_reference(
             x, layers=cfg.encoder.layers, input_dropout=cfg.train.input_dropout, temperature=cfg.train.temperature,
-            lr=cfg.train.lr, epochs=cfg.train.epochs, batch_size=cfg.train.batch_size, seed=seed)
+            lr=cfg.train.lr, epochs=cfg.train.epochs, batch_size=cfg.train.batch_size, seed=seed,
+            lr_cosine_epochs=cfg.train.lr_cosine_epochs)
         with torch.no_grad():
             embedding = encoder(torch.as_tensor(x)).numpy()
         return _Embedded(embedding, time.perf_counter() - started, train_seconds)

@@ -176,6 +176,12 @@ def _hyperparameter_options(func):
             "--lr", default=None, type=_PresetDefault(click.FloatRange(min=0, min_open=True)), help="Adam learning rate."
         ),
         click.option(
+            "--lr-cosine-epochs",
+            default=None,
+            type=_PresetDefault(click.IntRange(min=1)),
+            help="Cosine schedule period in epochs [paper: 500, as the authors' code].",
+        ),
+        click.option(
             "--lr-schedule", default=None, type=_PresetDefault(click.Choice(["cosine", "constant"])), help="LR schedule."
         ),
         click.option("--epochs", default=None, type=_PresetDefault(click.IntRange(min=1)), help="Training epochs."),
@@ -212,6 +218,7 @@ _HYPERPARAMETERS = (
     "temperature",
     "lr",
     "lr_schedule",
+    "lr_cosine_epochs",
     "epochs",
     "batch_size",
     "seed",

@@ -46,7 +46,7 @@ def _supcon_loss(features: torch.Tensor, temperature: float) -> torch.Tensor:
 
 def train_reference(x: np.ndarray, *, layers=(200, 40, 60), input_dropout: float = 0.9, temperature: float = 0.07,
                     lr: float = 0.4, epochs: int = 30, batch_size: int = 200,
-                    seed: int = 0) -> tuple[nn.Module, float]:
+                    seed: int = 0, lr_cosine_epochs: int | None = None) -> tuple[nn.Module, float]:
     """Train with the original loop; return the model (eval mode) and the training seconds."""
     torch.manual_seed(seed)
     model = _OriginalNet([x.shape[1], *layers], input_dropout)
@@ -56,7 +56,7 @@ def train_reference(x: np.ndarray, *, layers=(200, 40, 60), input_dropout: float
     model.train()
     for epoch in range(epochs):
         for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(lr, epoch, epochs)
+            group["lr"] = cosine_lr(lr, epoch, lr_cosine_epochs or epochs)
         for batch in loader:
             if batch.shape[0] < 2:
                 continue

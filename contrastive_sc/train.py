@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import partial
 
 import numpy as np
 import torch
@@ -17,7 +14,6 @@ import torch
 from .augment import MaskedViews, make_views
 from .config import EncoderConfig, TrainConfig
 from .encoder import ContrastiveEncoder
-from .loss import NTXentLoss
 
 
 @dataclass
@@ -89,21 +85,20 @@ def fit_encoder(x: np.ndarray, encoder_config: EncoderConfig, train_config: Trai
     sparse = device.type == "cpu" and cfg.input_dropout >= SPARSE_MASK_RATE
     batches = _masked_batches(x, cfg) if sparse else _dense_batches(x, cfg, device)
     encoder = ContrastiveEncoder(x.shape[1], encoder_config.layers, encoder_config.batch_norm).to(device)
-    criterion = NTXentLoss(cfg.temperature)
     optimizer = torch.optim.Adam(encoder.parameters(), lr=cfg.lr, fused=True)
     history = TrainingHistory(device=str(device))
 
     started = time.perf_counter()
     epochs = _progress(range(cfg.epochs), progress)
     encoder.train()
-    with _single_threaded(device.type == "cpu"):
+    with _single_threaded(device.type == "cpu"), _stored_transposed(encoder.linears[0].weight, sparse):
         for epoch in epochs:
-            lr = cosine_lr(cfg.lr, epoch, cfg.epochs) if cfg.lr_schedule == "cosine" else cfg.lr
+            lr = cosine_lr(cfg.lr, epoch, cfg.lr_cosine_epochs or cfg.epochs) if cfg.lr_schedule == "cosine" else cfg.lr
             for group in optimizer.param_groups:
                 group["lr"] = lr
             losses = []
             for views in batches():
-                loss = criterion(encoder(views, n_views=2))
+                loss = _NTXent.apply(encoder(views, n_views=2), cfg.temperature)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -124,6 +119,33 @@ def fit_encoder(x: np.ndarray, encoder_config: EncoderConfig, train_config: Trai
 SPARSE_MASK_RATE = 0.5
 
 
+class _NTXent(torch.autograd.Function):
+    # loss.NTXentLoss(temperature)(z) with its gradient written out. The (2n, 2n) similarity matrix
+    # is the largest array of a step and autograd's graph of the module passes over it about
+    # ten times (scale, diagonal fill and its copy, log-softmax, NLL, and their backwards);
+    # here it is one softmax forward and one symmetrisation backward. Same value and gradient
+    # as the module (tests/test_train.py).
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, temperature: float) -> torch.Tensor:
+        logits = torch.mm(z * (1.0 / temperature), z.t())
+        logits.fill_diagonal_(float("-inf"))  # a cell is never its own negative
+        probs = torch.softmax(logits, dim=1)
+        ctx.save_for_backward(z, probs)
+        ctx.temperature = temperature
+        n = z.shape[0] // 2  # the positive of row i is row i + n (mod 2n): the other view
+        return -(probs.diagonal(n).log().sum() + probs.diagonal(-n).log().sum()) / (2 * n)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        z, probs = ctx.saved_tensors
+        n = z.shape[0] // 2
+        # d loss / d logits = (probs - positives) / 2n, and logits = z z.T / T gives
+        # dz = (G + G.T) z / T for that gradient G; the symmetric positives give 2 z rolled by n.
+        grad_z = torch.mm(probs + probs.t(), z).sub_(z.roll(n, 0), alpha=2)
+        return grad_z.mul_(grad / (2 * n * ctx.temperature)), None
+
+
 def _dense_batches(x: np.ndarray, cfg: TrainConfig, device: torch.device) -> Callable[[], Iterator[torch.Tensor]]:
     # Torch-native epochs of dense stacked views, on any device.
     data = torch.as_tensor(x, device=device)
@@ -140,32 +162,30 @@ def _dense_batches(x: np.ndarray, cfg: TrainConfig, device: torch.device) -> Cal
 
 
 def _masked_batches(x: np.ndarray, cfg: TrainConfig) -> Callable[[], Iterator[MaskedViews]]:
-    # CPU epochs of sparse views; numpy draws them in a helper thread, ahead of the training step.
+    # CPU epochs of sparse views, drawn with numpy (whose generators are faster than torch's on a CPU).
     scaled = x * np.float32(1.0 / (1.0 - cfg.input_dropout))  # dropout's rescaling, once for all epochs
-    shuffle_rng, mask_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(cfg.seed).spawn(2))
+    rng = np.random.default_rng(cfg.seed)
     bounds = _batch_bounds(len(x), min(cfg.batch_size, len(x)))
 
-    def sample(cells: np.ndarray) -> MaskedViews:
-        return MaskedViews.sample(scaled[cells], mask_rng, mask_rate=cfg.input_dropout, noise_std=cfg.noise_std)
-
     def epoch() -> Iterator[MaskedViews]:
-        order = shuffle_rng.permutation(len(x))
-        return _prefetched(partial(sample, order[start:stop]) for start, stop in bounds)
+        order = rng.permutation(len(x))
+        for start, stop in bounds:
+            yield MaskedViews.sample(scaled[order[start:stop]], rng, mask_rate=cfg.input_dropout,
+                                     noise_std=cfg.noise_std)
 
     return epoch
 
 
-def _prefetched(tasks: Iterable[Callable], depth: int = 2) -> Iterator:
-    # Each task's result, in order, with up to `depth` tasks run ahead by one helper thread (one
-    # thread, so the tasks draw from their random generator in a fixed order).
-    with ThreadPoolExecutor(1) as pool:
-        pending = deque()
-        for task in tasks:
-            pending.append(pool.submit(task))
-            if len(pending) > depth:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+@contextmanager
+def _stored_transposed(weight: torch.Tensor, enabled: bool) -> Iterator[None]:
+    # The sparse first layer reads W.T row by row and its gradient comes out as dW.T: storing
+    # W transposed while training (same values and shape) spares two transposing copies a step.
+    if enabled:
+        weight.data = weight.data.t().contiguous().t()
+    try:
+        yield
+    finally:
+        weight.data = weight.data.contiguous()
 
 
 @contextmanager

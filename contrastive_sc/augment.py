@@ -54,7 +54,7 @@ def make_views(x: torch.Tensor, *, n_views: int = 2, mask_rate: float = 0.9, noi
     return views.reshape(n_views * x.shape[0], x.shape[1])
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class MaskedViews:
     """Stacked masked views of a batch, stored as their kept entries (CPU tensors).
 
@@ -101,6 +101,7 @@ class MaskedViews:
         -------
         The views, whose :meth:`to_dense` is distributed as ``make_views`` of the unscaled batch.
         """
+        x = np.asarray(x, dtype=np.float32)
         batch, n_genes = x.shape
         n_entries = n_views * batch * n_genes
         kept = _bernoulli_positions(rng, n_entries, 1.0 - mask_rate)  # row-major positions in the stack
@@ -124,8 +125,10 @@ class MaskedViews:
 
     def to_dense(self) -> torch.Tensor:
         """The ``shape`` matrix of the views, zeros where masked."""
-        identity = torch.eye(self.shape[1], dtype=self.values.dtype)  # each row picks its kept genes
-        return F.embedding_bag(self.genes, identity, self.row_starts, mode="sum", per_sample_weights=self.values)
+        per_row = torch.diff(self.row_starts, append=torch.tensor([len(self.genes)]))
+        dense = torch.zeros(self.shape, dtype=self.values.dtype)
+        dense[torch.repeat_interleave(torch.arange(self.shape[0]), per_row), self.genes] = self.values
+        return dense
 
 
 class _MaskedLinear(torch.autograd.Function):
@@ -137,12 +140,13 @@ class _MaskedLinear(torch.autograd.Function):
     def forward(ctx, views: MaskedViews, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.views = views
         ctx.has_bias = bias is not None
+        # W.T's rows must be contiguous: no copy when W is stored transposed (as fit_encoder does).
         out = F.embedding_bag(views.genes, weight.t().contiguous(), views.row_starts, mode="sum",
                               per_sample_weights=views.values)
         return out.add_(bias) if bias is not None else out
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx, grad: torch.Tensor) -> tuple[None, torch.Tensor | None, torch.Tensor | None]:
         views = ctx.views
         grad_weight = grad_bias = None
         if ctx.needs_input_grad[1]:

@@ -25,7 +25,9 @@ class ContrastiveEncoder(nn.Module):
     -----
     ``forward(x, n_views)`` accepts several views stacked along the batch axis and normalises
     each view's batch on its own: the result equals ``n_views`` separate forward passes (as
-    the original code ran them) while each Linear layer runs once on the stacked batch.
+    the original code ran them) while each Linear layer runs once on the stacked batch. In
+    training, ``x`` may also be :class:`~contrastive_sc.augment.MaskedViews`, sparse views
+    whose first Linear layer costs only their kept entries.
     """
 
     def __init__(self, n_inputs: int, layers: tuple[int, ...] = (200, 40, 60), batch_norm: bool = True) -> None:

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from contrastive_sc.config import EncoderConfig, TrainConfig
-from contrastive_sc.train import _batch_bounds, cosine_lr, encode, fit_encoder
+from contrastive_sc.loss import NTXentLoss
+from contrastive_sc.train import SPARSE_MASK_RATE, _batch_bounds, _NTXent, cosine_lr, encode, fit_encoder
 
 
 @pytest.fixture
@@ -64,3 +65,30 @@ def test_bad_config_values():
         TrainConfig(input_dropout=1.0)
     with pytest.raises(ValueError, match="batch_size"):
         TrainConfig(batch_size=1)
+
+
+@pytest.mark.parametrize("temperature", [0.07, 0.5, 0.003])
+def test_fused_loss_equals_ntxent_module(temperature):
+    torch.manual_seed(0)
+    z = torch.nn.functional.normalize(torch.randn(40, 6), dim=1).requires_grad_()
+    expected = NTXentLoss(temperature)(z)
+    expected_grad, = torch.autograd.grad(expected, z)
+    got = _NTXent.apply(z, temperature)
+    got_grad, = torch.autograd.grad(got, z)
+    assert torch.allclose(got, expected, rtol=1e-5)
+    assert torch.allclose(got_grad, expected_grad, rtol=1e-4, atol=1e-7)
+
+
+def test_torch_threads_are_restored(x):
+    before = torch.get_num_threads()
+    fit_encoder(x, EncoderConfig(layers=(8,)), TrainConfig(epochs=1, batch_size=64, device="cpu"))
+    assert torch.get_num_threads() == before
+
+
+def test_dense_views_path_is_deterministic(x):
+    # below SPARSE_MASK_RATE the CPU trains on dense views (the path CUDA always takes)
+    cfg = TrainConfig(epochs=2, batch_size=32, seed=5, device="cpu", input_dropout=0.5, noise_std=0.1)
+    first, h1 = fit_encoder(x, EncoderConfig(layers=(16, 8)), cfg)
+    second, h2 = fit_encoder(x, EncoderConfig(layers=(16, 8)), cfg)
+    assert cfg.input_dropout < SPARSE_MASK_RATE and h1.loss == h2.loss
+    np.testing.assert_array_equal(encode(first, x), encode(second, x))

@@ -132,7 +132,10 @@ def _run_method(adata, method: str, seed: int, n_classes: int, overrides: dict,
     embedded = cache[source]
     if source == "scanpy":
         return embedded, _scanpy_leiden(embedded.embedding, seed)
-    return embedded, cluster_labels(embedded.embedding, algorithm, n_clusters=n_classes, seed=seed)
+    # A preset's Leiden runs with the preset's own graph settings; the baselines use the defaults.
+    graph = get_preset(source).cluster if source in PRESETS else get_preset("paper").cluster
+    return embedded, cluster_labels(embedded.embedding, algorithm, n_clusters=n_classes, seed=seed,
+                                    resolution=graph.resolution, n_neighbors=graph.n_neighbors)
 
 
 def _embed(adata, source: str, seed: int, overrides: dict) -> _Embedded:

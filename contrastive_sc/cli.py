@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from .benchmark import available_methods
-from .config import PRESETS
+from .config import DEFAULT_PRESET, PRESETS
 from .experiments import EXPERIMENT_NAMES
 
 _PRESET_CHOICE = click.Choice(sorted(PRESETS))
@@ -102,7 +102,10 @@ def main(verbose: bool) -> None:
     "--label-key", default=None, callback=_none_if_empty, help="obs column with labels (default: 'label' when present)."
 )
 @click.option(
-    "--methods", default="paper-kmeans,pca50-kmeans", help="Comma-separated methods.", type=_CsvList(available_methods())
+    "--methods",
+    default="fused-kmeans,paper-kmeans,pca50-kmeans",
+    help="Comma-separated methods.",
+    type=_CsvList(available_methods()),
 )
 @click.option("--seeds", default=3, type=click.IntRange(min=1), help="Seeds 0..N-1.")
 @click.option("--n-genes", default=None, type=_PresetDefault(_NGenes()), help="Override the presets' gene count.")
@@ -149,7 +152,9 @@ def _experiment_option(func):
 def _hyperparameter_options(func):
     """Every setting of a preset, as an optional override (None keeps the preset's value)."""
     options = [
-        click.option("--preset", default="paper", type=_PRESET_CHOICE, help="Named preset to start from."),
+        click.option(
+            "--preset", default=DEFAULT_PRESET, type=_PRESET_CHOICE, help="Named preset to start from: fused or paper."
+        ),
         click.option(
             "--n-genes", default=None, type=_PresetDefault(_NGenes()), help="Genes kept: a number, 'auto' or 'all'."
         ),
@@ -160,6 +165,15 @@ def _hyperparameter_options(func):
             "--clip", default=None, type=_PresetDefault(click.FloatRange(min=0, min_open=True)), help="Clip scaled values."
         ),
         click.option("--layers", default=None, type=_PresetDefault(_IntList()), help="Encoder sizes, e.g. 200,40,60."),
+        click.option(
+            "--pca-components",
+            default=None,
+            type=_PresetDefault(click.IntRange(min=0)),
+            help="Principal components embedded beside the encoder (0: none) [fused: 50].",
+        ),
+        click.option(
+            "--pca-genes", default=None, type=_PresetDefault(click.IntRange(min=2)), help="Genes the PCA block reads."
+        ),
         click.option(
             "--input-dropout",
             default=None,
@@ -213,6 +227,8 @@ _HYPERPARAMETERS = (
     "min_cells",
     "clip",
     "layers",
+    "pca_components",
+    "pca_genes",
     "input_dropout",
     "noise_std",
     "temperature",
@@ -294,7 +310,7 @@ def train(data, label_key, methods, preset, experiment, run_name, no_map, tracki
 @click.option("--grid", default="", help="Semicolon-separated NAME=V1,V2 lists, e.g. 'lr=0.1,0.4;n_genes=500,1000'.")
 @click.option("--seeds", default=1, type=click.IntRange(min=1), help="Seeds 0..N-1 per grid point.")
 @click.option("--cluster", "methods", default="kmeans,leiden", type=_CsvList(_CLUSTER_METHODS))
-@click.option("--preset", default="paper", type=_PRESET_CHOICE)
+@click.option("--preset", default=DEFAULT_PRESET, type=_PRESET_CHOICE)
 @click.option("--epochs", default=None, type=_PresetDefault(click.IntRange(min=1)), help="Epochs for every grid point.")
 @_experiment_option
 @_tracking_options

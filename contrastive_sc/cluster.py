@@ -55,6 +55,26 @@ def cluster_labels(embedding: np.ndarray, method: str = "kmeans", *, n_clusters:
     return np.asarray(_ALGORITHMS[method](embedding, **options), dtype=np.int64)
 
 
+def nearest_centroid(embedding: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """Index of the nearest (Euclidean) centroid for each row, as KMeans assigns cells.
+
+    Parameters
+    ----------
+    embedding
+        ``(cells, dims)`` array.
+    centroids
+        ``(clusters, dims)`` array.
+    """
+    embedding = np.asarray(embedding, dtype=np.float32)
+    centroids = np.asarray(centroids, dtype=np.float32)
+    if embedding.ndim != 2 or centroids.ndim != 2 or embedding.shape[1] != centroids.shape[1]:
+        msg = f"expected (cells, d) rows and (clusters, d) centroids, got {embedding.shape} and {centroids.shape}"
+        raise ValueError(msg)
+    # |e - c|^2 = |e|^2 - 2 e.c + |c|^2, and |e|^2 is the same for every centroid of a row.
+    distance = (centroids**2).sum(axis=1) - 2.0 * embedding @ centroids.T
+    return np.argmin(distance, axis=1).astype(np.int64)
+
+
 def cluster(adata, method: str = "kmeans", *, use_rep: str = "X_contrastive", key_added: str | None = None,
             copy: bool = False, **params):
     """Cluster ``adata.obsm[use_rep]`` and store labels in ``obs[key_added]``.

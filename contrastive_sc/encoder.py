@@ -54,3 +54,55 @@ class ContrastiveEncoder(nn.Module):
                 h = norm(h)
             h = linear(F.relu(h))
         return F.normalize(h, dim=1)
+
+
+class FusedEmbedder(nn.Module):
+    """A trained encoder's output side by side with a PCA projection of part of the same input.
+
+    Each block is centred and divided by its root-mean-square row norm on the training cells, so
+    the two weigh the same in Euclidean clustering whatever their dimensions.
+
+    Parameters
+    ----------
+    encoder
+        The trained :class:`ContrastiveEncoder`.
+    pca_index
+        Input columns the PCA block reads, ``(g,)``.
+    pca_mean, pca_components
+        The fitted PCA: ``(g,)`` mean and ``(k, g)`` components.
+    centers, scales
+        Per-block centre ``(d,)``/``(k,)`` and scalar scale: ``encoder`` first, PCA second.
+
+    Notes
+    -----
+    Everything after the encoder is linear, so the whole module exports to one ONNX graph and
+    the served model needs nothing beside it.
+    """
+
+    def __init__(self, encoder: ContrastiveEncoder, pca_index: torch.Tensor, pca_mean: torch.Tensor,
+                 pca_components: torch.Tensor, centers: tuple[torch.Tensor, torch.Tensor],
+                 scales: tuple[float, float]) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.register_buffer("pca_index", torch.as_tensor(pca_index, dtype=torch.int64))
+        self.register_buffer("pca_mean", torch.as_tensor(pca_mean, dtype=torch.float32))
+        self.register_buffer("pca_components", torch.as_tensor(pca_components, dtype=torch.float32))
+        self.register_buffer("z_center", torch.as_tensor(centers[0], dtype=torch.float32))
+        self.register_buffer("p_center", torch.as_tensor(centers[1], dtype=torch.float32))
+        self.register_buffer("z_scale", torch.as_tensor(float(scales[0]), dtype=torch.float32))
+        self.register_buffer("p_scale", torch.as_tensor(float(scales[1]), dtype=torch.float32))
+        self.n_inputs = encoder.n_inputs
+        self.n_outputs = encoder.n_outputs + self.pca_components.shape[0]
+
+    @classmethod
+    def empty(cls, encoder: ContrastiveEncoder, n_pca_genes: int, n_components: int) -> FusedEmbedder:
+        """A module of the right shapes, to load a saved ``state_dict`` into."""
+        return cls(encoder, torch.zeros(n_pca_genes, dtype=torch.int64), torch.zeros(n_pca_genes),
+                   torch.zeros(n_components, n_pca_genes), (torch.zeros(encoder.n_outputs), torch.zeros(n_components)),
+                   (1.0, 1.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Embed ``(batch, n_inputs)`` rows to ``(batch, encoder outputs + components)``."""
+        z = (self.encoder(x) - self.z_center) / self.z_scale
+        p = torch.mm(x.index_select(1, self.pca_index) - self.pca_mean, self.pca_components.t())
+        return torch.cat([z, (p - self.p_center) / self.p_scale], dim=1)

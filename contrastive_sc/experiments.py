@@ -363,7 +363,7 @@ def _scalability(seeds, overrides, settings, quick):
     for axis, n_cells, n_simulated_genes, n_kept in trials:
         adata = simulate_splat(n_cells=n_cells, n_genes=n_simulated_genes, group_prob=(0.25,) * 4, seed=0).to_anndata()
         for seed in seeds:
-            config = ContrastiveSC(n_genes=n_kept, seed=seed, **overrides).config
+            config = ContrastiveSC(preset="paper", n_genes=n_kept, seed=seed, **overrides).config
             with PeakMemory() as memory:
                 started = time.perf_counter()
                 model = ContrastiveSC(config).fit(adata, reference=False)

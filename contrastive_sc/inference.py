@@ -31,14 +31,15 @@ class PredictParams:
     """Per-request clustering options (the served model's ``params``).
 
     ``method``: ``reference`` labels each cell with the nearest training-cluster centroid (stable
-    from batch to batch), ``kmeans`` needs ``n_clusters``, ``leiden`` uses ``resolution``.
+    from batch to batch), ``kmeans`` needs ``n_clusters``, ``leiden`` uses ``resolution`` and
+    ``n_neighbors`` (``None``: the values the model was trained with).
     ``min_coverage``: smallest accepted fraction of the model's genes present in the input.
     """
 
     method: str = "reference"
     n_clusters: int = 0
-    resolution: float = 1.0
-    n_neighbors: int = 15
+    resolution: float | None = None
+    n_neighbors: int | None = None
     seed: int = 0
     return_embedding: bool = True
     min_coverage: float = 0.5
@@ -61,7 +62,7 @@ class PredictParams:
         if not 0.0 <= float(out.min_coverage) <= 1.0:
             msg = f"min_coverage must be within [0, 1], got {out.min_coverage}"
             raise ValueError(msg)
-        if float(out.resolution) <= 0:
+        if out.resolution is not None and float(out.resolution) <= 0:
             msg = f"resolution must be > 0, got {out.resolution}"
             raise ValueError(msg)
         return out
@@ -175,11 +176,11 @@ class EmbedThenCluster:
         return counts, genes, cells
 
     def _cluster(self, embedding: np.ndarray, options: PredictParams) -> np.ndarray:
-        from .cluster import cluster_labels
+        from .cluster import cluster_labels, nearest_centroid
 
         n_cells = embedding.shape[0]
         if options.method == "reference":
-            return np.argmax(embedding @ self.centroids.T, axis=1).astype(np.int64)
+            return nearest_centroid(embedding, self.centroids)
         if options.method == "kmeans":
             if int(options.n_clusters) > n_cells:
                 msg = f"n_clusters={options.n_clusters} but only {n_cells} cell(s) were sent; send more cells than clusters"
@@ -188,8 +189,11 @@ class EmbedThenCluster:
         if n_cells < 3:
             msg = f"leiden needs at least 3 cells, got {n_cells}"
             raise ValueError(msg)
-        return cluster_labels(embedding, "leiden", resolution=float(options.resolution),
-                              n_neighbors=int(options.n_neighbors), seed=int(options.seed))
+        trained = self.info.get("config", {})
+        resolution = options.resolution if options.resolution is not None else trained.get("resolution", 1.0)
+        n_neighbors = options.n_neighbors if options.n_neighbors is not None else trained.get("n_neighbors", 15)
+        return cluster_labels(embedding, "leiden", resolution=float(resolution), n_neighbors=int(n_neighbors),
+                              seed=int(options.seed))
 
 
 def package_model(model, folder: str | Path, *, check_rows: np.ndarray | None = None) -> dict[str, str]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import AUTO_GENE_COUNTS, ContrastiveConfig, get_preset
+from .config import AUTO_GENE_COUNTS, DEFAULT_PRESET, ContrastiveConfig, get_preset
 from .preprocess import GeneCoverage, PreprocessState, fit_preprocess, gene_coverage, transform
 from .train import TrainingHistory, encode, fit_encoder
 
@@ -28,18 +28,19 @@ class ContrastiveSC:
     config
         Full configuration; defaults to the ``preset``'s.
     preset
-        Named preset used when ``config`` is not given.
+        Named preset used when ``config`` is not given: ``"fused"`` (the default, the best
+        clustering) or ``"paper"`` (the published method).
     **overrides
         Flat setting overrides, e.g. ``epochs=10, n_genes=1000``.
 
     Examples
     --------
-    >>> model = ContrastiveSC(preset="paper").fit(adata)          # doctest: +SKIP
+    >>> model = ContrastiveSC().fit(adata)                          # doctest: +SKIP
     >>> model.embed(adata)                                          # obsm["X_contrastive"]
     >>> contrastive_sc.cluster(adata, "kmeans", n_clusters=8)       # obs["contrastive_kmeans"]
     """
 
-    def __init__(self, config: ContrastiveConfig | None = None, *, preset: str = "paper", **overrides) -> None:
+    def __init__(self, config: ContrastiveConfig | None = None, *, preset: str = DEFAULT_PRESET, **overrides) -> None:
         base = config if config is not None else get_preset(preset)
         self.config = base.replace(**overrides) if overrides else base
         self.state: PreprocessState | None = None
@@ -68,9 +69,33 @@ class ContrastiveSC:
         x = transform(adata.X, adata.var_names, self.state)
         self.encoder, self.history = fit_encoder(x, self.config.encoder, self.config.train,
                                                  progress=progress, on_epoch=on_epoch)
+        if self.config.encoder.pca_components:
+            self.encoder = self._fuse_with_pca(adata, x)
         if reference:
             self._fit_reference(encode(self.encoder, x))
         return self
+
+    def _fuse_with_pca(self, adata, x: np.ndarray):
+        """Put the principal components of the most dispersed input genes beside the encoder."""
+        import torch
+        from sklearn.decomposition import PCA
+
+        from .encoder import FusedEmbedder
+
+        cfg, pre = self.config.encoder, self.config.preprocess
+        # The dispersion ranking is the one that chose the encoder's genes, so the top
+        # `pca_genes` of it are among them: their columns are already scaled in `x`.
+        top = fit_preprocess(adata.X, adata.var_names, n_genes=cfg.pca_genes, min_cells=pre.min_cells,
+                             hvg_flavor=pre.hvg_flavor).genes
+        column_of = {g: i for i, g in enumerate(self.state.genes)}
+        index = np.array([column_of[g] for g in top if g in column_of], dtype=np.int64)
+        n_components = min(cfg.pca_components, len(index), x.shape[0] - 1)
+        pca = PCA(n_components=n_components, random_state=self.config.train.seed).fit(x[:, index])
+        blocks = (encode(self.encoder, x), pca.transform(x[:, index]))
+        centers = [b.mean(axis=0) for b in blocks]
+        scales = [max(float(np.sqrt(((b - c) ** 2).sum(axis=1).mean())), 1e-12) for b, c in zip(blocks, centers)]
+        return FusedEmbedder(self.encoder, torch.from_numpy(index), torch.from_numpy(pca.mean_),
+                             torch.from_numpy(pca.components_), tuple(map(torch.from_numpy, centers)), scales).eval()
 
     def _fit_auto_genes(self, adata, *, progress: bool, on_epoch, reference: bool) -> ContrastiveSC:
         from .metrics import score_clustering
@@ -108,10 +133,10 @@ class ContrastiveSC:
 
     def _fit_reference(self, embedding: np.ndarray) -> None:
         # Centroids of the training clusters let new batches be labelled consistently
-        # (nearest centroid) instead of being re-clustered from scratch.
+        # (nearest centroid, as KMeans assigns) instead of being re-clustered from scratch.
         labels = self._reference_labels(embedding)
         centroids = np.stack([embedding[labels == c].mean(axis=0) for c in np.unique(labels)])
-        self.reference_centroids = (centroids / np.linalg.norm(centroids, axis=1, keepdims=True)).astype(np.float32)
+        self.reference_centroids = centroids.astype(np.float32)
 
     # ------------------------------------------------------------------ inference
     def _check_fitted(self) -> None:
@@ -149,12 +174,14 @@ class ContrastiveSC:
         return adata if copy else None
 
     def reference_labels(self, embedding: np.ndarray) -> np.ndarray:
-        """Nearest training-cluster centroid (cosine) for each embedded cell."""
+        """Nearest training-cluster centroid (Euclidean) for each embedded cell."""
+        from .cluster import nearest_centroid
+
         self._check_fitted()
         if self.reference_centroids is None:
             msg = "this model has no reference clusters; train it with fit(adata, reference=True)"
             raise RuntimeError(msg)
-        return np.argmax(embedding @ self.reference_centroids.T, axis=1).astype(np.int64)
+        return nearest_centroid(embedding, self.reference_centroids)
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path) -> Path:
@@ -166,7 +193,10 @@ class ContrastiveSC:
         path.mkdir(parents=True, exist_ok=True)
         (path / _FILES["config"]).write_text(self.config.to_json())
         self.state.to_json(path / _FILES["state"])
-        torch.save({"n_inputs": self.encoder.n_inputs, "state_dict": self.encoder.state_dict()}, path / _FILES["weights"])
+        checkpoint = {"n_inputs": self.encoder.n_inputs, "state_dict": self.encoder.state_dict()}
+        if self.config.encoder.pca_components:
+            checkpoint["pca_shape"] = list(self.encoder.pca_components.shape)  # (components, genes read)
+        torch.save(checkpoint, path / _FILES["weights"])
         history = asdict(self.history) | {"gene_search": self.gene_search}
         (path / _FILES["history"]).write_text(json.dumps(history))
         if self.reference_centroids is not None:
@@ -178,7 +208,7 @@ class ContrastiveSC:
         """Load a model written by :meth:`save`."""
         import torch
 
-        from .encoder import ContrastiveEncoder
+        from .encoder import ContrastiveEncoder, FusedEmbedder
 
         path = Path(path)
         missing = [name for key, name in _FILES.items() if key != "reference" and not (path / name).exists()]
@@ -190,6 +220,9 @@ class ContrastiveSC:
         model.state = PreprocessState.from_json(path / _FILES["state"])
         checkpoint = torch.load(path / _FILES["weights"], map_location="cpu", weights_only=True)
         encoder = ContrastiveEncoder(checkpoint["n_inputs"], config.encoder.layers, config.encoder.batch_norm)
+        if "pca_shape" in checkpoint:
+            n_components, n_pca_genes = checkpoint["pca_shape"]
+            encoder = FusedEmbedder.empty(encoder, n_pca_genes, n_components)
         encoder.load_state_dict(checkpoint["state_dict"])
         model.encoder = encoder.eval()
         history = json.loads((path / _FILES["history"]).read_text())

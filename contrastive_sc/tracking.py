@@ -216,8 +216,9 @@ def _log_model(folder: Path, model, embedding) -> str:
     params = ParamSchema([
         ParamSpec("method", "string", defaults.method),
         ParamSpec("n_clusters", "long", defaults.n_clusters),
-        ParamSpec("resolution", "double", defaults.resolution),
-        ParamSpec("n_neighbors", "long", defaults.n_neighbors),
+        # Leiden defaults to the settings the model was trained and scored with.
+        ParamSpec("resolution", "double", float(model.config.cluster.resolution)),
+        ParamSpec("n_neighbors", "long", int(model.config.cluster.n_neighbors)),
         ParamSpec("seed", "long", defaults.seed),
         ParamSpec("return_embedding", "boolean", defaults.return_embedding),
         ParamSpec("min_coverage", "double", defaults.min_coverage),

@@ -48,9 +48,9 @@ def test_train_entry_point_logs_everything(tracking_uri, tmp_path, tiny_h5):
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.status == "FINISHED"
     params = run.data.params
-    assert params["epochs"] == "3" and params["preset"] == "paper"  # as passed to the entry point
+    assert params["epochs"] == "3" and params["preset"] == "fused"  # as passed to the entry point (the default)
     assert params["config.epochs"] == "3" and params["config.lr"] == "0.1" and params["config.layers"] == "64,16,32"
-    assert params["config.temperature"] == "0.07"  # left to the preset
+    assert params["config.temperature"] == "0.5" and params["config.pca_components"] == "50"  # left to the preset
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [0, 1, 2]
     assert {"kmeans_ari", "leiden_ari", "kmeans_silhouette", "leiden_n_clusters"} <= set(run.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}

@@ -21,7 +21,7 @@ $(VENV)/.installed-$(ORT): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
 	$(PY) -m pip uninstall --quiet --yes onnxruntime onnxruntime-gpu 2>/dev/null || true
-	$(PY) -m pip install --quiet -e ".[$(ORT),dev]"
+	$(PY) -m pip install --quiet -e ".[$(ORT),dev,spark]"
 	rm -f $(VENV)/.installed-*
 	touch $@
 

@@ -453,6 +453,55 @@ def experiment(name, data, more_data, seeds, epochs, n_genes, experiment, tracki
     click.echo(summary.to_markdown(index=False, floatfmt=".3f"))
 
 
+class _SizeList(click.ParamType):
+    """Comma-separated positive whole numbers, e.g. 10000,100000."""
+
+    name = "N,N,..."
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, list | tuple):
+            return list(value)
+        try:
+            sizes = [int(v) for v in str(value).replace("_", "").split(",") if v.strip()]
+        except ValueError:
+            self.fail(f"expected comma-separated numbers of cells such as 10000,100000, got {value!r}", param, ctx)
+        if not sizes or min(sizes) < 1:
+            self.fail(f"expected positive numbers of cells, got {value!r}", param, ctx)
+        return sizes
+
+
+@main.command("scale-benchmark")
+@click.option("--cells", default="10000,100000,1000000", type=_SizeList(), help="Dataset sizes (cells), in order.")
+@click.option("--genes", default=2000, type=click.IntRange(min=10), help="Genes simulated per cell.")
+@click.option("--n-genes-kept", default=500, type=click.IntRange(min=2), help="Genes the model keeps.")
+@click.option("--epochs", default=30, type=click.IntRange(min=1), help="Training epochs (paper preset otherwise).")
+@click.option("--groups", default=8, type=click.IntRange(min=2), help="Simulated groups (k for KMeans).")
+@click.option("--seed", default=0, type=click.IntRange(min=0), help="Simulation and training seed.")
+@click.option("--skip-scanpy", is_flag=True, help="Skip scanpy's PCA -> neighbors -> Leiden baseline.")
+@click.option("--skip-leiden", is_flag=True, help="Skip Leiden on the contrastive embedding.")
+@click.option("--workdir", default=None, type=click.Path(file_okay=False, exists=True),
+              help="Folder for the temporary .h5ad and preprocessed matrix [default: the system temp folder].")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="CSV; one row appended per size.")
+@_friendly_errors
+def scale_benchmark(cells, genes, n_genes_kept, epochs, groups, seed, skip_scanpy, skip_leiden, workdir, out) -> None:
+    """Time and memory of out-of-core training, ONNX embedding and clustering on simulated data of growing size.
+
+    Each size is written to a backed .h5ad in blocks, then preprocessed, trained on and embedded
+    without loading it whole; scanpy's PCA -> neighbors -> Leiden runs beside it. Ctrl-C ends the
+    current size gracefully (its partial row is written).
+    """
+    from .scale import markdown_table, run_scale_benchmark
+
+    def show(row):
+        click.echo(f"{row['n_cells']} cells: train {row.get('train_seconds', float('nan'))} s, "
+                   f"peak {row.get('peak_mb', float('nan'))} MB ({row['status']})", err=True)
+
+    rows = run_scale_benchmark(cells, out, n_genes=genes, n_genes_kept=n_genes_kept, epochs=epochs, n_groups=groups,
+                               seed=seed, scanpy=not skip_scanpy, leiden=not skip_leiden, workdir=workdir, on_row=show)
+    click.echo(markdown_table(rows))
+    click.echo(f"\nappended {len(rows)} row(s) to {out}")
+
+
 def _has_tabulate() -> bool:
     try:
         import tabulate  # noqa: F401

@@ -57,6 +57,9 @@ class ContrastiveSC:
         else Leiden) and keeps the centroids, so new cells can be labelled consistently with
         :meth:`reference_labels`; benchmarks that only need the embedding switch it off.
 
+        A backed AnnData (``anndata.read_h5ad(path, backed="r")``) is never loaded whole: see
+        :mod:`contrastive_sc.outofcore`.
+
         With ``n_genes="auto"`` one model is trained per gene count in
         :data:`~contrastive_sc.config.AUTO_GENE_COUNTS` and the one whose clustering has the best
         silhouette is kept (no labels are used).
@@ -64,6 +67,10 @@ class ContrastiveSC:
         pre = self.config.preprocess
         if pre.n_genes == "auto":
             return self._fit_auto_genes(adata, progress=progress, on_epoch=on_epoch, reference=reference)
+        if getattr(adata, "isbacked", False):  # a backed .h5ad is read a block of cells at a time
+            from .outofcore import fit_backed
+
+            return fit_backed(self, adata, progress=progress, on_epoch=on_epoch, reference=reference)
         self.state = fit_preprocess(adata.X, adata.var_names, n_genes=pre.n_genes, min_cells=pre.min_cells,
                                     hvg_flavor=pre.hvg_flavor, clip=pre.clip)
         x = transform(adata.X, adata.var_names, self.state)
@@ -155,7 +162,12 @@ class ContrastiveSC:
         return transform(adata.X, adata.var_names, self.state)
 
     def transform(self, adata) -> np.ndarray:
-        """Embedding of every cell, ``(cells, embedding_dim)`` float32."""
+        """Embedding of every cell, ``(cells, embedding_dim)`` float32 (a backed AnnData is read in blocks)."""
+        if getattr(adata, "isbacked", False):
+            from .outofcore import embed_chunked
+
+            self._check_fitted()
+            return embed_chunked(self.encoder, adata.X, adata.var_names, self.state)
         return encode(self.encoder, self.preprocess(adata))
 
     def embed(self, adata, *, key_added: str = EMBEDDING_KEY, copy: bool = False):

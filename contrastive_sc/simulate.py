@@ -314,6 +314,30 @@ def simulate_splat(
     groups = rng.choice(p.n_groups, size=n_cells, p=group_prob).astype(np.int64)
     lib_sizes = rng.lognormal(p.lib_loc, p.lib_scale, n_cells)
 
+    props32, bcv_gene = _gene_model(p, rng)
+    counts = np.empty((n_cells, n_genes), dtype=np.int64)
+    n_dropped = 0
+    n_zero = 0
+    for start in range(0, n_cells, chunk_size):
+        rows = slice(start, min(start + chunk_size, n_cells))
+        block = counts[rows]
+        n_dropped += _draw_counts(p, props32[groups[rows]], lib_sizes[rows], bcv_gene, block,
+                                  gamma_rng, poisson_rng, dropout_rng)
+        n_zero += block.size - int(np.count_nonzero(block))
+
+    n_entries = n_cells * n_genes
+    return SimulatedCounts(
+        counts=counts,
+        groups=groups,
+        dropout_rate=n_dropped / n_entries,
+        sparsity=n_zero / n_entries,
+        params=params,
+    )
+
+
+def _gene_model(p: SplatParams, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Per-group expression proportions ``(groups, genes)`` and gene-wise BCV factors, float32."""
+    n_genes = p.n_genes
     # Gene means; splatter replaces an outlier's mean by median(base means) * factor.
     base_means = rng.gamma(p.mean_shape, 1.0 / p.mean_rate, n_genes)
     out_facs = _lognormal_factors(rng, n_genes, p.out_prob, 0.0, p.out_fac_loc, p.out_fac_scale)
@@ -332,62 +356,88 @@ def simulate_splat(
         bcv_gene = np.ones(n_genes)
     else:
         bcv_gene = np.sqrt(p.bcv_df / rng.chisquare(p.bcv_df, n_genes))
-    bcv_gene = bcv_gene.astype(np.float32)
-    props32 = props.astype(np.float32)
-    lib32 = lib_sizes.astype(np.float32)
+    return props.astype(np.float32), bcv_gene.astype(np.float32)
 
-    counts = np.empty((n_cells, n_genes), dtype=np.int64)
-    n_dropped = 0
-    n_zero = 0
-    for start in range(0, n_cells, chunk_size):
-        rows = slice(start, min(start + chunk_size, n_cells))
-        # float32 is ample for means (a Poisson draw is far noisier than 1e-7 relative error)
-        # and halves the chunk temporaries.
-        base = props32[groups[rows]]
-        base *= lib32[rows, None]
-        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            bcv2 = 1.0 / np.sqrt(base)
-            bcv2 += np.float32(p.bcv_common)
-            bcv2 *= bcv_gene
-            np.square(bcv2, out=bcv2)
-            # Gamma(shape=1/bcv^2, scale=base*bcv^2) = standard_gamma(1/bcv^2) * base * bcv^2
-            trend = gamma_rng.standard_gamma(1.0 / bcv2, dtype=np.float32)
-            base *= bcv2
-            trend *= base
-        del bcv2, base
-        # A zero base mean (underflow, or a zero-proportion gene) gives 0 * inf = nan above;
-        # its trend mean is 0.
-        np.nan_to_num(trend, copy=False, nan=0.0)
-        block = counts[rows]
-        block[...] = poisson_rng.poisson(trend)
-        if p.dropout_type == "experiment":
-            # splatter: P(drop) = logistic(log(trend mean); x0=mid, k=shape), from the
-            # BCV-adjusted means ("CellMeans"), not the base means.
-            with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
-                np.log(trend, out=trend)
-                trend -= np.float32(p.dropout_mid)
-                trend *= np.float32(-p.dropout_shape)
-                np.exp(trend, out=trend)
-            trend += 1.0
-            np.reciprocal(trend, out=trend)  # = drop probability
-            drop = dropout_rng.random(trend.shape, dtype=np.float32) < trend
-            del trend
-            drop &= block > 0
-            n_dropped += int(np.count_nonzero(drop))
-            block[drop] = 0
-            del drop
-        else:
-            del trend
-        n_zero += block.size - int(np.count_nonzero(block))
 
-    n_entries = n_cells * n_genes
-    return SimulatedCounts(
-        counts=counts,
-        groups=groups,
-        dropout_rate=n_dropped / n_entries,
-        sparsity=n_zero / n_entries,
-        params=params,
-    )
+def _draw_counts(p: SplatParams, props: np.ndarray, lib_sizes: np.ndarray, bcv_gene: np.ndarray, block: np.ndarray,
+                 gamma_rng: np.random.Generator, poisson_rng: np.random.Generator,
+                 dropout_rng: np.random.Generator) -> int:
+    """Fill ``block`` (cells x genes) with observed counts; return how many entries dropout zeroed.
+
+    ``props`` holds each cell's group proportions (a fresh float32 array: it is overwritten).
+    """
+    # float32 is ample for means (a Poisson draw is far noisier than 1e-7 relative error)
+    # and halves the chunk temporaries.
+    base = props
+    base *= lib_sizes.astype(np.float32)[:, None]
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        bcv2 = 1.0 / np.sqrt(base)
+        bcv2 += np.float32(p.bcv_common)
+        bcv2 *= bcv_gene
+        np.square(bcv2, out=bcv2)
+        # Gamma(shape=1/bcv^2, scale=base*bcv^2) = standard_gamma(1/bcv^2) * base * bcv^2
+        trend = gamma_rng.standard_gamma(1.0 / bcv2, dtype=np.float32)
+        base *= bcv2
+        trend *= base
+    del bcv2, base
+    # A zero base mean (underflow, or a zero-proportion gene) gives 0 * inf = nan above;
+    # its trend mean is 0.
+    np.nan_to_num(trend, copy=False, nan=0.0)
+    block[...] = poisson_rng.poisson(trend)
+    if p.dropout_type != "experiment":
+        return 0
+    # splatter: P(drop) = logistic(log(trend mean); x0=mid, k=shape), from the
+    # BCV-adjusted means ("CellMeans"), not the base means.
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        np.log(trend, out=trend)
+        trend -= np.float32(p.dropout_mid)
+        trend *= np.float32(-p.dropout_shape)
+        np.exp(trend, out=trend)
+    trend += 1.0
+    np.reciprocal(trend, out=trend)  # = drop probability
+    drop = dropout_rng.random(trend.shape, dtype=np.float32) < trend
+    del trend
+    drop &= block > 0
+    block[drop] = 0
+    return int(np.count_nonzero(drop))
+
+
+def simulate_splat_blocks(params: SplatParams, block_cells: int = 50_000):
+    """Simulate a large Splat dataset a block of cells at a time, as float32 CSR blocks.
+
+    One set of gene parameters (means, outliers, per-group DE, BCV) is drawn from ``params.seed``
+    and shared by every block, so the groups are the same populations throughout; each block
+    draws its own cells (group, library size, counts) from generators spawned per block. The
+    values differ from :func:`simulate_splat` with the same seed (the random streams are laid
+    out differently) but follow the same model. Memory is that of one dense block.
+
+    Parameters
+    ----------
+    params
+        Simulation parameters; ``n_cells`` is the total over all blocks.
+    block_cells
+        Cells per block.
+
+    Yields
+    ------
+    ``(counts, groups)``: a ``scipy.sparse.csr_matrix`` float32 block and its 0-based groups.
+    """
+    import scipy.sparse as sp
+
+    block_cells = _check_int("block_cells", block_cells, 1)
+    p = params
+    rng = np.random.default_rng(p.seed)
+    props32, bcv_gene = _gene_model(p, rng)
+    group_prob = np.asarray(p.group_prob) / math.fsum(p.group_prob)
+    starts = range(0, p.n_cells, block_cells)
+    for start, block_rng in zip(starts, rng.spawn(len(starts))):
+        n = min(block_cells, p.n_cells - start)
+        cell_rng, gamma_rng, poisson_rng, dropout_rng = block_rng.spawn(4)
+        groups = cell_rng.choice(p.n_groups, size=n, p=group_prob).astype(np.int64)
+        lib_sizes = cell_rng.lognormal(p.lib_loc, p.lib_scale, n)
+        block = np.empty((n, p.n_genes), dtype=np.int64)
+        _draw_counts(p, props32[groups], lib_sizes, bcv_gene, block, gamma_rng, poisson_rng, dropout_rng)
+        yield _counts_to_csr(block, sp), groups
 
 
 def imbalanced_group_prob(n_groups: int) -> tuple[float, ...]:

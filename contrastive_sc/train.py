@@ -58,7 +58,9 @@ def fit_encoder(x: np.ndarray, encoder_config: EncoderConfig, train_config: Trai
     Parameters
     ----------
     x
-        Preprocessed input, one row per cell.
+        Preprocessed input, one row per cell: an array, or an on-disk matrix with ``shape`` and
+        ``take_rows(indices)`` (:class:`~contrastive_sc.outofcore.DiskMatrix`), from which each
+        epoch's shuffled batches are read a window at a time.
     encoder_config, train_config
         Architecture and training settings.
     progress
@@ -84,9 +86,12 @@ def fit_encoder(x: np.ndarray, encoder_config: EncoderConfig, train_config: Trai
         raise ValueError(msg)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    x = np.ascontiguousarray(x, dtype=np.float32)
     sparse = device.type == "cpu" and cfg.input_dropout >= SPARSE_MASK_RATE
-    batches = _masked_batches(x, cfg) if sparse else _dense_batches(x, cfg, device)
+    if not isinstance(x, np.ndarray) and hasattr(x, "take_rows"):
+        batches = _disk_batches(x, cfg, device, sparse)
+    else:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        batches = _masked_batches(x, cfg) if sparse else _dense_batches(x, cfg, device)
     encoder = ContrastiveEncoder(x.shape[1], encoder_config.layers, encoder_config.batch_norm).to(device)
     history = TrainingHistory(device=str(device))
 
@@ -177,6 +182,40 @@ def _masked_batches(x: np.ndarray, cfg: TrainConfig) -> Callable[[], Iterator[Ma
         for start, stop in bounds:
             yield MaskedViews.sample(scaled[order[start:stop]], rng, mask_rate=cfg.input_dropout,
                                      noise_std=cfg.noise_std)
+
+    return epoch
+
+
+#: Bytes of preprocessed rows an on-disk epoch reads at a time (a window of whole batches).
+DISK_WINDOW_BYTES = 64 * 2**20
+
+
+def _disk_batches(x, cfg: TrainConfig, device: torch.device, sparse: bool) -> Callable[[], Iterator]:
+    # Epochs over a matrix that stays on disk. The epoch's permutation is read a window of
+    # batches at a time (one sorted gather) and cut into batches, so memory is one window
+    # whatever the number of cells. The permutation and the draws are those of _masked_batches:
+    # on the CPU an on-disk matrix trains the same encoder as the array it holds.
+    n_cells, n_genes = x.shape
+    rng = np.random.default_rng(cfg.seed)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    batch_size = min(cfg.batch_size, n_cells)
+    bounds = _batch_bounds(n_cells, batch_size)
+    per_window = max(1, DISK_WINDOW_BYTES // (batch_size * n_genes * 4))
+    rescale = np.float32(1.0 / (1.0 - cfg.input_dropout))
+
+    def epoch() -> Iterator:
+        order = rng.permutation(n_cells)
+        for first in range(0, len(bounds), per_window):
+            window = bounds[first:first + per_window]
+            offset = window[0][0]
+            rows = x.take_rows(order[offset:window[-1][1]])
+            for start, stop in window:
+                batch = rows[start - offset:stop - offset]
+                if sparse:
+                    yield MaskedViews.sample(batch * rescale, rng, mask_rate=cfg.input_dropout, noise_std=cfg.noise_std)
+                else:
+                    yield make_views(torch.as_tensor(batch, device=device), mask_rate=cfg.input_dropout,
+                                     noise_std=cfg.noise_std, generator=generator)
 
     return epoch
 

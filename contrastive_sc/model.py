@@ -16,6 +16,8 @@ from .train import TrainingHistory, encode, fit_encoder
 log = logging.getLogger(__name__)
 
 EMBEDDING_KEY = "X_contrastive"
+#: Cells of an out-of-core dataset the ``fused`` PCA block is fitted on (a random sample).
+PCA_SAMPLE_CELLS = 50_000
 _FILES = {"config": "config.json", "state": "preprocess_state.json", "weights": "encoder.pt",
           "history": "history.json", "reference": "reference_centroids.npy"}
 
@@ -77,26 +79,32 @@ class ContrastiveSC:
         self.encoder, self.history = fit_encoder(x, self.config.encoder, self.config.train,
                                                  progress=progress, on_epoch=on_epoch)
         if self.config.encoder.pca_components:
-            self.encoder = self._fuse_with_pca(adata, x)
+            top = fit_preprocess(adata.X, adata.var_names, n_genes=self.config.encoder.pca_genes,
+                                 min_cells=pre.min_cells, hvg_flavor=pre.hvg_flavor).genes
+            self.encoder = self._fuse_with_pca(top, x)
         if reference:
             self._fit_reference(encode(self.encoder, x))
         return self
 
-    def _fuse_with_pca(self, adata, x: np.ndarray):
-        """Put the principal components of the most dispersed input genes beside the encoder."""
+    def _fuse_with_pca(self, top_genes, x):
+        """Put the principal components of the most dispersed input genes beside the encoder.
+
+        ``top_genes`` are the ``pca_genes`` first of the dispersion ranking that chose the
+        encoder's genes, so they are among them and their columns are already scaled in ``x``
+        (an array, or an out-of-core matrix of which at most :data:`PCA_SAMPLE_CELLS` random
+        cells are read).
+        """
         import torch
         from sklearn.decomposition import PCA
 
         from .encoder import FusedEmbedder
 
-        cfg, pre = self.config.encoder, self.config.preprocess
-        # The dispersion ranking is the one that chose the encoder's genes, so the top
-        # `pca_genes` of it are among them: their columns are already scaled in `x`.
-        top = fit_preprocess(adata.X, adata.var_names, n_genes=cfg.pca_genes, min_cells=pre.min_cells,
-                             hvg_flavor=pre.hvg_flavor).genes
         column_of = {g: i for i, g in enumerate(self.state.genes)}
-        index = np.array([column_of[g] for g in top if g in column_of], dtype=np.int64)
-        n_components = min(cfg.pca_components, len(index), x.shape[0] - 1)
+        index = np.array([column_of[g] for g in top_genes if g in column_of], dtype=np.int64)
+        if not isinstance(x, np.ndarray):
+            rng = np.random.default_rng(self.config.train.seed)
+            x = x.take_rows(np.sort(rng.choice(len(x), min(len(x), PCA_SAMPLE_CELLS), replace=False)))
+        n_components = min(self.config.encoder.pca_components, len(index), x.shape[0] - 1)
         pca = PCA(n_components=n_components, random_state=self.config.train.seed).fit(x[:, index])
         blocks = (encode(self.encoder, x), pca.transform(x[:, index]))
         centers = [b.mean(axis=0) for b in blocks]

@@ -118,3 +118,19 @@ def test_backed_fit_and_embedding_match_memory(synthetic, tiny_config, tmp_path)
     np.testing.assert_allclose(encode(model.encoder, transform(synthetic.X, synthetic.var_names, state)), expected,
                                atol=1e-6)
     backed.file.close()
+
+
+def test_backed_fit_of_the_fused_preset_equals_memory(synthetic, tmp_path):
+    from contrastive_sc.config import get_preset
+
+    config = get_preset("fused").replace(n_genes=100, pca_genes=50, pca_components=8, epochs=2, batch_size=64,
+                                         n_clusters=3)
+    path = tmp_path / "cells.h5ad"
+    synthetic.write_h5ad(path)
+    backed = ad.read_h5ad(path, backed="r")
+    from_file = ContrastiveSC(config).fit(backed)
+    in_memory = ContrastiveSC(config).fit(synthetic)
+    # 300 cells are fewer than the PCA sample, so both fit the PCA block on the same rows
+    assert from_file.encoder.pca_index.tolist() == in_memory.encoder.pca_index.tolist()
+    np.testing.assert_allclose(from_file.transform(backed), in_memory.transform(synthetic), atol=1e-4)
+    backed.file.close()

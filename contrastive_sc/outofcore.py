@@ -134,17 +134,9 @@ def fit_preprocess_chunked(counts, gene_names, *, n_genes: int | str = 500, min_
         std = np.sqrt(np.maximum(var, 0.0))
     else:
         mean, std = sums["log"][chosen] / n_cells, np.ones(len(chosen))
-    std[std == 0] = 1.0
-    return PreprocessState(
-        genes=tuple(library_genes[chosen].tolist()),
-        mean=tuple(mean.tolist()),
-        std=tuple(std.tolist()),
-        target_sum=target_sum,
-        library_genes=tuple(library_genes.tolist()),
-        library_share=tuple(library_share.tolist()),
-        clip=clip,
-        n_cells_fit=int(n_cells),
-    )
+    return PreprocessState.from_arrays(library_genes[chosen], mean, std, target_sum=target_sum,
+                                       library_genes=library_genes, library_share=library_share, clip=clip,
+                                       n_cells_fit=n_cells)
 
 
 def _add_column_sums(total: np.ndarray, total_sq: np.ndarray, values: np.ndarray, columns: np.ndarray) -> None:

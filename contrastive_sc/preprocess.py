@@ -62,6 +62,17 @@ class PreprocessState:
         return text
 
     @classmethod
+    def from_arrays(cls, genes, mean, std, *, target_sum: float, library_genes, library_share,
+                    clip: float | None, n_cells_fit: int) -> PreprocessState:
+        """Build a state from the fitted arrays; a gene of zero spread is scaled by 1 (as scanpy)."""
+        std = np.where(np.asarray(std, dtype=np.float64) == 0, 1.0, std)
+        return cls(genes=tuple(np.asarray(genes).tolist()), mean=tuple(np.asarray(mean, dtype=np.float64).tolist()),
+                   std=tuple(std.tolist()), target_sum=float(target_sum),
+                   library_genes=tuple(np.asarray(library_genes).tolist()),
+                   library_share=tuple(np.asarray(library_share, dtype=np.float64).tolist()), clip=clip,
+                   n_cells_fit=int(n_cells_fit))
+
+    @classmethod
     def from_json(cls, source: str | Path) -> PreprocessState:
         """Load from a JSON string or a path to a JSON file."""
         text = Path(source).read_text() if _looks_like_path(source) else str(source)
@@ -142,17 +153,9 @@ def fit_preprocess(counts, gene_names, *, n_genes: int | str = 500, min_cells: i
     selected = lognorm[:, chosen].toarray().astype(np.float64)
     mean = selected.mean(axis=0)
     std = selected.std(axis=0, ddof=1) if selected.shape[0] > 1 else np.ones_like(mean)
-    std[std == 0] = 1.0
-    return PreprocessState(
-        genes=tuple(library_genes[chosen].tolist()),
-        mean=tuple(mean.tolist()),
-        std=tuple(std.tolist()),
-        target_sum=target_sum,
-        library_genes=tuple(library_genes.tolist()),
-        library_share=tuple(library_share.tolist()),
-        clip=clip,
-        n_cells_fit=int(counts.shape[0]),
-    )
+    return PreprocessState.from_arrays(library_genes[chosen], mean, std, target_sum=target_sum,
+                                       library_genes=library_genes, library_share=library_share, clip=clip,
+                                       n_cells_fit=counts.shape[0])
 
 
 def gene_coverage(gene_names, state: PreprocessState) -> GeneCoverage:

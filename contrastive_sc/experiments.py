@@ -324,7 +324,7 @@ def _simulated(seeds, overrides, settings, quick):
     from .benchmark import benchmark_adata
     from .simulate import balanced_grid, grid_name, imbalanced_grid, simulate_splat
 
-    methods = settings or ["paper-kmeans", "paper-leiden", "pca50-kmeans", "scanpy-leiden"]
+    methods = settings or ["fused-kmeans", "fused-leiden", "paper-kmeans", "paper-leiden", "pca50-kmeans", "scanpy-leiden"]
     grids = [("balanced", p) for p in balanced_grid()] + [("imbalanced", p) for p in imbalanced_grid()]
     if quick:
         import dataclasses

@@ -246,17 +246,22 @@ _HYPERPARAMETERS = (
 
 
 class _IntList(click.ParamType):
+    """Comma-separated positive whole numbers (``_`` allowed as a digit separator)."""
+
     name = "N,N,..."
+
+    def __init__(self, what: str = "whole numbers", example: str = "200,40,60", noun: str = "layer sizes") -> None:
+        self.what, self.example, self.noun = what, example, noun
 
     def convert(self, value, param, ctx):
         if isinstance(value, list | tuple):
             return tuple(value)
         try:
-            sizes = tuple(int(v) for v in str(value).split(",") if v.strip())
+            sizes = tuple(int(v) for v in str(value).replace("_", "").split(",") if v.strip())
         except ValueError:
-            self.fail(f"expected comma-separated whole numbers such as 200,40,60, got {value!r}", param, ctx)
+            self.fail(f"expected comma-separated {self.what} such as {self.example}, got {value!r}", param, ctx)
         if not sizes or min(sizes) < 1:
-            self.fail(f"expected positive layer sizes, got {value!r}", param, ctx)
+            self.fail(f"expected positive {self.noun}, got {value!r}", param, ctx)
         return sizes
 
 
@@ -453,25 +458,11 @@ def experiment(name, data, more_data, seeds, epochs, n_genes, experiment, tracki
     click.echo(summary.to_markdown(index=False, floatfmt=".3f"))
 
 
-class _SizeList(click.ParamType):
-    """Comma-separated positive whole numbers, e.g. 10000,100000."""
-
-    name = "N,N,..."
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, list | tuple):
-            return list(value)
-        try:
-            sizes = [int(v) for v in str(value).replace("_", "").split(",") if v.strip()]
-        except ValueError:
-            self.fail(f"expected comma-separated numbers of cells such as 10000,100000, got {value!r}", param, ctx)
-        if not sizes or min(sizes) < 1:
-            self.fail(f"expected positive numbers of cells, got {value!r}", param, ctx)
-        return sizes
+_CELL_COUNTS = _IntList("numbers of cells", "10000,100000", "numbers of cells")
 
 
 @main.command("scale-benchmark")
-@click.option("--cells", default="10000,100000,1000000", type=_SizeList(), help="Dataset sizes (cells), in order.")
+@click.option("--cells", default="10000,100000,1000000", type=_CELL_COUNTS, help="Dataset sizes (cells), in order.")
 @click.option("--genes", default=2000, type=click.IntRange(min=10), help="Genes simulated per cell.")
 @click.option("--n-genes-kept", default=500, type=click.IntRange(min=2), help="Genes the model keeps.")
 @click.option("--epochs", default=30, type=click.IntRange(min=1), help="Training epochs (paper preset otherwise).")

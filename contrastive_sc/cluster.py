@@ -120,7 +120,8 @@ def knn_graph(embedding: np.ndarray, n_neighbors: int = 15):
     # Undirected and de-duplicated: an edge i-j seen from both ends counts once.
     pairs = np.unique(np.sort(np.column_stack([rows, cols]), axis=1), axis=0)
     pairs = pairs[pairs[:, 0] != pairs[:, 1]]
-    return ig.Graph(n=n_cells, edges=pairs.tolist(), directed=False)
+    # igraph reads an (edges, 2) integer array directly; a Python list of pairs costs GBs at 1M cells.
+    return ig.Graph(n=n_cells, edges=pairs, directed=False)
 
 
 def _kmeans(x, *, n_clusters, seed, **_):
@@ -129,12 +130,19 @@ def _kmeans(x, *, n_clusters, seed, **_):
     return KMeans(n_clusters=int(n_clusters), n_init=10, random_state=seed).fit_predict(x)
 
 
+#: Above this many cells Leiden stops after two iterations (scanpy's choice) instead of iterating
+#: until no cell moves: at a million cells each further pass costs minutes and changes little.
+LEIDEN_CONVERGE_CELLS = 200_000
+
+
 def _leiden(x, *, resolution, n_neighbors, seed, **_):
     import leidenalg
 
     graph = knn_graph(x, n_neighbors)
+    n_iterations = -1 if len(x) <= LEIDEN_CONVERGE_CELLS else 2
     partition = leidenalg.find_partition(graph, leidenalg.RBConfigurationVertexPartition,
-                                         resolution_parameter=float(resolution), seed=int(seed), n_iterations=-1)
+                                         resolution_parameter=float(resolution), seed=int(seed),
+                                         n_iterations=n_iterations)
     return np.asarray(partition.membership)
 
 

@@ -39,6 +39,19 @@ def test_leiden_resolution_changes_granularity(blobs):
     assert len(np.unique(fine)) > len(np.unique(coarse))
 
 
+def test_large_graph_path_stops_after_two_iterations_and_still_recovers_blobs(blobs, monkeypatch):
+    # Above LEIDEN_CONVERGE_CELLS Leiden runs two iterations; pretend 100 cells is "large".
+    import importlib
+
+    cluster_module = importlib.import_module("contrastive_sc.cluster")  # the package exports a function of that name
+
+    converged = cluster_labels(blobs[0], "leiden", resolution=0.3, seed=0)
+    monkeypatch.setattr(cluster_module, "LEIDEN_CONVERGE_CELLS", 100)
+    capped = cluster_labels(blobs[0], "leiden", resolution=0.3, seed=0)
+    assert adjusted_rand_score(blobs[1], capped) > 0.9
+    assert adjusted_rand_score(converged, capped) > 0.9
+
+
 def test_anndata_interface(blobs):
     import anndata as ad
 

@@ -18,6 +18,8 @@ def test_written_h5ad_is_backed_csr_with_consistent_groups(tmp_path):
     assert adata.shape == (900, 120) and adata.isbacked
     block = adata.X[850:900]
     assert block.dtype == np.float32 and block.nnz > 0
+    # droplet-like depth (LIB_LOC = 7.5): about e^7.5 = 1,800 counts per cell, not Splat's 60,000
+    assert 800 < adata.X[:400].sum(axis=1).mean() < 4000
     assert set(adata.obs["label"].unique()) == {0, 1, 2}
     # one set of gene parameters for all blocks: a group's mean profile is alike in the first and last block
     memory = ad.read_h5ad(path)

@@ -44,6 +44,10 @@ SIMULATION_BLOCK = 50_000
 #: non-zero, like the highly variable genes of a droplet library (Splat's default, 11, gives
 #: 60,000 counts and a 67 % dense matrix, which no droplet dataset looks like).
 LIB_LOC = 7.5
+#: Differential expression of the groups (fraction of DE genes, spread of their log-factor):
+#: at this depth PCA(50) + KMeans recovers the 8 groups with ARI 0.90 at 10,000 cells, a task
+#: neither trivial nor hopeless (Splat's defaults, 0.1 and 0.4, give 0.10).
+DE_PROB, DE_FAC_SCALE = 0.2, 0.6
 
 
 def write_simulated_h5ad(path: str | Path, n_cells: int, n_genes: int, *, n_groups: int = 8, seed: int = 0,
@@ -60,7 +64,7 @@ def write_simulated_h5ad(path: str | Path, n_cells: int, n_genes: int, *, n_grou
     from .simulate import SplatParams, simulate_splat_blocks
 
     params = SplatParams(n_cells=n_cells, n_genes=n_genes, group_prob=(1.0 / n_groups,) * n_groups,
-                         de_fac_scale=0.4, lib_loc=lib_loc, seed=seed)
+                         de_prob=DE_PROB, de_fac_scale=DE_FAC_SCALE, lib_loc=lib_loc, seed=seed)
     path = Path(path)
     groups = []
     with h5py.File(path, "w") as handle:

@@ -1,6 +1,7 @@
 """Benchmark: our presets against the baselines a user would otherwise pick, on labelled data.
 
-Methods are named ``<preset>-kmeans`` / ``<preset>-leiden`` for every preset, plus
+Methods are named ``<preset>-kmeans`` / ``<preset>-auto`` / ``<preset>-leiden`` for every preset
+(``auto``: KMeans with an estimated number of clusters), plus
 ``pca2-kmeans`` (the paper's naive baseline), ``pca50-kmeans``, ``scanpy-leiden`` (scanpy PCA
 -> neighbors -> Leiden at the default resolution) and ``reference-paper-kmeans`` (the paper's
 method trained with the original, straightforward PyTorch loop, for the speed comparison).
@@ -28,7 +29,7 @@ BASELINES = ("pca2-kmeans", "pca50-kmeans", "scanpy-leiden", "reference-paper-km
 
 def available_methods() -> list[str]:
     """Every method name the benchmark accepts."""
-    return [f"{p}-{c}" for p in PRESETS for c in ("kmeans", "leiden")] + list(BASELINES)
+    return [f"{p}-{c}" for p in PRESETS for c in ("kmeans", "auto", "leiden")] + list(BASELINES)
 
 
 @dataclass

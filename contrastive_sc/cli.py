@@ -14,8 +14,10 @@ from pathlib import Path
 import click
 
 from .benchmark import available_methods
+from .cluster import METHODS as CLUSTER_METHODS
 from .config import DEFAULT_PRESET, PRESETS
 from .experiments import EXPERIMENT_NAMES
+from .inference import METHODS as PREDICT_METHODS
 
 _PRESET_CHOICE = click.Choice(sorted(PRESETS))
 
@@ -271,14 +273,11 @@ def _build_config(preset: str, values: dict):
     return get_preset(preset).replace(**{k: values.get(k) for k in _HYPERPARAMETERS})
 
 
-_CLUSTER_METHODS = ("kmeans", "leiden", "birch", "gmm", "meanshift", "spectral", "ward")
-
-
 @main.command()
 @click.option("--data", required=True, help="Counts file or 10x folder, or 'simulated' for the built-in dataset.")
 @click.option("--label-key", default=None, callback=_none_if_empty, help="obs column with labels (enables ARI/NMI).")
 @click.option(
-    "--cluster", "methods", default="kmeans,leiden", type=_CsvList(_CLUSTER_METHODS), help="Clustering methods to score."
+    "--cluster", "methods", default="kmeans,leiden", type=_CsvList(CLUSTER_METHODS), help="Clustering methods to score."
 )
 @_hyperparameter_options
 @_experiment_option
@@ -314,7 +313,7 @@ def train(data, label_key, methods, preset, experiment, run_name, no_map, tracki
 @click.option("--label-key", default=None, callback=_none_if_empty, help="obs column with labels.")
 @click.option("--grid", default="", help="Semicolon-separated NAME=V1,V2 lists, e.g. 'lr=0.1,0.4;n_genes=500,1000'.")
 @click.option("--seeds", default=1, type=click.IntRange(min=1), help="Seeds 0..N-1 per grid point.")
-@click.option("--cluster", "methods", default="kmeans,leiden", type=_CsvList(_CLUSTER_METHODS))
+@click.option("--cluster", "methods", default="kmeans,leiden", type=_CsvList(CLUSTER_METHODS))
 @click.option("--preset", default=DEFAULT_PRESET, type=_PRESET_CHOICE)
 @click.option("--epochs", default=None, type=_PresetDefault(click.IntRange(min=1)), help="Epochs for every grid point.")
 @_experiment_option
@@ -413,9 +412,11 @@ def export_onnx(model_uri, out, data, provider, tracking_uri) -> None:
 @click.option("--model-uri", required=True, help="models:/NAME@ALIAS of an embed-then-cluster model.")
 @click.option("--data", required=True, help="Counts file to embed.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output .h5ad.")
-@click.option("--method", default="reference", type=click.Choice(["reference", "kmeans", "leiden"]))
+@click.option("--method", default="reference", type=click.Choice(list(PREDICT_METHODS)),
+              help="reference: nearest training cluster; kmeans: needs --n-clusters; auto: k estimated; leiden.")
 @click.option("--n-clusters", default=0, type=click.IntRange(min=0), help="k for kmeans.")
-@click.option("--resolution", default=1.0, type=click.FloatRange(min=0, min_open=True), help="Leiden resolution.")
+@click.option("--resolution", default=None, type=click.FloatRange(min=0, min_open=True),
+              help="Leiden resolution [default: the one the model was trained with].")
 @click.option("--label-key", default=None, callback=_none_if_empty, help="obs column with labels: ARI/NMI are printed.")
 @_tracking_options
 @_friendly_errors

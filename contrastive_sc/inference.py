@@ -21,7 +21,7 @@ from .validation import check_count_values
 #: Artifact names of a packaged model, as logged with the MLflow pyfunc.
 ARTIFACTS = {"encoder": "encoder.onnx", "state": "preprocess_state.json",
              "centroids": "reference_centroids.npy", "info": "model_info.json"}
-METHODS = ("reference", "kmeans", "leiden")
+METHODS = ("reference", "kmeans", "auto", "leiden")
 #: Environment variable choosing the onnxruntime provider of a served model.
 PROVIDER_ENV = "CONTRASTIVE_SC_ONNX_PROVIDER"
 
@@ -31,8 +31,10 @@ class PredictParams:
     """Per-request clustering options (the served model's ``params``).
 
     ``method``: ``reference`` labels each cell with the nearest training-cluster centroid (stable
-    from batch to batch), ``kmeans`` needs ``n_clusters``, ``leiden`` uses ``resolution`` and
-    ``n_neighbors`` (``None``: the values the model was trained with).
+    from batch to batch), ``kmeans`` needs ``n_clusters``, ``auto`` is KMeans with the number of
+    clusters estimated from the batch (:func:`~contrastive_sc.cluster.estimate_n_clusters`),
+    ``leiden`` uses ``resolution``; ``auto`` and ``leiden`` use ``n_neighbors`` (``None``: the
+    values the model was trained with).
     ``min_coverage``: smallest accepted fraction of the model's genes present in the input.
     """
 
@@ -187,12 +189,12 @@ class EmbedThenCluster:
                 raise ValueError(msg)
             return cluster_labels(embedding, "kmeans", n_clusters=int(options.n_clusters), seed=int(options.seed))
         if n_cells < 3:
-            msg = f"leiden needs at least 3 cells, got {n_cells}"
+            msg = f"{options.method} needs at least 3 cells, got {n_cells}"
             raise ValueError(msg)
         trained = self.info.get("config", {})
         resolution = options.resolution if options.resolution is not None else trained.get("resolution", 1.0)
         n_neighbors = options.n_neighbors if options.n_neighbors is not None else trained.get("n_neighbors", 15)
-        return cluster_labels(embedding, "leiden", resolution=float(resolution), n_neighbors=int(n_neighbors),
+        return cluster_labels(embedding, options.method, resolution=float(resolution), n_neighbors=int(n_neighbors),
                               seed=int(options.seed))
 
 

@@ -4,7 +4,7 @@
     python serving/client.py --url ... --data cells.h5ad --out clustered.h5ad --method reference
 
 ``reference`` labels every chunk against the training clusters, so chunks can be sent one by
-one; ``kmeans`` and ``leiden`` cluster the cells of one request together, so the whole dataset
+one; ``kmeans``, ``auto`` and ``leiden`` cluster the cells of one request together, so the whole dataset
 goes in a single request.
 """
 
@@ -51,7 +51,7 @@ def frame_payload(frame: pd.DataFrame, params: dict, orient: str = "split") -> d
 def cluster_dataset(url: str, counts: pd.DataFrame, params: dict, chunk_size: int = 500) -> pd.DataFrame:
     """Send ``counts`` (cells x genes) and return the server's rows, one per cell, in order."""
     if params.get("method", "reference") != "reference":
-        chunk_size = len(counts)  # kmeans/leiden must see all cells at once
+        chunk_size = len(counts)  # kmeans/auto/leiden must see all cells at once
     parts = []
     for start in range(0, len(counts), chunk_size):
         chunk = counts.iloc[start:start + chunk_size]
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--url", default="http://127.0.0.1:5001")
     parser.add_argument("--data", required=True, help="counts file (any format contrastive-sc reads) or 'simulated'")
     parser.add_argument("--out", required=True, help="output .csv or .h5ad")
-    parser.add_argument("--method", default="reference", choices=["reference", "kmeans", "leiden"])
+    parser.add_argument("--method", default="reference", choices=["reference", "kmeans", "auto", "leiden"])
     parser.add_argument("--n-clusters", type=int, default=0)
     parser.add_argument("--resolution", type=float, default=1.0)
     parser.add_argument("--chunk-size", type=int, default=500)

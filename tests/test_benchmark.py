@@ -17,7 +17,8 @@ def labelled_h5(tmp_path, synthetic):
 
 
 def test_every_method_produces_a_row(labelled_h5):
-    methods = ["paper-kmeans", "paper-leiden", "pca2-kmeans", "pca50-kmeans", "scanpy-leiden", "reference-paper-kmeans"]
+    methods = ["paper-kmeans", "paper-auto", "paper-leiden", "pca2-kmeans", "pca50-kmeans", "scanpy-leiden",
+               "reference-paper-kmeans"]
     results = run_benchmark([labelled_h5], methods, seeds=[0], overrides={"n_genes": 100, "epochs": 2})
     assert list(results.columns) == COLUMNS
     assert list(results["method"]) == methods
@@ -25,6 +26,7 @@ def test_every_method_produces_a_row(labelled_h5):
     assert results["ari"].between(-1, 1).all() and (results["seconds"] > 0).all()
     kmeans_rows = results[results["method"].str.endswith("kmeans")]
     assert (kmeans_rows["n_clusters"] == 3).all()
+    assert results.loc[results["method"] == "paper-auto", "n_clusters"].iloc[0] >= 1
     assert results.loc[results["method"] == "paper-kmeans", "train_seconds"].iloc[0] > 0
     table = summarise(results)
     assert "±" in table.loc[0, "ari"]
@@ -55,4 +57,4 @@ def test_cli_rejects_bad_values(labelled_h5, tmp_path, args, message):
 
 
 def test_methods_listed():
-    assert {"paper-kmeans", "paper-leiden", "pca2-kmeans", "pca50-kmeans", "scanpy-leiden"} <= set(available_methods())
+    assert {"paper-kmeans", "fused-auto", "paper-leiden", "pca2-kmeans", "pca50-kmeans", "scanpy-leiden"} <= set(available_methods())

@@ -3,7 +3,7 @@ import pytest
 from sklearn.datasets import make_blobs
 from sklearn.metrics import adjusted_rand_score
 
-from contrastive_sc.cluster import METHODS, NEEDS_K, cluster, cluster_labels
+from contrastive_sc.cluster import METHODS, NEEDS_K, cluster, cluster_labels, estimate_n_clusters
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +50,21 @@ def test_large_graph_path_stops_after_two_iterations_and_still_recovers_blobs(bl
     capped = cluster_labels(blobs[0], "leiden", resolution=0.3, seed=0)
     assert adjusted_rand_score(blobs[1], capped) > 0.9
     assert adjusted_rand_score(converged, capped) > 0.9
+
+
+def test_estimated_k_counts_the_groups_of_a_useful_size():
+    # five groups of 400 cells and one of 35 (1.7 % of the cells: below the 2 % floor)
+    sizes = [400] * 5 + [35]
+    x, y = make_blobs(n_samples=sizes, n_features=10, cluster_std=0.6, random_state=1)
+    x = x.astype(np.float32)
+    assert estimate_n_clusters(x, n_neighbors=15) == 5
+    assert estimate_n_clusters(x, n_neighbors=15, min_fraction=0.0) >= 6  # every community counts
+    labels = cluster_labels(x, "auto", n_neighbors=15, seed=0)
+    assert len(np.unique(labels)) == 5
+    big = y < 5
+    assert adjusted_rand_score(y[big], labels[big]) > 0.95
+    with pytest.raises(ValueError, match="min_fraction must be within"):
+        estimate_n_clusters(x, min_fraction=1.5)
 
 
 def test_anndata_interface(blobs):

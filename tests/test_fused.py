@@ -82,6 +82,10 @@ def test_packaged_model_serves_the_fused_embedding(fused, synthetic, tmp_path):
     leiden = served.predict(synthetic.to_df(), {"method": "leiden", "return_embedding": False})["cluster"].to_numpy()
     expected = cluster_labels(out.filter(like="emb_").to_numpy(), "leiden", resolution=0.5, n_neighbors=30, seed=0)
     np.testing.assert_array_equal(leiden, expected)
+    # auto: KMeans with the estimated k, on the same 30-neighbour graph
+    auto = served.predict(synthetic.to_df(), {"method": "auto", "return_embedding": False})["cluster"].to_numpy()
+    expected = cluster_labels(out.filter(like="emb_").to_numpy(), "auto", n_neighbors=30, seed=0)
+    np.testing.assert_array_equal(auto, expected)
 
 
 def test_nearest_centroid_is_the_euclidean_argmin(rng):

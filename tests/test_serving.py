@@ -121,6 +121,10 @@ def test_valid_requests_in_two_json_formats_and_each_method(served):
     assert status == 200, body
     assert len(body["predictions"]) == 40
 
+    status, body = server.post(_split(cells, {"method": "auto", "return_embedding": False}))
+    assert status == 200, body
+    assert len(body["predictions"]) == 40 and pd.DataFrame(body["predictions"])["cluster"].nunique() >= 1
+
 
 def test_reference_labels_match_in_process_and_across_batches(served):
     server, frame = served

@@ -57,4 +57,5 @@ def test_cli_rejects_bad_values(labelled_h5, tmp_path, args, message):
 
 
 def test_methods_listed():
-    assert {"paper-kmeans", "fused-auto", "paper-leiden", "pca2-kmeans", "pca50-kmeans", "scanpy-leiden"} <= set(available_methods())
+    expected = {"paper-kmeans", "fused-auto", "paper-leiden", "pca2-kmeans", "pca50-kmeans", "scanpy-leiden"}
+    assert expected <= set(available_methods())

@@ -55,8 +55,8 @@ class ContrastiveSC:
     def fit(self, adata, *, progress: bool = False, on_epoch=None, reference: bool = True) -> ContrastiveSC:
         """Fit preprocessing and train the encoder on raw counts in ``adata.X``.
 
-        ``reference=True`` also clusters the training cells (KMeans when ``n_clusters`` is set,
-        else Leiden) and keeps the centroids, so new cells can be labelled consistently with
+        ``reference=True`` also clusters the training cells (KMeans, with ``n_clusters`` when it
+        is set, else with an estimated k: method ``auto``) and keeps the centroids, so new cells can be labelled consistently with
         :meth:`reference_labels`; benchmarks that only need the embedding switch it off.
 
         A backed AnnData (``anndata.read_h5ad(path, backed="r")``) is never loaded whole: see
@@ -143,8 +143,9 @@ class ContrastiveSC:
         cfg = self.config.cluster
         if cfg.n_clusters:
             return cluster_labels(embedding, "kmeans", n_clusters=cfg.n_clusters, seed=self.config.train.seed)
-        return cluster_labels(embedding, "leiden", resolution=cfg.resolution, n_neighbors=cfg.n_neighbors,
-                              seed=self.config.train.seed)
+        # k unknown: KMeans with an estimated k, whose clusters are what nearest-centroid
+        # labelling assumes (compact, one centroid each), unlike Leiden communities.
+        return cluster_labels(embedding, "auto", n_neighbors=cfg.n_neighbors, seed=self.config.train.seed)
 
     def _fit_reference(self, embedding: np.ndarray) -> None:
         # Centroids of the training clusters let new batches be labelled consistently

@@ -415,8 +415,8 @@ def export_onnx(model_uri, out, data, provider, tracking_uri) -> None:
 @click.option("--method", default="reference", type=click.Choice(list(PREDICT_METHODS)),
               help="reference: nearest training cluster; kmeans: needs --n-clusters; auto: k estimated; leiden.")
 @click.option("--n-clusters", default=0, type=click.IntRange(min=0), help="k for kmeans.")
-@click.option("--resolution", default=None, type=click.FloatRange(min=0, min_open=True),
-              help="Leiden resolution [default: the one the model was trained with].")
+@click.option("--resolution", default=None, type=_PresetDefault(click.FloatRange(min=0, min_open=True)),
+              help="Leiden resolution [default, or 'preset': the one the model was trained with].")
 @click.option("--label-key", default=None, callback=_none_if_empty, help="obs column with labels: ARI/NMI are printed.")
 @_tracking_options
 @_friendly_errors

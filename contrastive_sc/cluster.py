@@ -67,7 +67,9 @@ def estimate_n_clusters(embedding: np.ndarray, *, n_neighbors: int = 15, resolut
     """Number of clusters in ``embedding``, for when it is not known.
 
     The Leiden communities of the kNN graph at ``resolution`` that hold at least
-    ``min_fraction`` of the cells (at least one community is always counted).
+    ``min_fraction`` of the cells. When none does (many types, all rarer than the floor),
+    every community counts. Below ``1 / min_fraction`` cells (50) the floor is under one cell
+    and every community counts too.
 
     Parameters
     ----------
@@ -84,7 +86,8 @@ def estimate_n_clusters(embedding: np.ndarray, *, n_neighbors: int = 15, resolut
     embedding = np.asarray(embedding, dtype=np.float32)
     communities = _leiden(embedding, resolution=resolution, n_neighbors=n_neighbors, seed=seed)
     sizes = np.bincount(communities)
-    return max(1, int((sizes >= min_fraction * len(embedding)).sum()))
+    counted = int((sizes >= min_fraction * len(embedding)).sum())
+    return counted or len(sizes)
 
 
 def nearest_centroid(embedding: np.ndarray, centroids: np.ndarray) -> np.ndarray:
@@ -123,7 +126,9 @@ def cluster(adata, method: str = "kmeans", *, use_rep: str = "X_contrastive", ke
     key = key_added or f"contrastive_{method}"
     labels = cluster_labels(adata.obsm[use_rep], method, **params)
     adata.obs[key] = pd.Categorical(labels.astype(str), categories=[str(c) for c in np.unique(labels)])
-    adata.uns[key] = {"params": {"method": method, "use_rep": use_rep, **{k: v for k, v in params.items() if v is not None}}}
+    # auto has its own resolution (AUTO_RESOLUTION): a resolution passed with it is not recorded
+    used = {k: v for k, v in params.items() if v is not None and not (method == "auto" and k == "resolution")}
+    adata.uns[key] = {"params": {"method": method, "use_rep": use_rep, **used}}
     return adata if copy else None
 
 

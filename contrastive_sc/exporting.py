@@ -52,7 +52,8 @@ def embed_with_registered(model_uri: str, data: str, out: str | Path, params: di
     key = f"contrastive_{params.get('method', 'reference')}"
     adata.obsm[EMBEDDING_KEY] = embedding
     adata.obs[key] = pd.Categorical(labels.astype(str))
-    adata.uns[key] = {"params": {k: v for k, v in params.items()}, "model_uri": model_uri,
+    # None means "the model's value"; h5ad cannot store None on every anndata version.
+    adata.uns[key] = {"params": {k: v for k, v in params.items() if v is not None}, "model_uri": model_uri,
                       "coverage": coverage.as_dict()}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -55,9 +55,10 @@ class ContrastiveSC:
     def fit(self, adata, *, progress: bool = False, on_epoch=None, reference: bool = True) -> ContrastiveSC:
         """Fit preprocessing and train the encoder on raw counts in ``adata.X``.
 
-        ``reference=True`` also clusters the training cells (KMeans, with ``n_clusters`` when it
-        is set, else with an estimated k: method ``auto``) and keeps the centroids, so new cells can be labelled consistently with
-        :meth:`reference_labels`; benchmarks that only need the embedding switch it off.
+        ``reference=True`` also clusters the training cells (KMeans, with ``n_clusters`` when
+        it is set, else with an estimated k: method ``auto``) and keeps the centroids, so new
+        cells can be labelled consistently with :meth:`reference_labels`; benchmarks that only
+        need the embedding switch it off.
 
         A backed AnnData (``anndata.read_h5ad(path, backed="r")``) is never loaded whole: see
         :mod:`contrastive_sc.outofcore`.
@@ -123,7 +124,8 @@ class ContrastiveSC:
             trial = ContrastiveSC(self.config.replace(n_genes=n_genes)).fit(adata, progress=progress,
                                                                             reference=reference)
             embedding = trial.transform(adata)
-            labels = trial._reference_labels(embedding)
+            # the reference clusters when they were fitted (nearest centroid = their labels)
+            labels = trial.reference_labels(embedding) if reference else trial._reference_labels(embedding)
             silhouette = score_clustering(embedding, labels)["silhouette"]
             self.gene_search.append({"n_genes": n_genes, "silhouette": silhouette})
             log.info("n_genes=%d silhouette=%.4f", n_genes, silhouette)

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 CHAMPION, CHALLENGER = "champion", "challenger"
 HISTORY_TAG = "champion_history"
 #: Preference order of the selection metric: ARI when labels exist, else silhouette.
-METRIC_PREFERENCE = ("kmeans_ari", "leiden_ari", "kmeans_silhouette", "leiden_silhouette")
+METRIC_PREFERENCE = ("kmeans_ari", "leiden_ari", "auto_ari", "kmeans_silhouette", "leiden_silhouette",
+                     "auto_silhouette")
 
 
 @dataclass(frozen=True)

@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output .csv or .h5ad")
     parser.add_argument("--method", default="reference", choices=["reference", "kmeans", "auto", "leiden"])
     parser.add_argument("--n-clusters", type=int, default=0)
-    parser.add_argument("--resolution", type=float, default=1.0)
+    parser.add_argument("--resolution", type=float, default=None, help="Leiden resolution [default: the model's]")
     parser.add_argument("--chunk-size", type=int, default=500)
     parser.add_argument("--max-cells", type=int, default=None, help="send only the first N cells")
     args = parser.parse_args(argv)
@@ -77,8 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_cells:
         adata = adata[: args.max_cells].copy()
     counts = adata.to_df()
-    params = {"method": args.method, "n_clusters": args.n_clusters, "resolution": args.resolution,
-              "return_embedding": args.out.endswith(".h5ad")}
+    params = {"method": args.method, "n_clusters": args.n_clusters, "return_embedding": args.out.endswith(".h5ad")}
+    if args.resolution is not None:  # left out: the model's own resolution
+        params["resolution"] = args.resolution
     result = cluster_dataset(args.url, counts, params, args.chunk_size)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

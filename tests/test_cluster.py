@@ -67,6 +67,12 @@ def test_estimated_k_counts_the_groups_of_a_useful_size():
         estimate_n_clusters(x, min_fraction=1.5)
 
 
+def test_estimated_k_counts_every_community_when_all_are_rarer_than_the_floor():
+    # 60 separated groups of 1.7 % each: none reaches 2 %, so all count (not k = 1)
+    x, _ = make_blobs(n_samples=[50] * 60, n_features=20, cluster_std=0.3, center_box=(-50, 50), random_state=2)
+    assert estimate_n_clusters(x.astype(np.float32), n_neighbors=10) >= 50
+
+
 def test_anndata_interface(blobs):
     import anndata as ad
 

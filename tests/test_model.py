@@ -43,6 +43,21 @@ def test_reference_labels_follow_training_clusters(trained, synthetic):
     )
 
 
+def test_reference_clusters_without_k_use_the_estimated_k(synthetic, tiny_config):
+    import dataclasses
+
+    from contrastive_sc.cluster import cluster_labels, estimate_n_clusters
+
+    config = dataclasses.replace(tiny_config, cluster=dataclasses.replace(tiny_config.cluster, n_clusters=None))
+    model = ContrastiveSC(config).fit(synthetic)
+    z = model.transform(synthetic)
+    cfg = model.config
+    k = estimate_n_clusters(z, n_neighbors=cfg.cluster.n_neighbors, seed=cfg.train.seed)
+    assert len(model.reference_centroids) == k
+    auto = cluster_labels(z, "auto", n_neighbors=cfg.cluster.n_neighbors, seed=cfg.train.seed)
+    assert score_clustering(z, model.reference_labels(z), auto)["ari"] == pytest.approx(1.0)
+
+
 def test_auto_gene_count_picks_by_silhouette(synthetic, tiny_config):
     model = ContrastiveSC(tiny_config.replace(n_genes="auto", epochs=1)).fit(synthetic)
     assert [trial["n_genes"] for trial in model.gene_search] == [400]  # all smaller than the 500 minimum

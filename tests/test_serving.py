@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from contrastive_sc.cluster import cluster_labels
 from tests.conftest import shared_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -121,9 +122,12 @@ def test_valid_requests_in_two_json_formats_and_each_method(served):
     assert status == 200, body
     assert len(body["predictions"]) == 40
 
-    status, body = server.post(_split(cells, {"method": "auto", "return_embedding": False}))
+    status, body = server.post(_split(cells, {"method": "auto"}))
     assert status == 200, body
-    assert len(body["predictions"]) == 40 and pd.DataFrame(body["predictions"])["cluster"].nunique() >= 1
+    rows = pd.DataFrame(body["predictions"])
+    # KMeans at the k estimated on the model's graph (the paper preset's 15 neighbours)
+    expected = cluster_labels(rows.filter(like="emb_").to_numpy(), "auto", n_neighbors=15, seed=0)
+    np.testing.assert_array_equal(rows["cluster"].to_numpy(), expected)
 
 
 def test_reference_labels_match_in_process_and_across_batches(served):

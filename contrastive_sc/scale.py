@@ -318,8 +318,38 @@ def run_scale_benchmark(sizes: Iterable[int], out: str | Path, *, n_genes: int =
 
 
 def _child(results, func, args, kwargs) -> None:
+    _end_with_parent()
     logging.basicConfig(level=logging.getLogger().level or logging.WARNING)
     results.put(func(*args, **kwargs))
+
+
+def _end_with_parent() -> None:
+    """Make this worker end when the benchmark process is killed (not left running on its own).
+
+    Linux delivers SIGTERM to the worker when its parent dies (``prctl(PR_SET_PDEATHSIG)``,
+    effective even inside C code such as leidenalg); elsewhere a thread watches the parent id.
+    """
+    import os
+    import signal
+    import sys
+    import threading
+
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            if ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM)) == 0:  # 1 = PR_SET_PDEATHSIG
+                return
+        except (OSError, AttributeError):
+            pass
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(2.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def _in_fresh_process(func, *args, **kwargs) -> dict:

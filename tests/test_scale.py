@@ -1,5 +1,10 @@
 """The scale benchmark on tiny sizes: the CSV has every column, one row per size, positive values."""
 
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -70,3 +75,32 @@ def test_scale_benchmark_validates_flags(tmp_path):
     bad = runner.invoke(main, ["scale-benchmark", "--cells", "2000", "--genes", "50", "--n-genes-kept", "100",
                                "--out", str(tmp_path / "s.csv")])
     assert bad.exit_code == 2 and "--n-genes-kept <= --genes" in bad.output
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_worker_ends_when_the_benchmark_process_is_killed():
+    # Each size runs in a spawned worker; killing the benchmark must not leave it running.
+    code = "import time\nfrom contrastive_sc.scale import _in_fresh_process\n_in_fresh_process(time.sleep, 120)"
+    parent = subprocess.Popen([sys.executable, "-c", code])
+    children_file = Path(f"/proc/{parent.pid}/task/{parent.pid}/children")
+    deadline = time.monotonic() + 60
+    workers: list[int] = []
+    while time.monotonic() < deadline and not workers:
+        time.sleep(0.5)
+        workers = [int(pid) for pid in children_file.read_text().split()]
+    assert workers, "the worker process never started"
+    time.sleep(2.0)  # let the worker reach its sleep
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and any(_running(pid) for pid in workers):
+        time.sleep(0.5)
+    assert not any(_running(pid) for pid in workers)
+
+
+def _running(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended, only not been reaped

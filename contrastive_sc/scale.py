@@ -14,7 +14,11 @@ from __future__ import annotations
 import csv
 import dataclasses
 import logging
+import os
+import signal
+import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
@@ -329,11 +333,6 @@ def _end_with_parent() -> None:
     Linux delivers SIGTERM to the worker when its parent dies (``prctl(PR_SET_PDEATHSIG)``,
     effective even inside C code such as leidenalg); elsewhere a thread watches the parent id.
     """
-    import os
-    import signal
-    import sys
-    import threading
-
     if sys.platform.startswith("linux"):
         import ctypes
 

@@ -60,11 +60,13 @@ def cluster_dataset(url: str, counts: pd.DataFrame, params: dict, chunk_size: in
 
 
 def main(argv: list[str] | None = None) -> int:
+    from contrastive_sc.inference import METHODS  # the served model's methods, one list
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", default="http://127.0.0.1:5001")
     parser.add_argument("--data", required=True, help="counts file (any format contrastive-sc reads) or 'simulated'")
     parser.add_argument("--out", required=True, help="output .csv or .h5ad")
-    parser.add_argument("--method", default="reference", choices=["reference", "kmeans", "auto", "leiden"])
+    parser.add_argument("--method", default="reference", choices=list(METHODS))
     parser.add_argument("--n-clusters", type=int, default=0)
     parser.add_argument("--resolution", type=float, default=None, help="Leiden resolution [default: the model's]")
     parser.add_argument("--chunk-size", type=int, default=500)

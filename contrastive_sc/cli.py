@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import signal
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -76,25 +79,103 @@ def _none_if_empty(ctx, param, value):
     return value or None
 
 
+def _overwrite_option(func):
+    # `--overwrite` alone means true; MLproject passes `--overwrite true|false`.
+    return click.option(
+        "--overwrite", is_flag=False, flag_value=True, default=False, type=click.BOOL,
+        help="Replace --out even when it is not an earlier output of this command.",
+    )(func)
+
+
+class UserError(click.ClickException):
+    """A problem with what the user asked for: printed as one ``Error: ...`` line, exit code 2."""
+
+    exit_code = 2
+
+
+#: Exceptions that report a bad input or a missing resource rather than a bug. MLflow's own
+#: ``MlflowException`` (unknown model, run or alias) is matched by name so that the CLI does not
+#: import MLflow before it is needed.
+_USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, RuntimeError)
+
+
 def _friendly_errors(func):
-    """Turn the package's validation errors into a clean message and exit code 2."""
+    """Turn the package's and MLflow's validation errors into one line and exit code 2."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
-        except (ValueError, KeyError, FileNotFoundError, RuntimeError) as error:
-            message = error.args[0] if error.args else str(error)
-            raise click.UsageError(str(message)) from None
+        except Exception as error:
+            if not isinstance(error, _USER_ERRORS) and "MlflowException" not in {c.__name__ for c in type(error).__mro__}:
+                raise
+            message = getattr(error, "message", None) or (error.args[0] if error.args else str(error))
+            raise UserError(" ".join(str(message).split())) from None
 
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+class _OneLineErrors(click.Group):
+    """A group whose usage errors (bad option values too) print as a single ``Error:`` line.
+
+    Click's default shows the usage text and a hint above the error; scripts and MLflow's run
+    logs are easier to read with the one line the README promises.
+    """
+
+    def main(self, *args, **kwargs):
+        kwargs.pop("standalone_mode", None)
+        try:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        except click.ClickException as error:
+            click.echo(f"Error: {' '.join(error.format_message().split())}", err=True)
+            sys.exit(error.exit_code)
+
+
+def _quiet_mlflow(verbose: bool) -> None:
+    """Keep MLflow's INFO logs, UserWarnings and download bars out of the command's output."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if verbose:
+        return
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    # MLflow's advice to model authors (type hints, input examples) is not something a user of the
+    # command can act on. A filter cannot hide it: MLflow wraps log_model in catch_warnings with
+    # simplefilter("once"), which outranks ours. The display hook survives that wrapping.
+    show = warnings.showwarning
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, UserWarning) and f"{os.sep}mlflow{os.sep}" in str(filename):
+            return
+        show(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = showwarning
+
+
+def _exit_on_signal(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
+@click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("-v", "--verbose", is_flag=True, help="Log progress at INFO level.")
-def main(verbose: bool) -> None:
+@click.option(
+    "--workdir",
+    default=None,
+    type=click.Path(exists=True, file_okay=False),
+    help="Resolve relative paths (data, out, ./mlflow.db) against this folder. The MLproject passes the folder "
+    "`mlflow run` was started from, since MLflow runs entry points inside the project.",
+)
+def main(verbose: bool, workdir: str | None) -> None:
     """Contrastive self-supervised clustering of scRNA-seq data (Ciortan & Defrance, 2021)."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    _quiet_mlflow(verbose)
+    # SIGTERM (kill, a scheduler's timeout) ends the command like Ctrl-C does: runs in progress
+    # are closed as KILLED instead of being left RUNNING by a process that just vanished.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+    if workdir:
+        os.chdir(workdir)
 
 
 @main.command()
@@ -113,13 +194,17 @@ def main(verbose: bool) -> None:
 @click.option("--n-genes", default=None, type=_PresetDefault(_NGenes()), help="Override the presets' gene count.")
 @click.option("--epochs", default=None, type=_PresetDefault(click.IntRange(min=1)), help="Override the presets' epochs.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="CSV with one row per run.")
+@_overwrite_option
 @_friendly_errors
-def benchmark(data, more_data, label_key, methods, seeds, n_genes, epochs, out) -> None:
+def benchmark(data, more_data, label_key, methods, seeds, n_genes, epochs, out, overwrite) -> None:
     """Score methods on labelled datasets; write a CSV and print a mean ± sd table.
 
     Usage: contrastive-sc benchmark --data A.h5 B.h5ad --methods paper-kmeans,pca50-kmeans --seeds 3 --out r.csv
     """
     from .benchmark import run_benchmark, summarise
+    from .outputs import check_output
+
+    check_output(out, "csv", overwrite=overwrite)
 
     def show(row):
         click.echo(
@@ -393,12 +478,16 @@ def rollback(name, tracking_uri) -> None:
     "--data", default=None, callback=_none_if_empty, help="Optional counts file: parity is also checked on its cells."
 )
 @click.option("--provider", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), help="onnxruntime provider.")
+@_overwrite_option
 @_tracking_options
 @_friendly_errors
-def export_onnx(model_uri, out, data, provider, tracking_uri) -> None:
+def export_onnx(model_uri, out, data, provider, overwrite, tracking_uri) -> None:
     """Export a registered model's encoder to ONNX, check parity with torch, report the provider."""
     from . import tracking
     from .exporting import export_registered
+    from .outputs import check_output
+
+    check_output(out, "onnx", overwrite=overwrite)
 
     tracking.setup(tracking_uri)
     report = export_registered(model_uri, out, data=data, provider=provider)
@@ -418,12 +507,16 @@ def export_onnx(model_uri, out, data, provider, tracking_uri) -> None:
 @click.option("--resolution", default=None, type=_PresetDefault(click.FloatRange(min=0, min_open=True)),
               help="Leiden resolution [default, or 'preset': the one the model was trained with].")
 @click.option("--label-key", default=None, callback=_none_if_empty, help="obs column with labels: ARI/NMI are printed.")
+@_overwrite_option
 @_tracking_options
 @_friendly_errors
-def embed(model_uri, data, out, method, n_clusters, resolution, label_key, tracking_uri) -> None:
+def embed(model_uri, data, out, method, n_clusters, resolution, label_key, overwrite, tracking_uri) -> None:
     """Embed and cluster a dataset with a registered model; write an .h5ad."""
     from . import tracking
     from .exporting import embed_with_registered
+    from .outputs import check_output
+
+    check_output(out, "h5ad", overwrite=overwrite)
 
     tracking.setup(tracking_uri)
     params = {"method": method, "n_clusters": n_clusters, "resolution": resolution}

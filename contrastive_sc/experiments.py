@@ -68,8 +68,10 @@ def run_sweep(adata, base: ContrastiveConfig, grid: dict[str, list], seeds: Iter
         base.replace(**point)
     rows = []
     with mlflow.start_run(run_name=run_name) as parent:
-        mlflow.log_params({"grid": repr(grid), "seeds": len(seeds), "preset": base.preset,
-                           "n_points": len(points)})
+        # Prefixed keys: under `mlflow run` the entry point's own parameters (grid, seeds, preset)
+        # are already logged as given, and a logged parameter cannot change value.
+        mlflow.log_params({"sweep.grid": repr(grid), "sweep.seeds": ",".join(map(str, seeds)),
+                           "sweep.preset": base.preset, "sweep.n_points": len(points)})
         for point in points:
             for seed in seeds:
                 config = base.replace(**point, seed=seed)
@@ -168,13 +170,15 @@ def run_experiment(name: str, datasets: list | None = None, *, seeds: Iterable[i
     overrides = overrides or {}
     with mlflow.start_run(run_name=f"experiment:{name}"):
         mlflow.set_tags({"experiment": name, "kind": "paper-experiment"})
-        mlflow.log_params({"experiment": name, "seeds": ",".join(map(str, seeds)),
-                           "overrides": repr(overrides), "quick": quick})
+        # Prefixed keys: under `mlflow run` the entry point's own parameters (name, seeds, data, ...)
+        # are already logged as given, and a logged parameter cannot change value.
+        mlflow.log_params({"experiment.name": name, "experiment.seeds": ",".join(map(str, seeds)),
+                           "experiment.overrides": repr(overrides), "experiment.quick": quick})
         if name in ("simulated", "scalability"):
             rows = _SIMULATED[name](seeds, overrides, settings, quick)
         else:
             adatas = _load_all(datasets)
-            mlflow.log_param("datasets", ",".join(_name(a) for a in adatas))
+            mlflow.log_param("experiment.datasets", ",".join(_name(a) for a in adatas))
             rows = _REAL[name](adatas, seeds, overrides, settings)
         results = pd.DataFrame(rows)
         summary = _summarise_experiment(name, results)

@@ -67,6 +67,7 @@ class ContrastiveSC:
         :data:`~contrastive_sc.config.AUTO_GENE_COUNTS` and the one whose clustering has the best
         silhouette is kept (no labels are used).
         """
+        self.check_data(adata)
         pre = self.config.preprocess
         if pre.n_genes == "auto":
             return self._fit_auto_genes(adata, progress=progress, on_epoch=on_epoch, reference=reference)
@@ -86,6 +87,30 @@ class ContrastiveSC:
         if reference:
             self._fit_reference(encode(self.encoder, x))
         return self
+
+    def check_data(self, adata) -> None:
+        """Refuse, before any training, settings that cannot work on ``adata``'s size.
+
+        Raises
+        ------
+        ValueError
+            When there are too few cells for the clusters, the kNN graph or a batch, or too few
+            genes for the gene count asked for.
+        """
+        n_cells, n_genes = adata.shape
+        cluster, pre = self.config.cluster, self.config.preprocess
+        if n_cells < 3:
+            msg = f"training needs at least 3 cells, got {n_cells}"
+            raise ValueError(msg)
+        if cluster.n_clusters is not None and cluster.n_clusters > n_cells:
+            msg = f"n_clusters={cluster.n_clusters} but the data has only {n_cells} cells; ask for at most {n_cells}"
+            raise ValueError(msg)
+        if cluster.n_neighbors >= n_cells:
+            msg = f"n_neighbors={cluster.n_neighbors} needs more cells than neighbours; the data has {n_cells}"
+            raise ValueError(msg)
+        if isinstance(pre.n_genes, int) and n_genes < 2:
+            msg = f"the data has {n_genes} gene(s); at least 2 are needed"
+            raise ValueError(msg)
 
     def _fuse_with_pca(self, top_genes, x):
         """Put the principal components of the most dispersed input genes beside the encoder.

@@ -6,6 +6,7 @@ Tracking defaults to an explicit SQLite store, ``sqlite:///<cwd>/mlflow.db``;
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -118,8 +119,9 @@ def train_run(adata, config, *, label_key: str | None = None, methods=("kmeans",
     n_clusters = config.cluster.n_clusters or (len(np.unique(truth)) if truth is not None else None)
     config = config.replace(n_clusters=n_clusters)
     methods = [m for m in methods if m != "kmeans" or n_clusters]
+    ContrastiveSC(config).check_data(adata)  # a setting the data cannot satisfy fails before a run exists
 
-    with mlflow.start_run(run_name=run_name, nested=nested) as run:
+    with mlflow.start_run(run_name=run_name, nested=nested) as run, _ended_as_killed_on_interrupt():
         # Effective values under "config.": `mlflow run` has already logged the entry point's
         # raw parameters (e.g. lr=preset) under the plain names, and params cannot change.
         params = {f"config.{k}": v for k, v in config.to_params().items()}
@@ -155,6 +157,23 @@ def train_run(adata, config, *, label_key: str | None = None, methods=("kmeans",
             mlflow.set_tag("model_uri", model_uri)
         mlflow.set_tag("dataset", dataset_name)
         return {"run_id": run.info.run_id, "metrics": metrics, "model_uri": model_uri}
+
+
+@contextlib.contextmanager
+def _ended_as_killed_on_interrupt():
+    """Mark the active run KILLED when training is interrupted (Ctrl-C, or SIGTERM turned into one).
+
+    MLflow marks a run FAILED on any other exception; without this, an interrupted run would be
+    FAILED and a process killed by an unhandled SIGTERM would leave it RUNNING forever. A run
+    that did not finish never gets its ``model_uri`` tag, so it can never be registered.
+    """
+    import mlflow
+
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit):
+        mlflow.end_run("KILLED")
+        raise
 
 
 def _as_param_strings(params: dict) -> dict:

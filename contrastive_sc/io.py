@@ -47,15 +47,25 @@ def simulated_dataset(spec: str = SIMULATED, seed: int = 0) -> ad.AnnData:
     return adata
 
 
-def load(spec: str | Path, label_key: str | None = None) -> ad.AnnData:
-    """:func:`read` a file, or build the simulated dataset when ``spec`` starts with ``simulated``."""
+def load(spec: str | Path, label_key: str | None = None, *, layer: str | None = None) -> ad.AnnData:
+    """:func:`read` a file, or build the simulated dataset when ``spec`` starts with ``simulated``.
+
+    ``layer``: take the raw counts from ``layers[layer]`` or ``adata.raw`` (``"raw"``) of an
+    ``.h5ad`` instead of ``X`` (see :func:`counts_view`).
+    """
     if str(spec).startswith(SIMULATED):
         adata = simulated_dataset(str(spec))
         if label_key is not None and label_key not in adata.obs:
             msg = f"label key {label_key!r} not found in the simulated data; it has {list(adata.obs.columns)}"
             raise KeyError(msg)
-        return adata
-    return read(spec, label_key)
+        return counts_view(adata, layer)
+    if layer is None:
+        return read(spec, label_key)
+    adata = read(spec, label_key, validate=False)  # X may hold normalised values: the layer is checked
+    counts = counts_view(adata, layer)
+    counts.uns["dataset"] = adata.uns["dataset"]
+    validate_counts(counts)
+    return counts
 
 
 def read(path: str | Path, label_key: str | None = None, *, validate: bool = True) -> ad.AnnData:
@@ -111,6 +121,40 @@ def read(path: str | Path, label_key: str | None = None, *, validate: bool = Tru
     if validate:
         validate_counts(adata)
     return adata
+
+
+#: ``layer`` value that means ``adata.raw``.
+RAW_LAYER = "raw"
+
+
+def counts_view(adata: ad.AnnData, layer: str | None = None) -> ad.AnnData:
+    """``adata`` with its raw counts in ``X``: from ``layers[layer]``, ``adata.raw`` (``"raw"``) or ``X``.
+
+    The result shares ``obs`` with ``adata``; with ``"raw"`` the genes are ``adata.raw``'s.
+
+    Raises
+    ------
+    KeyError
+        When the layer (or ``adata.raw``) does not exist; the message lists what does.
+    """
+    if layer is None:
+        return adata
+    if getattr(adata, "isbacked", False):
+        msg = "layer= is not supported for a backed AnnData; write the counts to X of the .h5ad instead"
+        raise ValueError(msg)
+    if layer == RAW_LAYER:
+        if adata.raw is None:
+            msg = f"layer 'raw' asked for, but this AnnData has no .raw; its layers are {list(adata.layers)}"
+            raise KeyError(msg)
+        view = ad.AnnData(X=adata.raw.X, obs=adata.obs, var=adata.raw.var.copy(), uns=adata.uns)
+    elif layer in adata.layers:
+        view = ad.AnnData(X=adata.layers[layer], obs=adata.obs, var=adata.var.copy(), uns=adata.uns)
+    else:
+        has_raw = " and .raw (layer 'raw')" if adata.raw is not None else ""
+        msg = f"layer {layer!r} not found; this AnnData has layers {list(adata.layers)}{has_raw}"
+        raise KeyError(msg)
+    view.obsm.update(adata.obsm)
+    return view
 
 
 def default_label_key(adata: ad.AnnData) -> str | None:

@@ -19,7 +19,12 @@ EMBEDDING_KEY = "X_contrastive"
 #: Cells of an out-of-core dataset the ``fused`` PCA block is fitted on (a random sample).
 PCA_SAMPLE_CELLS = 50_000
 _FILES = {"config": "config.json", "state": "preprocess_state.json", "weights": "encoder.pt",
-          "history": "history.json", "reference": "reference_centroids.npy"}
+          "history": "history.json", "reference": "reference_centroids.npy", "cell_types": "cell_types.npz"}
+#: Files a model may lack (no reference clusters, no labels): removed on save when absent, so
+#: that a folder never mixes one model's weights with another's leftovers.
+_OPTIONAL_FILES = ("reference", "cell_types")
+#: ``obs`` columns written by :meth:`ContrastiveSC.annotate`.
+CELL_TYPE_KEY, CONFIDENCE_KEY = "contrastive_cell_type", "contrastive_confidence"
 
 
 class ContrastiveSC:
@@ -49,11 +54,21 @@ class ContrastiveSC:
         self.encoder = None
         self.history: TrainingHistory | None = None
         self.reference_centroids: np.ndarray | None = None
+        self.cell_types = None  # a CellTypeReference when trained with labels
         self.gene_search: list[dict] = []
 
     # ------------------------------------------------------------------ training
-    def fit(self, adata, *, progress: bool = False, on_epoch=None, reference: bool = True) -> ContrastiveSC:
-        """Fit preprocessing and train the encoder on raw counts in ``adata.X``.
+    def fit(self, adata, *, label_key: str | None = None, layer: str | None = None, progress: bool = False,
+            on_epoch=None, reference: bool = True) -> ContrastiveSC:
+        """Fit preprocessing and train the encoder on raw counts in ``adata.X`` (or ``layer``).
+
+        Training never reads the labels. With ``label_key``, the model also keeps an annotated
+        reference (:class:`~contrastive_sc.annotate.CellTypeReference`) so that
+        :meth:`annotate` and the served model name new cells by those labels, and call cells
+        unlike every type ``"unassigned"``.
+
+        ``layer``: an ``adata.layers`` key, or ``"raw"`` for ``adata.raw``, holding the raw counts
+        when ``X`` holds normalised values.
 
         ``reference=True`` also clusters the training cells (KMeans, with ``n_clusters`` when
         it is set, else with an estimated k: method ``auto``) and keeps the centroids, so new
@@ -67,14 +82,29 @@ class ContrastiveSC:
         :data:`~contrastive_sc.config.AUTO_GENE_COUNTS` and the one whose clustering has the best
         silhouette is kept (no labels are used).
         """
+        from .io import counts_view
+
+        labels = _labels(adata, label_key)
+        adata = counts_view(adata, layer)
         self.check_data(adata)
+        self._fit_embedding(adata, progress=progress, on_epoch=on_epoch, reference=reference)
+        if labels is not None:
+            from .annotate import CellTypeReference
+
+            self.cell_types = CellTypeReference.fit(self.transform(adata), labels, label_key=label_key,
+                                                    seed=self.config.train.seed)
+        return self
+
+    def _fit_embedding(self, adata, *, progress: bool, on_epoch, reference: bool) -> None:
         pre = self.config.preprocess
         if pre.n_genes == "auto":
-            return self._fit_auto_genes(adata, progress=progress, on_epoch=on_epoch, reference=reference)
+            self._fit_auto_genes(adata, progress=progress, on_epoch=on_epoch, reference=reference)
+            return
         if getattr(adata, "isbacked", False):  # a backed .h5ad is read a block of cells at a time
             from .outofcore import fit_backed
 
-            return fit_backed(self, adata, progress=progress, on_epoch=on_epoch, reference=reference)
+            fit_backed(self, adata, progress=progress, on_epoch=on_epoch, reference=reference)
+            return
         self.state = fit_preprocess(adata.X, adata.var_names, n_genes=pre.n_genes, min_cells=pre.min_cells,
                                     hvg_flavor=pre.hvg_flavor, clip=pre.clip)
         x = transform(adata.X, adata.var_names, self.state)
@@ -86,7 +116,6 @@ class ContrastiveSC:
             self.encoder = self._fuse_with_pca(top, x)
         if reference:
             self._fit_reference(encode(self.encoder, x))
-        return self
 
     def check_data(self, adata) -> None:
         """Refuse, before any training, settings that cannot work on ``adata``'s size.
@@ -111,6 +140,11 @@ class ContrastiveSC:
         if isinstance(pre.n_genes, int) and n_genes < 2:
             msg = f"the data has {n_genes} gene(s); at least 2 are needed"
             raise ValueError(msg)
+        from .io import validate_counts
+
+        # Normalised or log values would train silently and serve nonsense: refuse them here, with
+        # the readers' message (a backed matrix is checked on its first block).
+        validate_counts(adata[: min(n_cells, 20_000)] if getattr(adata, "isbacked", False) else adata)
 
     def _fuse_with_pca(self, top_genes, x):
         """Put the principal components of the most dispersed input genes beside the encoder.
@@ -231,6 +265,28 @@ class ContrastiveSC:
             raise RuntimeError(msg)
         return nearest_centroid(embedding, self.reference_centroids)
 
+    def annotate(self, adata, *, min_confidence: float | None = None, layer: str | None = None,
+                 copy: bool = False):
+        """Name each cell by the training labels: ``obs["contrastive_cell_type"]`` and ``obs["contrastive_confidence"]``.
+
+        Cells unlike every reference type are ``"unassigned"`` (confidence below
+        ``min_confidence``, default: the value recorded in the model). The embedding is written
+        to ``obsm["X_contrastive"]`` too. Returns the AnnData when ``copy=True``, else ``None``.
+        """
+        self._check_fitted()
+        if self.cell_types is None:
+            msg = "this model was trained without labels; train it with fit(adata, label_key=...) to annotate"
+            raise RuntimeError(msg)
+        from .io import counts_view
+
+        adata = adata.copy() if copy else adata
+        embedding = self.transform(counts_view(adata, layer))
+        types, confidence = self.cell_types.annotate(embedding, min_confidence)
+        adata.obsm[EMBEDDING_KEY] = embedding
+        adata.obs[CELL_TYPE_KEY] = _categorical(types)
+        adata.obs[CONFIDENCE_KEY] = confidence
+        return adata if copy else None
+
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path) -> Path:
         """Save config, preprocessing state, weights, history and reference centroids to a folder."""
@@ -249,6 +305,12 @@ class ContrastiveSC:
         (path / _FILES["history"]).write_text(json.dumps(history))
         if self.reference_centroids is not None:
             np.save(path / _FILES["reference"], self.reference_centroids)
+        if self.cell_types is not None:
+            self.cell_types.save(path / _FILES["cell_types"])
+        present = {"reference": self.reference_centroids is not None, "cell_types": self.cell_types is not None}
+        for key in _OPTIONAL_FILES:
+            if not present[key]:
+                (path / _FILES[key]).unlink(missing_ok=True)
         return path
 
     @classmethod
@@ -259,7 +321,7 @@ class ContrastiveSC:
         from .encoder import ContrastiveEncoder, FusedEmbedder
 
         path = Path(path)
-        missing = [name for key, name in _FILES.items() if key != "reference" and not (path / name).exists()]
+        missing = [name for key, name in _FILES.items() if key not in _OPTIONAL_FILES and not (path / name).exists()]
         if missing:
             msg = f"{str(path)!r} is not a saved ContrastiveSC model: missing {missing}"
             raise FileNotFoundError(msg)
@@ -278,4 +340,23 @@ class ContrastiveSC:
         model.history = TrainingHistory(**history)
         if (path / _FILES["reference"]).exists():
             model.reference_centroids = np.load(path / _FILES["reference"])
+        if (path / _FILES["cell_types"]).exists():
+            from .annotate import CellTypeReference
+
+            model.cell_types = CellTypeReference.load(path / _FILES["cell_types"])
         return model
+
+
+def _labels(adata, label_key: str | None):
+    if label_key is None:
+        return None
+    if label_key not in adata.obs:
+        msg = f"label key {label_key!r} not found in obs; available columns: {list(adata.obs.columns)}"
+        raise KeyError(msg)
+    return np.asarray(adata.obs[label_key].astype(str))
+
+
+def _categorical(values):
+    import pandas as pd
+
+    return pd.Categorical(np.asarray(values, dtype=str))

@@ -1,0 +1,96 @@
+"""Annotated references: cell types with confidence, unseen types unassigned, counts from a layer."""
+
+import numpy as np
+import pytest
+
+from contrastive_sc import ContrastiveSC
+from contrastive_sc.annotate import UNASSIGNED, CellTypeReference
+
+
+@pytest.fixture(scope="module")
+def held_back(_synthetic_session, tiny_config):
+    """A model trained with labels on groups 0 and 1 of ``synthetic``; group 2 is never seen."""
+    adata = _synthetic_session.copy()
+    adata.obs["cell_type"] = np.where(adata.obs["label"] == 0, "alpha", np.where(adata.obs["label"] == 1, "beta", "new"))
+    train = adata[adata.obs["cell_type"] != "new"].copy()
+    model = ContrastiveSC(tiny_config.replace(epochs=10, n_clusters=2)).fit(train, label_key="cell_type")
+    return model, adata
+
+
+def test_unseen_type_is_unassigned_and_known_types_are_named(held_back):
+    model, adata = held_back
+    model.annotate(adata)
+    called, truth = adata.obs["contrastive_cell_type"].astype(str), adata.obs["cell_type"]
+    confidence = adata.obs["contrastive_confidence"]
+    assert confidence.between(0, 1).all()
+    known = truth != "new"
+    assert (called[known] == truth[known]).mean() >= 0.9
+    assert (called[known] == UNASSIGNED).mean() <= 0.1
+    assert (called[~known] == UNASSIGNED).mean() >= 0.6
+    assert confidence[known].mean() > confidence[~known].mean()
+
+
+def test_threshold_is_recorded_and_can_be_overridden(held_back):
+    model, adata = held_back
+    assert model.cell_types.min_confidence == 0.05 and model.cell_types.label_key == "cell_type"
+    types, _ = model.cell_types.annotate(model.transform(adata), min_confidence=0.0)
+    assert UNASSIGNED not in set(types)  # 0 keeps every cell on its nearest type
+    with pytest.raises(ValueError, match=r"min_confidence must be a number within \[0, 1\], got nan"):
+        model.cell_types.annotate(model.transform(adata), min_confidence=float("nan"))
+
+
+def test_reference_survives_save_and_load(held_back, tmp_path):
+    model, adata = held_back
+    loaded = ContrastiveSC.load(model.save(tmp_path / "m"))
+    a = model.cell_types.annotate(model.transform(adata))
+    b = loaded.cell_types.annotate(loaded.transform(adata))
+    assert (a[0] == b[0]).all() and np.allclose(a[1], b[1])
+
+
+def test_saving_over_a_folder_leaves_no_stale_files(held_back, trained, tmp_path):
+    model, _ = held_back
+    folder = model.save(tmp_path / "m")
+    assert (folder / "cell_types.npz").exists() and (folder / "reference_centroids.npy").exists()
+    trained.reference_centroids, kept = None, trained.reference_centroids
+    try:
+        trained.save(folder)
+    finally:
+        trained.reference_centroids = kept
+    assert not (folder / "cell_types.npz").exists() and not (folder / "reference_centroids.npy").exists()
+    assert ContrastiveSC.load(folder).cell_types is None
+
+
+def test_a_model_without_labels_cannot_annotate(trained, synthetic):
+    with pytest.raises(RuntimeError, match="trained without labels"):
+        trained.annotate(synthetic)
+
+
+def test_reference_checks_its_input():
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="at least 2 cell types"):
+        CellTypeReference.fit(rng.normal(size=(40, 3)), ["a"] * 40)
+    with pytest.raises(ValueError, match="reserved"):
+        CellTypeReference.fit(rng.normal(size=(40, 3)), ["a", UNASSIGNED] * 20)
+    with pytest.raises(ValueError, match="one label per embedded cell"):
+        CellTypeReference.fit(rng.normal(size=(40, 3)), ["a", "b"] * 10)
+
+
+@pytest.mark.parametrize("layer", ["counts", "raw"])
+def test_counts_from_a_layer(synthetic, tiny_config, layer):
+    import anndata as ad
+    import scanpy as sc
+
+    adata = synthetic.copy()
+    if layer == "raw":
+        adata.raw = ad.AnnData(X=adata.X.copy(), var=adata.var.copy())
+    else:
+        adata.layers["counts"] = adata.X.copy()
+    sc.pp.normalize_total(adata)
+    sc.pp.log1p(adata)  # X now holds log-normalised values, as after a scanpy workflow
+    with pytest.raises(ValueError, match="non-integer value.*Pass the raw counts"):
+        ContrastiveSC(tiny_config).fit(adata)
+    model = ContrastiveSC(tiny_config).fit(adata, layer=layer, label_key="label")
+    direct = ContrastiveSC(tiny_config).fit(synthetic.copy(), label_key="label")
+    assert np.allclose(model.transform(synthetic), direct.transform(synthetic), atol=1e-5)
+    with pytest.raises(KeyError, match="layer 'spliced' not found"):
+        ContrastiveSC(tiny_config).fit(adata, layer="spliced")

@@ -47,3 +47,32 @@ def score_clustering(embedding: np.ndarray, predicted, truth=None, *, seed: int 
         scores["silhouette"] = float("nan")
         scores["calinski_harabasz"] = float("nan")
     return scores
+
+
+def batch_mixing(embedding: np.ndarray, batches, *, n_neighbors: int = 30) -> float:
+    """How well batches mix in the embedding: the normalised mean iLISI, in [0, 1].
+
+    For each cell, the inverse Simpson index of the batch labels among its ``n_neighbors``
+    nearest cells (iLISI, Korsunsky et al. 2019, as in scib) is the effective number of batches
+    around it; ``(iLISI - 1) / (batches - 1)`` maps it to 0 (neighbours all from the cell's own
+    batch: clusters follow samples) through 1 (neighbours drawn evenly from every batch). Plain
+    neighbour counts, not the perplexity-weighted neighbourhoods of scib's LISI.
+
+    Returns NaN with a single batch.
+    """
+    from sklearn.neighbors import NearestNeighbors
+
+    batches = np.asarray(batches)
+    if batches.shape[0] != embedding.shape[0]:
+        msg = f"{batches.shape[0]} batch labels for {embedding.shape[0]} cells"
+        raise ValueError(msg)
+    names, codes = np.unique(batches.astype(str), return_inverse=True)
+    if len(names) < 2:
+        return float("nan")
+    k = min(n_neighbors, embedding.shape[0] - 1)
+    neighbours = NearestNeighbors(n_neighbors=k + 1).fit(embedding).kneighbors(embedding, return_distance=False)[:, 1:]
+    counts = np.zeros((embedding.shape[0], len(names)))
+    np.add.at(counts, (np.repeat(np.arange(embedding.shape[0]), k), codes[neighbours].ravel()), 1.0)
+    shares = counts / k
+    ilisi = 1.0 / (shares**2).sum(axis=1)
+    return float(np.mean((ilisi - 1.0) / (len(names) - 1)))

@@ -1,4 +1,4 @@
-"""Figures logged with each run: the loss curve and a 2-D map of the embedding."""
+"""Figures logged with each run: the loss curve, a UMAP map of the clusters and a contingency heatmap."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-#: t-SNE is quadratic-ish in cells; larger embeddings are mapped on a fixed random sample.
-MAP_SAMPLE = 3000
+#: Cells drawn on a run's map (a fixed random sample above this; UMAP's cost grows with cells).
+MAP_SAMPLE = 20_000
 
 
 def _pyplot():
@@ -31,27 +31,96 @@ def loss_curve(loss: list[float], path: str | Path) -> Path:
     return Path(path)
 
 
-def embedding_map(embedding: np.ndarray, labels_by_method: dict[str, np.ndarray], truth, path: str | Path,
-                  seed: int = 0) -> Path:
-    """t-SNE map of the embedding, one panel per clustering and one for the labels."""
-    from sklearn.manifold import TSNE
-
+def _palette(n: int) -> list:
     plt = _pyplot()
-    rng = np.random.default_rng(seed)
-    n = embedding.shape[0]
-    rows = np.sort(rng.choice(n, MAP_SAMPLE, replace=False)) if n > MAP_SAMPLE else np.arange(n)
-    coords = TSNE(n_components=2, perplexity=min(30, max(2, len(rows) // 4)), random_state=seed,
-                  init="pca").fit_transform(embedding[rows])
-    panels = {f"{method} clusters": labels for method, labels in labels_by_method.items()}
+    colours = [plt.get_cmap("tab20")(i) for i in range(20)] + [plt.get_cmap("tab20b")(i) for i in range(20)]
+    return [colours[i % len(colours)] for i in range(n)]
+
+
+def _matched_colours(labels, truth) -> dict:
+    """Colour per cluster: the colour of the label it best matches (one-to-one), so panels compare."""
+    from scipy.optimize import linear_sum_assignment
+
+    clusters = list(np.unique(labels))
+    if truth is None:
+        return dict(zip(clusters, _palette(len(clusters))))
+    names = list(np.unique(truth))
+    table = np.zeros((len(clusters), len(names)))
+    np.add.at(table, (np.searchsorted(clusters, labels), np.searchsorted(names, truth)), 1)
+    rows, cols = linear_sum_assignment(-table)
+    palette = _palette(len(names) + len(clusters))
+    colours = {clusters[r]: palette[c] for r, c in zip(rows, cols)}
+    spare = iter(palette[len(names):])
+    return {c: colours.get(c) or next(spare) for c in clusters}
+
+
+def cluster_map(coords: np.ndarray, labels_by_method: dict[str, np.ndarray], truth, path: str | Path, *,
+                batches=None, title: str = "") -> Path:
+    """UMAP panels: one per clustering, the labels and the batches, each with a legend.
+
+    A cluster takes the colour of the cell type it matches best (one-to-one matching on the
+    contingency table) and is named ``<cluster> (<majority type>)``, so panels read side by side.
+    """
+    plt = _pyplot()
+    truth = None if truth is None else np.asarray(truth).astype(str)
+    panels = []
+    for method, labels in labels_by_method.items():
+        labels = np.asarray(labels).astype(str)
+        colours = _matched_colours(labels, truth)
+        names = {}
+        for c in colours:
+            if truth is not None:
+                values, counts = np.unique(truth[labels == c], return_counts=True)
+                names[c] = f"{c} ({values[counts.argmax()]})"
+            else:
+                names[c] = str(c)
+        panels.append((f"{method} clusters", labels, colours, names))
     if truth is not None:
-        panels["labels"] = truth
-    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(4.5 * max(1, len(panels)), 4.2), squeeze=False)
-    for ax, (title, labels) in zip(axes[0], panels.items()):
-        codes = np.unique(np.asarray(labels)[rows], return_inverse=True)[1]
-        ax.scatter(coords[:, 0], coords[:, 1], c=codes, cmap="tab20", s=4, linewidths=0)
-        ax.set(title=title, xticks=[], yticks=[])
+        colours = dict(zip(np.unique(truth), _palette(len(np.unique(truth)))))
+        panels.append(("cell types (labels)", truth, colours, {c: c for c in colours}))
+    if batches is not None:
+        batches = np.asarray(batches).astype(str)
+        values = np.unique(batches)
+        colours = dict(zip(values, _palette(len(values))[::-1]))
+        panels.append(("batches", batches, colours, {c: c for c in colours}))
+    width = max(1, len(panels))
+    fig, axes = plt.subplots(1, width, figsize=(5.6 * width, 5.0), squeeze=False)
+    size = max(1.0, min(12.0, 3e4 / max(1, len(coords))))
+    for ax, (panel_title, labels, colours, names) in zip(axes[0], panels):
+        for value, colour in colours.items():
+            rows = labels == value
+            ax.scatter(coords[rows, 0], coords[rows, 1], color=colour, s=size, linewidths=0, label=names[value])
+        ax.set(title=panel_title, xlabel="UMAP 1", ylabel="UMAP 2", xticks=[], yticks=[])
+        ax.legend(fontsize=6, markerscale=2.0 / np.sqrt(size) * 2, loc="upper left", bbox_to_anchor=(1.0, 1.0),
+                  frameon=False, ncol=1 if len(colours) <= 20 else 2)
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def contingency_heatmap(truth, labels, path: str | Path, *, title: str = "") -> Path:
+    """Share of each cell type (rows) in each cluster (columns), with the cell counts written in."""
+    import pandas as pd
+
+    plt = _pyplot()
+    table = pd.crosstab(pd.Series(np.asarray(truth).astype(str), name="cell type"),
+                        pd.Series(np.asarray(labels).astype(str), name="cluster"))
+    shares = table.div(table.sum(axis=1), axis=0)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.45 * table.shape[1], 1.2 + 0.35 * table.shape[0]))
+    image = ax.imshow(shares.to_numpy(), cmap="Blues", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(table.shape[1]), table.columns, rotation=90, fontsize=7)
+    ax.set_yticks(range(table.shape[0]), table.index, fontsize=7)
+    ax.set(xlabel="cluster", ylabel="cell type", title=title or "share of each cell type per cluster")
+    for (i, j), count in np.ndenumerate(table.to_numpy()):
+        if count:
+            ax.text(j, i, str(count), ha="center", va="center", fontsize=5,
+                    color="white" if shares.iat[i, j] > 0.5 else "black")
+    fig.colorbar(image, ax=ax, fraction=0.04, label="share of the cell type")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
 

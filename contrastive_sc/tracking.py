@@ -95,15 +95,18 @@ def git_commit() -> str:
         return "unknown"
 
 
-def train_run(adata, config, *, label_key: str | None = None, methods=("kmeans", "leiden"),
-              run_name: str | None = None, nested: bool = False, log_model: bool = True,
-              map_plot: bool = True, progress: bool = False) -> dict:
+def train_run(adata, config, *, label_key: str | None = None, batch_key: str | None = None,
+              methods=("kmeans", "leiden"), run_name: str | None = None, nested: bool = False,
+              log_model: bool = True, map_plot: bool = True, progress: bool = False) -> dict:
     """Train one model and record everything about it in an MLflow run.
 
     Logs every config value as a param, the loss per epoch, ARI / NMI (with labels),
     silhouette, Calinski-Harabasz and clusters found per clustering method, timings, the
     dataset, tags (preset, package version, git commit), the preprocessing state and config,
-    a loss curve, a 2-D map, contingency tables and the embed-then-cluster pyfunc model.
+    a loss curve, a UMAP map, marker genes and contingency tables per clustering, and the
+    embed-then-cluster pyfunc model. With ``label_key`` the model keeps an annotated reference
+    (it names new cells by those labels); with ``batch_key`` the batches are recorded, drawn on
+    the map and scored (``batch_mixing``: 0 when neighbours come from the cell's own batch only).
 
     Returns
     -------
@@ -112,10 +115,14 @@ def train_run(adata, config, *, label_key: str | None = None, methods=("kmeans",
     import mlflow
 
     from .cluster import cluster_labels
-    from .metrics import score_clustering
+    from .metrics import batch_mixing, score_clustering
     from .model import ContrastiveSC
 
     truth = np.asarray(adata.obs[label_key]) if label_key else None
+    if batch_key is not None and batch_key not in adata.obs:
+        msg = f"batch key {batch_key!r} not found in obs; available columns: {list(adata.obs.columns)}"
+        raise KeyError(msg)
+    batches = np.asarray(adata.obs[batch_key]).astype(str) if batch_key else None
     n_clusters = config.cluster.n_clusters or (len(np.unique(truth)) if truth is not None else None)
     config = config.replace(n_clusters=n_clusters)
     methods = [m for m in methods if m != "kmeans" or n_clusters]
@@ -128,11 +135,12 @@ def train_run(adata, config, *, label_key: str | None = None, methods=("kmeans",
         mlflow.log_params(_as_param_strings(params | {"cluster_methods": ",".join(methods)}))
         mlflow.set_tags({"preset": config.preset, "contrastive_sc_version": __version__, "git_commit": git_commit()})
         dataset_name = adata.uns.get("dataset", {}).get("name", "anndata")
-        _log_dataset(adata, dataset_name, label_key)
+        _log_dataset(adata, dataset_name, label_key, batch_key)
 
         started = time.perf_counter()
         model = ContrastiveSC(config).fit(
-            adata, progress=progress, on_epoch=lambda epoch, loss: mlflow.log_metric("loss", loss, step=epoch))
+            adata, label_key=label_key, progress=progress,
+            on_epoch=lambda epoch, loss: mlflow.log_metric("loss", loss, step=epoch))
         fit_seconds = time.perf_counter() - started
         embedding = model.transform(adata)
         metrics = {"fit_seconds": fit_seconds, "train_seconds": model.history.seconds,
@@ -146,11 +154,13 @@ def train_run(adata, config, *, label_key: str | None = None, methods=("kmeans",
             scores["seconds"] = time.perf_counter() - started
             metrics.update({f"{method}_{key}": value for key, value in scores.items()})
             tables[method] = labels
+        if batches is not None:
+            metrics["batch_mixing"] = batch_mixing(embedding, batches)
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if np.isfinite(v)})
 
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
-            _log_artifacts(tmp, model, embedding, tables, truth, map_plot)
+            _log_artifacts(tmp, adata, model, embedding, tables, truth, batches, map_plot)
             mlflow.log_artifacts(str(model.save(tmp / TORCH_MODEL_ARTIFACT)), TORCH_MODEL_ARTIFACT)
             model_uri = _log_model(tmp / "package", model, embedding) if log_model else None
         if model_uri:
@@ -180,7 +190,7 @@ def _as_param_strings(params: dict) -> dict:
     return {k: ",".join(map(str, v)) if isinstance(v, list | tuple) else v for k, v in params.items()}
 
 
-def _log_dataset(adata, name: str, label_key: str | None) -> None:
+def _log_dataset(adata, name: str, label_key: str | None, batch_key: str | None = None) -> None:
     import mlflow
     from mlflow.data.meta_dataset import MetaDataset
 
@@ -188,7 +198,8 @@ def _log_dataset(adata, name: str, label_key: str | None) -> None:
     dataset = MetaDataset(source=_dataset_source(path), name=name, digest=dataset_digest(adata))
     mlflow.log_input(dataset, context="training")
     mlflow.log_params({"data.name": name, "data.n_cells": adata.n_obs, "data.n_genes": adata.n_vars,
-                       "data.digest": dataset.digest, "data.label_key": label_key or ""})
+                       "data.digest": dataset.digest, "data.label_key": label_key or "",
+                       "data.batch_key": batch_key or ""})
 
 
 def _dataset_source(path: str | None):
@@ -201,23 +212,37 @@ def _dataset_source(path: str | None):
     return resolve_dataset_source(str(Path(path).resolve()))
 
 
-def _log_artifacts(folder: Path, model, embedding, labels_by_method: dict, truth, map_plot: bool) -> None:
+def _log_artifacts(folder: Path, adata, model, embedding, labels_by_method: dict, truth, batches,
+                   map_plot: bool) -> None:
     import mlflow
     import pandas as pd
 
-    from .plots import embedding_map, loss_curve
+    from .describe import marker_genes, umap_coordinates
+    from .plots import MAP_SAMPLE, cluster_map, contingency_heatmap, loss_curve
 
     (folder / "config.json").write_text(model.config.to_json())
     model.state.to_json(folder / "preprocess_state.json")
     (folder / "history.json").write_text(json.dumps({"loss": model.history.loss, "lr": model.history.lr,
                                                      "gene_search": model.gene_search}))
     loss_curve(model.history.loss, folder / "loss_curve.png")
+    # Map and markers read a fixed random sample of a large dataset (a backed one is never loaded whole).
+    rng = np.random.default_rng(model.config.train.seed)
+    n = embedding.shape[0]
+    rows = np.sort(rng.choice(n, MAP_SAMPLE, replace=False)) if n > MAP_SAMPLE else np.arange(n)
     if map_plot:
-        embedding_map(embedding, labels_by_method, truth, folder / "embedding_map.png")
+        coords = umap_coordinates(embedding[rows], seed=model.config.train.seed)
+        cluster_map(coords, {m: labels[rows] for m, labels in labels_by_method.items()},
+                    None if truth is None else truth[rows], folder / "embedding_map.png",
+                    batches=None if batches is None else batches[rows],
+                    title=f"{model.config.preset} preset, UMAP of the embedding ({len(rows):,} of {n:,} cells)")
     for method, labels in labels_by_method.items():
+        sample = adata if len(rows) == n else adata[rows]
+        marker_genes(sample, labels[rows]).to_csv(folder / f"markers_{method}.csv", index=False)
         if truth is not None:
             pd.crosstab(pd.Series(truth, name="label"), pd.Series(labels, name=f"{method}_cluster")).to_csv(
                 folder / f"contingency_{method}.csv")
+            contingency_heatmap(truth, labels, folder / f"contingency_{method}.png",
+                                title=f"{method} clusters against the labels")
     for path in folder.iterdir():
         if path.is_file():
             mlflow.log_artifact(str(path))

@@ -462,7 +462,7 @@ def _registered_model(client, name: str):
     from mlflow.exceptions import MlflowException
 
     try:
-        return client.get_registered_model(name)
+        return _retry(client.get_registered_model, name)
     except MlflowException as error:
         if error.error_code != "RESOURCE_DOES_NOT_EXIST":
             msg = f"reading registered model {name!r} from {_registry_uri()} failed: {_one_line(error.message)}"
@@ -484,7 +484,7 @@ def _get_version(client, name: str, version: str | None):
             raise ValueError(msg)
         return found
     try:
-        return client.get_model_version(name, str(version))
+        return _retry(client.get_model_version, name, str(version))
     except MlflowException:
         msg = (f"model version {name}/{version} not found in {_registry_uri()}; {name} has versions "
                f"{_version_numbers(client, name)} and aliases {_aliases(model)}")
@@ -501,19 +501,27 @@ def _version_by_alias(client, name: str, alias: str):
 
 
 def _alias_version(client, name: str, alias: str):
+    """The version behind ``alias``, or ``None`` when there is none.
+
+    Only "not found" means ``None``: a champion that merely failed to read would let any
+    candidate be crowned unopposed.
+    """
     from mlflow.exceptions import MlflowException
 
     try:
-        return client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
+        return _retry(client.get_model_version_by_alias, name, alias)
+    except MlflowException as error:
+        if error.error_code == "RESOURCE_DOES_NOT_EXIST" or "not found" in str(error.message).lower():
+            return None
+        msg = f"reading @{alias} of {name!r} from {_registry_uri()} failed: {_one_line(error.message)}"
+        raise ValueError(msg) from None
 
 
 def _version_exists(client, name: str, version: str) -> bool:
     from mlflow.exceptions import MlflowException
 
     try:
-        client.get_model_version(name, version)
+        _retry(client.get_model_version, name, version)
     except MlflowException as error:
         if error.error_code == "RESOURCE_DOES_NOT_EXIST":
             return False
@@ -525,7 +533,7 @@ def _get_run(client, run_id: str):
     from mlflow.exceptions import MlflowException
 
     try:
-        return client.get_run(run_id)
+        return _retry(client.get_run, run_id)
     except MlflowException as error:
         if error.error_code != "RESOURCE_DOES_NOT_EXIST":
             msg = f"reading run {run_id!r} from {_tracking_uri()} failed: {_one_line(error.message)}"
@@ -563,7 +571,8 @@ def _metric_value(version, metric: str | None) -> float:
 
 
 def _version_of_run(client, name: str, run_id: str) -> str | None:
-    versions = _versions(client, name)
+    # Not _versions(): a failed read must not look like "no version yet" and register the run twice.
+    versions = _retry(client.search_model_versions, _name_filter(name))
     matching = [v for v in versions if v.run_id == run_id]
     return str(max(int(v.version) for v in matching)) if matching else None
 
@@ -572,9 +581,14 @@ def _versions(client, name: str) -> list:
     from mlflow.exceptions import MlflowException
 
     try:
-        return client.search_model_versions(f"name = '{name}'")
+        return client.search_model_versions(_name_filter(name))
     except MlflowException:
         return []
+
+
+def _name_filter(name: str) -> str:
+    # The filter grammar has no escapes: quote with the quote the name lacks.
+    return f'name = "{name}"' if "'" in name else f"name = '{name}'"
 
 
 def _version_numbers(client, name: str) -> list[str]:

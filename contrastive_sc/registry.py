@@ -219,13 +219,13 @@ def promote(name: str, version: str | None = None, *, eval_data: str | None = No
     client = _client()
     candidate = _get_version(client, name, version)
     evaluation = _Evaluation(eval_data, label_key) if eval_data else None
-    if evaluation is not None:
+    incumbent = _alias_version(client, name, CHAMPION)
+    if evaluation is not None and (incumbent is None or str(incumbent.version) != str(candidate.version)):
         # Score before taking the lock (it can take a while); a champion that changes meanwhile is
         # scored under the lock below.
-        evaluation.score(name, candidate)
-        incumbent = _alias_version(client, name, CHAMPION)
-        if incumbent is not None:
-            evaluation.score(name, incumbent)
+        for contender in (candidate, incumbent):
+            if contender is not None:
+                evaluation.score(name, contender)
     with registry_lock():
         candidate = _get_version(client, name, str(candidate.version))
         champion = _alias_version(client, name, CHAMPION)

@@ -449,14 +449,28 @@ def register(name, metric, run_id, experiment, tracking_uri) -> None:
 @main.command()
 @click.option("--name", required=True, help="Registered model name.")
 @click.option("--version", default=None, callback=_none_if_empty, help="Version to promote [default: @challenger].")
+@click.option(
+    "--eval-data",
+    default=None,
+    callback=_none_if_empty,
+    help="Labelled dataset on which champion and candidate are both scored (ARI of KMeans at the true k) "
+    "[default: compare their registered metrics, refused when they were trained on different data].",
+)
+@click.option("--label-key", default=None, callback=_none_if_empty, help="Label column of --eval-data [default: label].")
 @_tracking_options
 @_friendly_errors
-def promote(name, version, tracking_uri) -> None:
-    """Move @champion to a version only if it beats the current champion on its metric."""
+def promote(name, version, eval_data, label_key, tracking_uri) -> None:
+    """Move @champion to a version only if it beats the current champion on its metric.
+
+    Concurrent promotions of one registry are serialised by a lock file (beside a SQLite
+    database); a refusal is a normal outcome and exits 0.
+    """
     from . import registry, tracking
 
+    if label_key and not eval_data:
+        raise click.UsageError("--label-key applies to --eval-data; pass --eval-data FILE too")
     tracking.setup(tracking_uri)
-    click.echo(registry.promote(name, version).message)
+    click.echo(registry.promote(name, version, eval_data=eval_data, label_key=label_key).message)
 
 
 @main.command()

@@ -2,20 +2,35 @@
 
 Aliases only (stages are deprecated): ``@challenger`` is the latest registered candidate,
 ``@champion`` the version in service. Promotion moves ``@champion`` only when the candidate
-beats it on the registration metric; the replaced versions are kept in a history (a tag of
-the registered model) so that :func:`rollback` can restore them.
+beats it on the registration metric, measured on the same dataset (or, when told, on one pinned
+labelled evaluation set); the replaced versions are kept in a history (a tag of the registered
+model) so that :func:`rollback` can restore them.
+
+MLflow's registry has no compare-and-set: two processes promoting at once would both read the
+old champion. Every read-compare-write of the aliases and the history therefore runs under a
+cross-process file lock (:func:`registry_lock`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import random
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 HISTORY_TAG = "champion_history"
+#: Version tags naming the training data (the run's ``dataset`` tag and ``data.digest`` param).
+DATASET_TAG, DIGEST_TAG = "dataset", "dataset_digest"
 #: Preference order of the selection metric: ARI when labels exist, else silhouette.
 METRIC_PREFERENCE = ("kmeans_ari", "leiden_ari", "auto_ari", "kmeans_silhouette", "leiden_silhouette",
                      "auto_silhouette")
+#: Seconds a registry change waits for another one to finish before giving up.
+LOCK_TIMEOUT_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -34,6 +49,72 @@ def _client():
     return MlflowClient()
 
 
+# ----------------------------------------------------------------------------- locking
+def lock_path(registry_uri: str) -> Path:
+    """The lock file that serialises registry changes for ``registry_uri``.
+
+    Beside the database for ``sqlite:///`` URIs (every process that opens the file finds it);
+    otherwise in a per-user cache folder, keyed by a hash of the URI, which serialises the
+    promotions made from this machine only.
+    """
+    if registry_uri.startswith("sqlite:///"):
+        database = Path(registry_uri[len("sqlite:///") :].split("?", 1)[0]).expanduser().resolve()
+        return database.with_name(database.name + ".registry.lock")
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "contrastive-sc" / "registry-locks"
+    return cache / f"{hashlib.sha256(registry_uri.encode()).hexdigest()[:16]}.lock"
+
+
+@contextmanager
+def registry_lock(registry_uri: str | None = None, timeout: float = LOCK_TIMEOUT_S):
+    """Hold the cross-process lock of ``registry_uri`` (default: the active registry URI).
+
+    The lock is an OS file lock: it is released when its holder exits, even by a crash.
+    """
+    from filelock import FileLock, Timeout
+
+    path = lock_path(registry_uri or _registry_uri())
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(path), timeout=timeout)
+        lock.acquire()
+    except Timeout:
+        msg = (f"another registry change has held {path} for more than {timeout:.0f} s; "
+               "retry once it has finished")
+        raise ValueError(msg) from None
+    except OSError as error:
+        msg = f"cannot take the registry lock {path}: {error.strerror or error}; the folder must be writable"
+        raise ValueError(msg) from None
+    try:
+        yield path
+    finally:
+        lock.release()
+
+
+def _retry(call, *args, attempts: int = 6, **kwargs):
+    """``call(*args, **kwargs)``, retried briefly while another SQLite writer holds the database.
+
+    The lock keeps promotions apart, but a training run may be writing the same store.
+    """
+    for attempt in range(attempts):
+        try:
+            return call(*args, **kwargs)
+        except Exception as error:
+            if attempt == attempts - 1 or not _is_transient(error):
+                raise
+            time.sleep(0.1 * 2**attempt * (1 + random.random()))
+    return None  # pragma: no cover
+
+
+def _is_transient(error: Exception) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    if not (isinstance(error, MlflowException) or type(error).__module__.startswith("sqlalchemy")):
+        return False
+    text = str(error).lower()
+    return "database is locked" in text or "unique constraint failed" in text or "database is busy" in text
+
+
+# ----------------------------------------------------------------------------- registration
 def choose_metric(runs) -> str:
     """The first metric of :data:`METRIC_PREFERENCE` that the runs report."""
     for metric in METRIC_PREFERENCE:
@@ -46,8 +127,8 @@ def choose_metric(runs) -> str:
 def register_best(experiment: str, name: str, metric: str | None = None) -> dict:
     """Register the model of the experiment's best finished run under ``name``.
 
-    The version is tagged with the run's metrics, dataset and run id, and gets the
-    ``@challenger`` alias. Registering a run that already has a version returns that version.
+    The version is tagged with the run's metrics, dataset (name and digest) and run id, and gets
+    the ``@challenger`` alias. Registering a run that already has a version returns that version.
 
     Returns
     -------
@@ -79,7 +160,7 @@ def register_run(run_id: str, name: str, metric: str | None = None) -> dict:
     A run that already has a version of ``name`` is not registered twice.
     """
     client = _client()
-    run = client.get_run(run_id)
+    run = _get_run(client, run_id)
     if run.info.status != "FINISHED" or not run.data.tags.get("model_uri"):
         has_model = "a" if run.data.tags.get("model_uri") else "no"
         msg = (f"run {run_id} is {run.info.status} and has {has_model} logged model; "
@@ -90,88 +171,203 @@ def register_run(run_id: str, name: str, metric: str | None = None) -> dict:
         msg = f"run {run_id} does not report {metric!r}; it has {sorted(run.data.metrics)}"
         raise ValueError(msg)
     value = run.data.metrics[metric]
-    existing = _version_of_run(client, name, run_id)
-    if existing is not None:
-        client.set_registered_model_alias(name, CHALLENGER, existing)
-        return {"version": existing, "run_id": run_id, "metric": metric, "value": value, "new": False}
-
-    import mlflow
-
     tags = {
         "run_id": run_id,
         "metric": metric,
         "metric_value": repr(value),
-        "dataset": run.data.tags.get("dataset", ""),
+        DATASET_TAG: run.data.tags.get("dataset", ""),
+        DIGEST_TAG: run.data.params.get("data.digest", ""),
         "preset": run.data.tags.get("preset", ""),
     }
     tags |= {f"metric.{k}": repr(v) for k, v in run.data.metrics.items() if k != "loss"}
-    version = mlflow.register_model(run.data.tags["model_uri"], name, tags=tags)
-    client.set_registered_model_alias(name, CHALLENGER, version.version)
-    return {"version": str(version.version), "run_id": run_id, "metric": metric, "value": value, "new": True}
+    # Under the lock, so that two registrations of one run cannot both create a version.
+    with registry_lock():
+        existing = _version_of_run(client, name, run_id)
+        new = existing is None
+        if new:
+            existing = str(_register(run.data.tags["model_uri"], name, tags).version)
+        _retry(client.set_registered_model_alias, name, CHALLENGER, existing)
+    return {"version": existing, "run_id": run_id, "metric": metric, "value": value, "new": new}
 
 
-def promote(name: str, version: str | None = None) -> PromotionResult:
+def _register(model_uri: str, name: str, tags: dict):
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return _retry(mlflow.register_model, model_uri, name, tags=tags)
+    except MlflowException as error:
+        msg = f"registering {model_uri} as {name!r} failed: {_one_line(error.message)}"
+        raise ValueError(msg) from None
+
+
+# ----------------------------------------------------------------------------- promotion
+def promote(name: str, version: str | None = None, *, eval_data: str | None = None,
+            label_key: str | None = None) -> PromotionResult:
     """Move ``@champion`` to ``version`` (default: ``@challenger``) if it beats the champion.
 
-    The comparison uses the metric the version was registered with. A tie or a loss is
-    refused; promoting the current champion changes nothing.
+    Without ``eval_data`` the comparison uses the metric the versions were registered with, and
+    is refused when they were trained on different datasets (different digests). With
+    ``eval_data`` (a labelled dataset, ``label_key`` its label column) both versions cluster that
+    one dataset with KMeans at the true number of labels and their ARIs are compared; the scores
+    are recorded on the versions as ``eval.<digest>.ari`` tags.
+
+    A tie or a loss is refused; promoting the current champion changes nothing. The decision
+    and the alias move happen under :func:`registry_lock`, so concurrent promotions end with the
+    best version as champion.
     """
     client = _client()
     candidate = _get_version(client, name, version)
-    champion = _alias_version(client, name, CHAMPION)
-    if champion is not None and str(champion.version) == str(candidate.version):
-        return PromotionResult(
-            False,
-            str(champion.version),
-            None,
-            f"version {candidate.version} is already @{CHAMPION} of {name}; nothing changed",
-        )
-    metric = candidate.tags.get("metric")
-    value = _metric_value(candidate, metric)
-    if champion is not None:
-        if champion.tags.get("metric") != metric:
+    evaluation = _Evaluation(eval_data, label_key) if eval_data else None
+    incumbent = _alias_version(client, name, CHAMPION)
+    if evaluation is not None and (incumbent is None or str(incumbent.version) != str(candidate.version)):
+        # Score before taking the lock (it can take a while); a champion that changes meanwhile is
+        # scored under the lock below.
+        for contender in (candidate, incumbent):
+            if contender is not None:
+                evaluation.score(name, contender)
+    with registry_lock():
+        candidate = _get_version(client, name, str(candidate.version))
+        champion = _alias_version(client, name, CHAMPION)
+        if champion is not None and str(champion.version) == str(candidate.version):
             return PromotionResult(
                 False,
                 str(champion.version),
                 None,
-                f"refused: version {candidate.version} was scored on {metric!r} but champion "
-                f"{champion.version} on {champion.tags.get('metric')!r}; they cannot be compared",
+                f"version {candidate.version} is already @{CHAMPION} of {name}; nothing changed",
             )
-        incumbent = _metric_value(champion, metric)
-        if not value > incumbent:
-            verdict = "ties" if value == incumbent else "loses to"
-            return PromotionResult(
-                False,
-                str(champion.version),
-                None,
-                f"refused: version {candidate.version} ({metric}={value:.4f}) {verdict} "
-                f"@{CHAMPION} version {champion.version} ({metric}={incumbent:.4f})",
-            )
-        _push_history(client, name, str(champion.version))
-    client.set_registered_model_alias(name, CHAMPION, candidate.version)
+        if evaluation is not None:
+            refusal, detail = evaluation.compare(client, name, candidate, champion)
+        else:
+            refusal, detail = _compare_registered(client, candidate, champion)
+        if refusal is not None:
+            return PromotionResult(False, str(champion.version), None, refusal)
+        if champion is not None:
+            _push_history(client, name, str(champion.version))
+        _retry(client.set_registered_model_alias, name, CHAMPION, candidate.version)
     previous = str(champion.version) if champion is not None else None
-    detail = f" (was version {previous})" if previous else ""
+    was = f" (was version {previous})" if previous else ""
     return PromotionResult(
         True,
         str(candidate.version),
         previous,
-        f"version {candidate.version} ({metric}={value:.4f}) is now @{CHAMPION} of {name}{detail}",
+        f"version {candidate.version} ({detail}) is now @{CHAMPION} of {name}{was}",
     )
 
 
+def _compare_registered(client, candidate, champion) -> tuple[str | None, str]:
+    """``(refusal or None, candidate's score in words)`` on the metric tags of the versions."""
+    metric = candidate.tags.get("metric")
+    value = _metric_value(candidate, metric)
+    detail = f"{metric}={value:.4f}"
+    if champion is None:
+        return None, detail
+    if champion.tags.get("metric") != metric:
+        return (f"refused: version {candidate.version} was scored on {metric!r} but champion "
+                f"{champion.version} on {champion.tags.get('metric')!r}; they cannot be compared"), detail
+    theirs, ours = _dataset_of(client, champion), _dataset_of(client, candidate)
+    if theirs[1] is None or ours[1] is None or theirs[1] != ours[1]:
+        return (f"refused: version {candidate.version} was trained on {_describe(ours)} but @{CHAMPION} version "
+                f"{champion.version} on {_describe(theirs)}; their {metric} values cannot be compared. Pass "
+                "--eval-data FILE (a labelled dataset) to score both on it"), detail
+    incumbent = _metric_value(champion, metric)
+    if not value > incumbent:
+        verdict = "ties" if value == incumbent else "loses to"
+        return (f"refused: version {candidate.version} ({metric}={value:.4f}) {verdict} "
+                f"@{CHAMPION} version {champion.version} ({metric}={incumbent:.4f})"), detail
+    return None, detail
+
+
+class _Evaluation:
+    """One pinned labelled dataset on which versions are scored (KMeans at the true k, ARI)."""
+
+    def __init__(self, path: str, label_key: str | None) -> None:
+        import numpy as np
+        import pandas as pd
+
+        from .io import default_label_key, load
+        from .tracking import dataset_digest
+
+        adata = load(path, label_key)
+        label_key = label_key or default_label_key(adata)
+        if label_key is None:
+            msg = (f"evaluation data {path!r} has no 'label' column; pass --label-key with one of "
+                   f"{list(adata.obs.columns)}")
+            raise ValueError(msg)
+        known = pd.notna(adata.obs[label_key]).to_numpy()
+        if not known.all():
+            adata = adata[known].copy()
+        self.truth = np.asarray(adata.obs[label_key]).astype(str)
+        self.n_clusters = len(np.unique(self.truth))
+        if self.n_clusters < 2:
+            msg = f"evaluation data {path!r} has {self.n_clusters} label(s) in {label_key!r}; expected at least 2"
+            raise ValueError(msg)
+        self.adata = adata
+        self.name = adata.uns.get("dataset", {}).get("name", Path(path).name)
+        self.digest = dataset_digest(adata)
+        self.scores: dict[str, float] = {}
+
+    def score(self, name: str, version) -> float:
+        from .metrics import score_clustering
+
+        number = str(version.version)
+        if number not in self.scores:
+            served = load_served_model(f"models:/{name}/{number}")
+            params = {"method": "kmeans", "n_clusters": self.n_clusters}
+            labels, embedding, _ = served.embed_and_cluster(self.adata.X, self.adata.var_names, params)
+            self.scores[number] = score_clustering(embedding, labels, self.truth)["ari"]
+        return self.scores[number]
+
+    def compare(self, client, name: str, candidate, champion) -> tuple[str | None, str]:
+        where = f"{self.name} [{self.digest}]"
+        ours = self.score(name, candidate)
+        self._record(client, name, candidate, ours)
+        detail = f"ARI={ours:.4f} on {where}"
+        if champion is None:
+            return None, detail
+        theirs = self.score(name, champion)
+        self._record(client, name, champion, theirs)
+        if not ours > theirs:
+            verdict = "ties" if ours == theirs else "loses to"
+            return (f"refused: version {candidate.version} (ARI={ours:.4f}) {verdict} @{CHAMPION} version "
+                    f"{champion.version} (ARI={theirs:.4f}) on {where}"), detail
+        return None, f"{detail}; version {champion.version}: ARI={theirs:.4f}"
+
+    def _record(self, client, name: str, version, ari: float) -> None:
+        for key, value in ((f"eval.{self.digest}.ari", repr(ari)), (f"eval.{self.digest}.data", self.name)):
+            _retry(client.set_model_version_tag, name, str(version.version), key, value)
+
+
 def rollback(name: str) -> PromotionResult:
-    """Give ``@champion`` back to the version it replaced last."""
+    """Give ``@champion`` back to the version it replaced last.
+
+    Versions deleted since they were champion are skipped and dropped from the history.
+    """
     client = _client()
-    history = _history(client, name)
-    if not history:
-        msg = f"{name} has no earlier champion to roll back to"
-        raise ValueError(msg)
-    current = _alias_version(client, name, CHAMPION)
-    restored = history.pop()
-    client.set_registered_model_alias(name, CHAMPION, restored)
-    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
+    _registered_model(client, name)
+    with registry_lock():
+        history = _history(client, name)
+        if not history:
+            msg = f"{name} has no earlier champion to roll back to"
+            raise ValueError(msg)
+        current = _alias_version(client, name, CHAMPION)
+        deleted = []
+        while history and not _version_exists(client, name, history[-1]):
+            deleted.append(history.pop())
+        if deleted:
+            _retry(client.set_registered_model_tag, name, HISTORY_TAG, json.dumps(history))
+        if not history:
+            msg = (f"{name} has nothing valid to roll back to: earlier champion version(s) {deleted} were "
+                   "deleted; promote a version instead")
+            raise ValueError(msg)
+        restored = history.pop()
+        _retry(client.set_registered_model_alias, name, CHAMPION, restored)
+        _retry(client.set_registered_model_tag, name, HISTORY_TAG, json.dumps(history))
     was = str(current.version) if current is not None else None
-    return PromotionResult(True, restored, was, f"@{CHAMPION} of {name} rolled back to version {restored} (was {was})")
+    skipped = f"; skipped deleted version(s) {deleted}" if deleted else ""
+    return PromotionResult(
+        True, restored, was, f"@{CHAMPION} of {name} rolled back to version {restored} (was {was}){skipped}"
+    )
 
 
 def champion_version(name: str) -> str | None:
@@ -180,74 +376,190 @@ def champion_version(name: str) -> str | None:
     return str(version.version) if version is not None else None
 
 
+# ----------------------------------------------------------------------------- resolving URIs
 def run_of(model_uri: str) -> str:
     """The run id that produced a registered ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``."""
-    client = _client()
-    if not model_uri.startswith("models:/"):
-        msg = f"expected a registry URI such as models:/NAME@champion, got {model_uri!r}"
+    version = _resolve(_client(), model_uri)
+    if not version.run_id:
+        msg = f"{model_uri} (version {version.version}) was registered without a run; expected one from a training run"
         raise ValueError(msg)
-    ref = model_uri[len("models:/") :]
-    if "@" in ref:
-        name, alias = ref.split("@", 1)
-        version = client.get_model_version_by_alias(name, alias)
-    else:
-        name, number = ref.rsplit("/", 1)
-        version = client.get_model_version(name, number)
     return version.run_id
 
 
 def download_run_artifacts(model_uri: str, artifact_path: str) -> str:
     """Download ``artifact_path`` of the run behind a registry or ``runs:/`` URI; return the local path."""
     import mlflow
+    from mlflow.exceptions import MlflowException
 
+    client = _client()
     if model_uri.startswith("runs:/"):
         run_id = model_uri[len("runs:/") :].split("/", 1)[0]
+        _get_run(client, run_id)
     else:
         run_id = run_of(model_uri)
-    return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path)
+    try:
+        return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path)
+    except (MlflowException, OSError) as error:
+        try:
+            present = sorted(f.path for f in client.list_artifacts(run_id))
+        except (MlflowException, OSError):
+            present = "unreadable"
+        reason = _one_line(getattr(error, "message", None) or str(error))
+        msg = (f"cannot download {artifact_path!r} of run {run_id} ({model_uri}): {reason}; "
+               f"the run's artifacts: {present}")
+        raise ValueError(msg) from None
 
 
 def load_served_model(model_uri: str):
     """The :class:`~contrastive_sc.inference.EmbedThenCluster` behind a logged pyfunc model."""
     import mlflow
+    from mlflow.exceptions import MlflowException
 
-    return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().model
+    if model_uri.startswith("models:/") and ("@" in model_uri or "/" in model_uri[len("models:/") :]):
+        _resolve(_client(), model_uri)  # a clear message for a missing model, version or alias
+    try:
+        loaded = mlflow.pyfunc.load_model(model_uri)
+    except (MlflowException, OSError) as error:
+        reason = _one_line(getattr(error, "message", None) or str(error))
+        msg = f"cannot load model {model_uri}: {reason}"
+        raise ValueError(msg) from None
+    try:
+        return loaded.unwrap_python_model().model
+    except (AttributeError, MlflowException):
+        msg = f"{model_uri} is not a contrastive-sc embed-then-cluster model (logged by `contrastive-sc train`)"
+        raise ValueError(msg) from None
 
 
+def _resolve(client, model_uri: str):
+    """The model version behind ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``."""
+    ref = model_uri[len("models:/") :] if model_uri.startswith("models:/") else ""
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        return _version_by_alias(client, name, alias)
+    if "/" in ref:
+        name, number = ref.rsplit("/", 1)
+        if number == "latest":
+            numbers = _version_numbers(client, name)
+            number = numbers[-1] if numbers else number
+        return _get_version(client, name, number)
+    msg = f"expected a registry URI such as models:/NAME@champion or models:/NAME/3, got {model_uri!r}"
+    raise ValueError(msg)
+
+
+# ----------------------------------------------------------------------------- lookups
 def _push_history(client, name: str, version: str) -> None:
     history = _history(client, name)
     history.append(version)
-    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
+    _retry(client.set_registered_model_tag, name, HISTORY_TAG, json.dumps(history))
 
 
 def _history(client, name: str) -> list[str]:
-    tags = client.get_registered_model(name).tags
+    tags = _registered_model(client, name).tags
     return [str(v) for v in json.loads(tags.get(HISTORY_TAG, "[]"))]
 
 
-def _alias_version(client, name: str, alias: str):
+def _registered_model(client, name: str):
     from mlflow.exceptions import MlflowException
 
     try:
-        return client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
+        return _retry(client.get_registered_model, name)
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+            msg = f"reading registered model {name!r} from {_registry_uri()} failed: {_one_line(error.message)}"
+            raise ValueError(msg) from None
+    msg = (f"registered model {name!r} not found in {_registry_uri()}; registered models: {_model_names(client)}. "
+           "Create it with `contrastive-sc register --name NAME`")
+    raise ValueError(msg)
 
 
 def _get_version(client, name: str, version: str | None):
+    """The version ``version`` of ``name`` (default: its ``@challenger``), or a ValueError that says what exists."""
+    from mlflow.exceptions import MlflowException
+
+    model = _registered_model(client, name)
+    if version is None:
+        found = _alias_version(client, name, CHALLENGER)
+        if found is None:
+            msg = f"{name} has no @{CHALLENGER}; register a model first or pass --version"
+            raise ValueError(msg)
+        return found
+    try:
+        return _retry(client.get_model_version, name, str(version))
+    except MlflowException:
+        msg = (f"model version {name}/{version} not found in {_registry_uri()}; {name} has versions "
+               f"{_version_numbers(client, name)} and aliases {_aliases(model)}")
+        raise ValueError(msg) from None
+
+
+def _version_by_alias(client, name: str, alias: str):
+    model = _registered_model(client, name)
+    found = _alias_version(client, name, alias)
+    if found is None:
+        msg = f"{name} has no alias @{alias}; its aliases: {_aliases(model)}"
+        raise ValueError(msg)
+    return found
+
+
+def _alias_version(client, name: str, alias: str):
+    """The version behind ``alias``, or ``None`` when there is none.
+
+    Only "not found" means ``None``: a champion that merely failed to read would let any
+    candidate be crowned unopposed.
+    """
     from mlflow.exceptions import MlflowException
 
     try:
-        if version is None:
-            found = _alias_version(client, name, CHALLENGER)
-            if found is None:
-                msg = f"{name} has no @{CHALLENGER}; register a model first or pass --version"
-                raise ValueError(msg)
-            return found
-        return client.get_model_version(name, str(version))
+        return _retry(client.get_model_version_by_alias, name, alias)
     except MlflowException as error:
-        msg = f"model version {name}/{version} not found: {error.message}"
+        if error.error_code == "RESOURCE_DOES_NOT_EXIST" or "not found" in str(error.message).lower():
+            return None
+        msg = f"reading @{alias} of {name!r} from {_registry_uri()} failed: {_one_line(error.message)}"
         raise ValueError(msg) from None
+
+
+def _version_exists(client, name: str, version: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        _retry(client.get_model_version, name, version)
+    except MlflowException as error:
+        if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
+    return True
+
+
+def _get_run(client, run_id: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return _retry(client.get_run, run_id)
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+            msg = f"reading run {run_id!r} from {_tracking_uri()} failed: {_one_line(error.message)}"
+            raise ValueError(msg) from None
+    msg = f"run {run_id!r} not found in {_tracking_uri()}; recent runs with a model: {_recent_model_runs(client)}"
+    raise ValueError(msg)
+
+
+def _dataset_of(client, version) -> tuple[str, str | None]:
+    """``(name, digest)`` of the data a version was trained on; older versions ask their run."""
+    from mlflow.exceptions import MlflowException
+
+    name, digest = version.tags.get(DATASET_TAG) or "?", version.tags.get(DIGEST_TAG) or None
+    if digest is None and version.run_id:
+        try:
+            run = client.get_run(version.run_id)
+        except MlflowException:
+            return name, None
+        digest = run.data.params.get("data.digest") or None
+        name = version.tags.get(DATASET_TAG) or run.data.tags.get("dataset") or name
+    return name, digest
+
+
+def _describe(dataset: tuple[str, str | None]) -> str:
+    name, digest = dataset
+    return f"{name!r} (digest {digest})" if digest else f"{name!r} (digest unknown)"
 
 
 def _metric_value(version, metric: str | None) -> float:
@@ -259,17 +571,68 @@ def _metric_value(version, metric: str | None) -> float:
 
 
 def _version_of_run(client, name: str, run_id: str) -> str | None:
+    # Not _versions(): a failed read must not look like "no version yet" and register the run twice.
+    versions = _retry(client.search_model_versions, _name_filter(name))
+    matching = [v for v in versions if v.run_id == run_id]
+    return str(max(int(v.version) for v in matching)) if matching else None
+
+
+def _versions(client, name: str) -> list:
     from mlflow.exceptions import MlflowException
 
     try:
-        versions = client.search_model_versions(f"name = '{name}'")
+        return client.search_model_versions(_name_filter(name))
     except MlflowException:
-        return None
-    matching = [v for v in versions if v.run_id == run_id]
-    return str(max(int(v.version) for v in matching)) if matching else None
+        return []
+
+
+def _name_filter(name: str) -> str:
+    # The filter grammar has no escapes: quote with the quote the name lacks.
+    return f'name = "{name}"' if "'" in name else f"name = '{name}'"
+
+
+def _version_numbers(client, name: str) -> list[str]:
+    return [str(v) for v in sorted(int(v.version) for v in _versions(client, name))]
+
+
+def _aliases(model) -> dict[str, str]:
+    return {alias: str(number) for alias, number in sorted(model.aliases.items())}
+
+
+def _model_names(client, limit: int = 20) -> list[str] | str:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        names = sorted(m.name for m in client.search_registered_models(max_results=limit + 1))
+    except MlflowException:
+        return "unreadable"
+    return names[:limit] + (["..."] if len(names) > limit else [])
+
+
+def _recent_model_runs(client, limit: int = 5) -> list[str] | str:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        experiments = [e.experiment_id for e in client.search_experiments()]
+        runs = client.search_runs(experiments, order_by=["attributes.start_time DESC"], max_results=200)
+    except MlflowException:
+        return "unreadable"
+    return [r.info.run_id for r in runs if r.data.tags.get("model_uri")][:limit]
+
+
+def _one_line(text: str) -> str:
+    """An MLflow message on one line (some carry a traceback or a SQL statement)."""
+    line = " ".join(str(text).split())
+    return line if len(line) <= 300 else line[:297] + "..."
 
 
 def _tracking_uri() -> str:
     import mlflow
 
     return mlflow.get_tracking_uri()
+
+
+def _registry_uri() -> str:
+    import mlflow
+
+    return mlflow.get_registry_uri()

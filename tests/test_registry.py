@@ -76,3 +76,154 @@ def test_errors_name_the_fix(store_with_runs):
         registry.promote("clusterer-missing", "3")
     with pytest.raises(ValueError, match="expected a registry URI"):
         registry.run_of("runs:/abc/model")
+
+
+# ----------------------------------------------------------------------------- datasets
+def _versions(name, *specs):
+    """Versions created directly, tagged as register_run tags them: specs are (value, dataset, digest)."""
+    client = MlflowClient()
+    client.create_registered_model(name)
+    for value, dataset, digest in specs:
+        client.create_model_version(name, source="file:///nowhere/model", tags={
+            "metric": "kmeans_ari", "metric_value": repr(value), "dataset": dataset, "dataset_digest": digest})
+    return client
+
+
+def test_register_records_the_dataset_digest(store_with_runs):
+    _, runs = store_with_runs
+    version = registry.register_run(runs[0]["run_id"], "digested")["version"]
+    run = MlflowClient().get_run(runs[0]["run_id"])
+    tags = MlflowClient().get_model_version("digested", version).tags
+    assert tags["dataset_digest"] == run.data.params["data.digest"] and len(tags["dataset_digest"]) == 16
+
+
+def test_promotion_across_datasets_is_refused_by_name(tracking_uri):
+    _versions("mixed", (0.5, "pbmc", "aaaa1111"), (0.9, "lung", "bbbb2222"), (0.95, "pbmc", ""))
+    assert registry.promote("mixed", "1").changed
+    refused = registry.promote("mixed", "2")
+    assert not refused.changed and registry.champion_version("mixed") == "1"
+    for word in ("refused", "'lung' (digest bbbb2222)", "'pbmc' (digest aaaa1111)", "--eval-data"):
+        assert word in refused.message
+    unknown = registry.promote("mixed", "3")  # no digest and no run to ask: not comparable either
+    assert not unknown.changed and "digest unknown" in unknown.message
+
+
+def test_eval_data_decides_between_datasets(store_with_runs, synthetic, tmp_path):
+    from click.testing import CliRunner
+
+    from contrastive_sc.cli import main
+    from contrastive_sc.tracking import dataset_digest
+
+    uri, runs = store_with_runs
+    worse, better = _ordered(runs)
+    v_worse = registry.register_run(worse["run_id"], "judged")["version"]
+    registry.promote("judged")
+    v_better = registry.register_run(better["run_id"], "judged")["version"]
+    client = MlflowClient()
+    client.set_model_version_tag("judged", v_better, "dataset_digest", "0000elsewhere")
+    assert "cannot be compared" in registry.promote("judged").message
+
+    path = tmp_path / "eval.h5ad"
+    synthetic.write_h5ad(path)
+    result = CliRunner().invoke(main, ["promote", "--name", "judged", "--eval-data", str(path), "--label-key", "label",
+                                       "--tracking-uri", uri])
+    assert result.exit_code == 0, result.output
+    digest = dataset_digest(synthetic)
+    aris = {v: float(client.get_model_version("judged", v).tags[f"eval.{digest}.ari"]) for v in (v_worse, v_better)}
+    assert aris[v_better] > aris[v_worse], aris
+    assert registry.champion_version("judged") == v_better
+    assert f"ARI={aris[v_better]:.4f}" in result.output and f"ARI={aris[v_worse]:.4f}" in result.output
+    assert digest in result.output
+
+    # The same data, the other way round: the weaker version loses on it.
+    back = registry.promote("judged", v_worse, eval_data=str(path))
+    assert not back.changed and "loses to" in back.message and registry.champion_version("judged") == v_better
+
+
+def test_eval_data_needs_labels(store_with_runs, synthetic, tmp_path):
+    _, runs = store_with_runs
+    registry.register_run(runs[0]["run_id"], "unlabelled")
+    path = tmp_path / "nolabels.h5ad"
+    del synthetic.obs["label"]
+    synthetic.write_h5ad(path)
+    with pytest.raises(ValueError, match="has no 'label' column; pass --label-key"):
+        registry.promote("unlabelled", eval_data=str(path))
+
+
+# ----------------------------------------------------------------------------- rollback past deleted versions
+def test_rollback_skips_deleted_versions(tracking_uri):
+    client = _versions("pruned", (0.5, "d", "d1"), (0.6, "d", "d1"), (0.9, "d", "d1"))
+    for version in ("1", "2", "3"):
+        assert registry.promote("pruned", version).changed
+    client.delete_model_version("pruned", "2")
+    back = registry.rollback("pruned")
+    assert back.champion == "1" and back.previous == "3" and "skipped deleted version(s) ['2']" in back.message
+    assert registry.champion_version("pruned") == "1"
+    assert client.get_registered_model("pruned").tags[registry.HISTORY_TAG] == "[]"
+
+
+def test_rollback_to_only_deleted_versions_says_so_once(tracking_uri):
+    client = _versions("gone", (0.5, "d", "d1"), (0.6, "d", "d1"))
+    registry.promote("gone", "1")
+    registry.promote("gone", "2")
+    client.delete_model_version("gone", "1")
+    with pytest.raises(ValueError, match=r"nothing valid to roll back to: .*\['1'\] were deleted"):
+        registry.rollback("gone")
+    assert registry.champion_version("gone") == "2"
+    with pytest.raises(ValueError, match="no earlier champion"):
+        registry.rollback("gone")
+
+
+# ----------------------------------------------------------------------------- errors through the CLI
+def _cli_error(args, *expected):
+    """Run the CLI; assert exit code 2 and one ``Error:`` line (the last) naming ``expected``."""
+    from click.testing import CliRunner
+
+    from contrastive_sc.cli import main
+
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and isinstance(result.exception, SystemExit), result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and result.output.rstrip().endswith(errors[0]), result.output
+    for word in expected:
+        assert word in errors[0], result.output
+    return errors[0]
+
+
+def test_registry_errors_are_one_line_messages(store_with_runs, tmp_path):
+    uri, runs = store_with_runs
+    registry.register_run(runs[0]["run_id"], "known")
+    registry.promote("known")
+    _cli_error(["rollback", "--name", "nosuchmodel", "--tracking-uri", uri],
+               "registered model 'nosuchmodel' not found", "registered models: ['known']")
+    _cli_error(["rollback", "--name", "known", "--tracking-uri", uri], "no earlier champion")
+    _cli_error(["register", "--name", "known", "--run-id", "deadbeef", "--tracking-uri", uri],
+               "run 'deadbeef' not found", runs[0]["run_id"])
+    _cli_error(["promote", "--name", "known", "--version", "7", "--tracking-uri", uri],
+               "known/7 not found", "versions ['1']", "'champion': '1'")
+    _cli_error(["promote", "--name", "known", "--label-key", "label", "--tracking-uri", uri], "--eval-data")
+    out = str(tmp_path / "x.h5ad")
+    _cli_error(["embed", "--model-uri", "models:/nosuch@champion", "--data", "simulated", "--out", out,
+                "--tracking-uri", uri], "registered model 'nosuch' not found", "['known']")
+    _cli_error(["embed", "--model-uri", "models:/known@nosuchalias", "--data", "simulated", "--out", out,
+                "--tracking-uri", uri], "no alias @nosuchalias", "'challenger': '1'")
+    _cli_error(["export-onnx", "--model-uri", "models:/known/9", "--out", str(tmp_path / "x.onnx"),
+                "--tracking-uri", uri], "known/9 not found")
+    _cli_error(["export-onnx", "--model-uri", "runs:/deadbeef", "--out", str(tmp_path / "x.onnx"),
+                "--tracking-uri", uri], "run 'deadbeef' not found")
+
+
+@pytest.mark.slow
+def test_missing_model_is_one_line_from_a_real_process(tracking_uri):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "contrastive_sc", "rollback", "--name", "nosuchmodel",
+                           "--tracking-uri", tracking_uri], capture_output=True, text=True, timeout=120,
+                          cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)})
+    assert done.returncode == 2 and "Traceback" not in done.stderr and not done.stdout, done.stderr
+    assert done.stderr.rstrip().splitlines()[-1].startswith("Error: registered model 'nosuchmodel' not found")

@@ -79,6 +79,13 @@ def _none_if_empty(ctx, param, value):
     return value or None
 
 
+def _layer_option(func):
+    return click.option(
+        "--layer", default=None, callback=_none_if_empty,
+        help="Read the raw counts from this layer of an .h5ad, or 'raw' for adata.raw [default: X].",
+    )(func)
+
+
 def _overwrite_option(func):
     # `--overwrite` alone means true; MLproject passes `--overwrite true|false`.
     return click.option(
@@ -360,29 +367,35 @@ def _build_config(preset: str, values: dict):
 
 @main.command()
 @click.option("--data", required=True, help="Counts file or 10x folder, or 'simulated' for the built-in dataset.")
-@click.option("--label-key", default=None, callback=_none_if_empty, help="obs column with labels (enables ARI/NMI).")
+@click.option("--label-key", default=None, callback=_none_if_empty,
+              help="obs column with cell types: ARI/NMI are scored and the model names new cells by them.")
+@click.option("--batch-key", default=None, callback=_none_if_empty,
+              help="obs column with the sample or batch: recorded, drawn on the map and scored (batch_mixing).")
+@_layer_option
 @click.option(
     "--cluster", "methods", default="kmeans,leiden", type=_CsvList(CLUSTER_METHODS), help="Clustering methods to score."
 )
 @_hyperparameter_options
 @_experiment_option
 @click.option("--run-name", default=None, help="MLflow run name.")
-@click.option("--no-map", is_flag=True, help="Skip the 2-D t-SNE map artifact.")
+@click.option("--no-map", is_flag=True, help="Skip the UMAP map artifact.")
 @_tracking_options
 @_friendly_errors
-def train(data, label_key, methods, preset, experiment, run_name, no_map, tracking_uri, **values) -> None:
+def train(data, label_key, batch_key, layer, methods, preset, experiment, run_name, no_map, tracking_uri,
+          **values) -> None:
     """Train one model and log it (params, loss, metrics, artifacts, pyfunc model) to MLflow."""
     from . import tracking
     from .io import default_label_key, load
 
     config = _build_config(preset, values)
-    adata = load(data, label_key)
+    adata = load(data, label_key, layer=layer)
     label_key = label_key or default_label_key(adata)
     uri = tracking.setup(tracking_uri, experiment)
     result = tracking.train_run(
         adata,
         config,
         label_key=label_key,
+        batch_key=batch_key,
         methods=methods,
         run_name=run_name,
         map_plot=not no_map,
@@ -521,11 +534,12 @@ def export_onnx(model_uri, out, data, provider, overwrite, tracking_uri) -> None
 @click.option("--resolution", default=None, type=_PresetDefault(click.FloatRange(min=0, min_open=True)),
               help="Leiden resolution [default, or 'preset': the one the model was trained with].")
 @click.option("--label-key", default=None, callback=_none_if_empty, help="obs column with labels: ARI/NMI are printed.")
+@_layer_option
 @_overwrite_option
 @_tracking_options
 @_friendly_errors
-def embed(model_uri, data, out, method, n_clusters, resolution, label_key, overwrite, tracking_uri) -> None:
-    """Embed and cluster a dataset with a registered model; write an .h5ad."""
+def embed(model_uri, data, out, method, n_clusters, resolution, label_key, layer, overwrite, tracking_uri) -> None:
+    """Embed and cluster a dataset with a registered model; write an .h5ad with a UMAP and marker genes."""
     from . import tracking
     from .exporting import embed_with_registered
     from .outputs import check_output
@@ -534,7 +548,7 @@ def embed(model_uri, data, out, method, n_clusters, resolution, label_key, overw
 
     tracking.setup(tracking_uri)
     params = {"method": method, "n_clusters": n_clusters, "resolution": resolution}
-    summary = embed_with_registered(model_uri, data, out, params, label_key=label_key)
+    summary = embed_with_registered(model_uri, data, out, params, label_key=label_key, layer=layer)
     click.echo(", ".join(f"{k}={v}" for k, v in summary.items()))
 
 

@@ -34,24 +34,29 @@ def export_registered(model_uri: str, out: str | Path, *, data: str | None = Non
 
 
 def embed_with_registered(model_uri: str, data: str, out: str | Path, params: dict,
-                          label_key: str | None = None) -> dict:
+                          label_key: str | None = None, layer: str | None = None) -> dict:
     """Embed and cluster ``data`` with a logged embed-then-cluster model; write an ``.h5ad``.
 
-    The embedding goes to ``obsm["X_contrastive"]``, clusters to ``obs["contrastive_<method>"]``.
+    The embedding goes to ``obsm["X_contrastive"]``, its UMAP to ``obsm["X_umap"]``, clusters to
+    ``obs["contrastive_<method>"]`` and their marker genes to ``uns["contrastive_markers"]``.
     """
     import pandas as pd
 
+    from .describe import MARKERS_KEY, UMAP_KEY, marker_genes, umap_coordinates
     from .io import load
     from .metrics import score_clustering
     from .model import EMBEDDING_KEY
     from .registry import load_served_model
 
     served = load_served_model(model_uri)
-    adata = load(data, label_key)
+    adata = load(data, label_key, layer=layer)
     labels, embedding, coverage = served.embed_and_cluster(adata.X, adata.var_names, params)
     key = f"contrastive_{params.get('method', 'reference')}"
     adata.obsm[EMBEDDING_KEY] = embedding
+    adata.obsm[UMAP_KEY] = umap_coordinates(embedding)
     adata.obs[key] = pd.Categorical(labels.astype(str))
+    # A flat table (h5ad stores DataFrames in uns) that scanpy users can read back as it is.
+    adata.uns[MARKERS_KEY] = marker_genes(adata, labels).astype({"cluster": str, "gene": str})
     # None means "the model's value"; h5ad cannot store None on every anndata version.
     adata.uns[key] = {"params": {k: v for k, v in params.items() if v is not None}, "model_uri": model_uri,
                       "coverage": coverage.as_dict()}

@@ -63,7 +63,7 @@ def load(spec: str | Path, label_key: str | None = None, *, layer: str | None = 
         return read(spec, label_key)
     adata = read(spec, label_key, validate=False)  # X may hold normalised values: the layer is checked
     counts = counts_view(adata, layer)
-    counts.uns["dataset"] = adata.uns["dataset"]
+    counts.uns["dataset"] = adata.uns["dataset"] | {"layer": layer}
     validate_counts(counts)
     return counts
 

@@ -37,19 +37,27 @@ def _palette(n: int) -> list:
     return [colours[i % len(colours)] for i in range(n)]
 
 
+def _ordered(values) -> list:
+    """Distinct values, numbers in numeric order (cluster 2 before 10), names alphabetically."""
+    distinct = np.unique(np.asarray(values).astype(str))
+    return sorted(distinct, key=lambda v: (0, int(v), "") if v.lstrip("-").isdigit() else (1, 0, v))
+
+
 def _matched_colours(labels, truth) -> dict:
     """Colour per cluster: the colour of the label it best matches (one-to-one), so panels compare."""
     from scipy.optimize import linear_sum_assignment
 
-    clusters = list(np.unique(labels))
+    clusters = _ordered(labels)
     if truth is None:
         return dict(zip(clusters, _palette(len(clusters))))
-    names = list(np.unique(truth))
+    names = _ordered(truth)
     table = np.zeros((len(clusters), len(names)))
-    np.add.at(table, (np.searchsorted(clusters, labels), np.searchsorted(names, truth)), 1)
+    row_of, column_of = {c: i for i, c in enumerate(clusters)}, {n: j for j, n in enumerate(names)}
+    np.add.at(table, ([row_of[c] for c in labels], [column_of[n] for n in truth]), 1)
     rows, cols = linear_sum_assignment(-table)
     palette = _palette(len(names) + len(clusters))
-    colours = {clusters[r]: palette[c] for r, c in zip(rows, cols)}
+    # A cluster that shares no cell with its assigned label keeps a colour of its own.
+    colours = {clusters[r]: palette[c] for r, c in zip(rows, cols) if table[r, c] > 0}
     spare = iter(palette[len(names):])
     return {c: colours.get(c) or next(spare) for c in clusters}
 
@@ -76,12 +84,13 @@ def cluster_map(coords: np.ndarray, labels_by_method: dict[str, np.ndarray], tru
                 names[c] = str(c)
         panels.append((f"{method} clusters", labels, colours, names))
     if truth is not None:
-        colours = dict(zip(np.unique(truth), _palette(len(np.unique(truth)))))
+        colours = dict(zip(_ordered(truth), _palette(len(_ordered(truth)))))
         panels.append(("cell types (labels)", truth, colours, {c: c for c in colours}))
     if batches is not None:
         batches = np.asarray(batches).astype(str)
-        values = np.unique(batches)
-        colours = dict(zip(values, _palette(len(values))[::-1]))
+        values = _ordered(batches)
+        # Saturated colours (the palette's even entries): a light batch would vanish under a dark one.
+        colours = dict(zip(values, _palette(2 * len(values))[::2]))
         panels.append(("batches", batches, colours, {c: c for c in colours}))
     width = max(1, len(panels))
     fig, axes = plt.subplots(1, width, figsize=(5.6 * width, 5.0), squeeze=False)
@@ -108,6 +117,7 @@ def contingency_heatmap(truth, labels, path: str | Path, *, title: str = "") -> 
     plt = _pyplot()
     table = pd.crosstab(pd.Series(np.asarray(truth).astype(str), name="cell type"),
                         pd.Series(np.asarray(labels).astype(str), name="cluster"))
+    table = table.loc[_ordered(table.index), _ordered(table.columns)]
     shares = table.div(table.sum(axis=1), axis=0)
     fig, ax = plt.subplots(figsize=(1.0 + 0.45 * table.shape[1], 1.2 + 0.35 * table.shape[0]))
     image = ax.imshow(shares.to_numpy(), cmap="Blues", vmin=0, vmax=1, aspect="auto")

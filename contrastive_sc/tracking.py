@@ -199,7 +199,7 @@ def _log_dataset(adata, name: str, label_key: str | None, batch_key: str | None 
     mlflow.log_input(dataset, context="training")
     mlflow.log_params({"data.name": name, "data.n_cells": adata.n_obs, "data.n_genes": adata.n_vars,
                        "data.digest": dataset.digest, "data.label_key": label_key or "",
-                       "data.batch_key": batch_key or ""})
+                       "data.batch_key": batch_key or "", "data.layer": adata.uns.get("dataset", {}).get("layer") or ""})
 
 
 def _dataset_source(path: str | None):

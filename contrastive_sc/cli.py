@@ -16,6 +16,7 @@ from pathlib import Path
 
 import click
 
+from .annotation_benchmark import METHODS as ANNOTATION_METHODS
 from .benchmark import available_methods
 from .cluster import METHODS as CLUSTER_METHODS
 from .config import DEFAULT_PRESET, PRESETS
@@ -578,6 +579,37 @@ def experiment(name, data, more_data, seeds, epochs, n_genes, experiment, tracki
     overrides = {k: v for k, v in {"epochs": epochs, "n_genes": n_genes}.items() if v is not None}
     summary = run_experiment(name, paths or None, seeds=range(seeds), overrides=overrides)
     click.echo(summary.to_markdown(index=False, floatfmt=".3f"))
+
+
+@main.command("annotation-benchmark")
+@click.option("--data", required=True, type=click.Path(exists=True), help="Labelled .h5ad with a batch column.")
+@click.option("--label-key", required=True, help="obs column with cell types.")
+@click.option("--batch-key", required=True, help="obs column with donors or samples.")
+@click.option("--train-batch", required=True, help="Batch the reference is trained on.")
+@click.option("--test-batch", required=True, help="Batch that is annotated.")
+@click.option("--held-out", default=None, callback=_none_if_empty, help="Cell type removed from the reference.")
+@click.option("--methods", default="contrastive,pca-knn,celltypist", help="Comma-separated methods.",
+              type=_CsvList(ANNOTATION_METHODS))
+@click.option("--seeds", default=3, type=click.IntRange(min=1), help="Seeds 0..N-1.")
+@click.option("--preset", default=DEFAULT_PRESET, type=_PRESET_CHOICE, help="Preset of the contrastive model.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="CSV with one row per method and seed.")
+@_overwrite_option
+@_friendly_errors
+def annotation_benchmark(data, label_key, batch_key, train_batch, test_batch, held_out, methods, seeds, preset, out,
+                         overwrite) -> None:
+    """Train on one batch with a type held out, annotate another: macro F1 and unassigned shares per method."""
+    from .annotation_benchmark import run_annotation_benchmark, summarise
+    from .io import read
+    from .outputs import check_output
+
+    check_output(out, "csv", overwrite=overwrite)
+    results = run_annotation_benchmark(
+        read(data, label_key), label_key=label_key, batch_key=batch_key, train_batch=train_batch,
+        test_batch=test_batch, held_out=held_out, methods=methods, seeds=range(seeds), preset=preset,
+        on_row=lambda row: click.echo(f"{row['method']:<12} seed={row['seed']} f1={row['macro_f1_known']:.3f}", err=True))
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    results.to_csv(out, index=False)
+    click.echo(summarise(results).to_markdown(index=False))
 
 
 _CELL_COUNTS = _IntList("numbers of cells", "10000,100000", "numbers of cells")

@@ -87,3 +87,19 @@ def test_in_process_pyfunc_refuses_unknown_params(logged):
     with pytest.raises(MlflowException, match=r"unknown parameter\(s\) \['n_cluster'\]; the known parameters are"):
         model.predict(frame, params={"method": "kmeans", "n_cluster": 2})
     assert model.predict(frame, params={"method": "kmeans", "n_clusters": 2})["cluster"].nunique() == 2
+
+
+def test_an_unexpected_failure_is_a_500_without_traceback_or_paths(logged, caplog):
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    model = mlflow.pyfunc.load_model(logged)
+    model.unwrap_python_model().model.encoder = None  # breaks the server side, not the request
+    genes = model.input_example.columns
+    frame = pd.DataFrame(np.random.default_rng(1).poisson(2, size=(4, len(genes))), columns=genes)
+    with pytest.raises(MlflowException) as error:
+        model.predict(frame)
+    assert error.value.get_http_status_code() == 500
+    message = error.value.message
+    assert message.startswith("internal error while clustering the request (ref ") and "/" not in message
+    assert "Traceback" in caplog.text or "NoneType" in caplog.text  # the details went to the server log

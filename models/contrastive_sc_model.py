@@ -15,6 +15,7 @@ What a caller sees from ``mlflow models serve``:
 from __future__ import annotations
 
 import logging
+import os
 import uuid
 
 import mlflow
@@ -23,6 +24,11 @@ from mlflow.protos.databricks_pb2 import INTERNAL_ERROR
 from mlflow.pyfunc import PythonModel
 
 log = logging.getLogger("contrastive_sc.serving")
+#: Set by `mlflow models serve` for the uvicorn process that loads the model
+#: (``mlflow.pyfunc.scoring_server._SERVER_MODEL_PATH``).
+_SERVER_MODEL_PATH_ENV = "__pyfunc_model_path__"
+#: uvicorn's exit code for a worker that could not start (``uvicorn.config.STARTUP_FAILURE``).
+_UVICORN_STARTUP_FAILURE = 3
 
 
 def refuse_unknown_params() -> bool:
@@ -69,10 +75,17 @@ class EmbedThenClusterModel(PythonModel):
     """Raw counts (gene columns) -> frozen preprocessing -> ONNX encoder -> clusters."""
 
     def load_context(self, context) -> None:
-        from contrastive_sc.inference import EmbedThenCluster
+        from contrastive_sc.inference import ArtifactError, EmbedThenCluster
 
-        # Artifacts that disagree raise here, naming the file: the server never becomes healthy.
-        self.model = EmbedThenCluster(dict(context.artifacts))
+        try:
+            self.model = EmbedThenCluster(dict(context.artifacts))
+        except ArtifactError as error:
+            if os.environ.get(_SERVER_MODEL_PATH_ENV):
+                # Inside `mlflow models serve`: uvicorn restarts a worker that dies with a plain
+                # exception forever (with -w 2+), but stops the server on its startup-failure code.
+                log.error("refusing to serve this model: %s", error)
+                raise SystemExit(_UVICORN_STARTUP_FAILURE) from error
+            raise
         refuse_unknown_params()
         log.info("contrastive-sc model loaded: %d genes, %d reference clusters, onnxruntime %s with %d thread(s), "
                  "at most %d cells per request", self.model.state.n_genes, len(self.model.centroids),

@@ -283,7 +283,11 @@ def test_client_sends_only_the_model_genes(served, tmp_path):
 
 
 def test_a_model_whose_artifacts_disagree_never_becomes_healthy(served, tmp_path):
-    """Centroids of the wrong width: the server exits non-zero and its log names the file."""
+    """Centroids of the wrong width: the server stops without answering /ping and its log names the file.
+
+    One worker: exits non-zero. Two workers: uvicorn's supervisor stops (exit code 0, its choice)
+    instead of restarting the workers forever, because the model exits with uvicorn's startup-failure code.
+    """
     import mlflow
 
     server, _ = served
@@ -293,12 +297,18 @@ def test_a_model_whose_artifacts_disagree_never_becomes_healthy(served, tmp_path
     finally:
         mlflow.set_tracking_uri(None)
     np.save(folder / "artifacts" / "reference_centroids.npy", np.zeros((3, 7), dtype=np.float32))
-    log = tmp_path / "bad.log"
-    with pytest.raises(RuntimeError, match="server exited") as error:
-        Server(str(folder), f"sqlite:///{tmp_path / 'none.db'}", log, ready_s=120)
-    text = log.read_text()
-    assert "reference_centroids.npy: centroids have 7 dimensions but encoder.onnx embeds into 60" in text, text[-3000:]
-    assert "server exited with code 0" not in str(error.value)
+    for workers in (1, 2):
+        log = tmp_path / f"bad{workers}.log"
+        with pytest.raises(RuntimeError, match="server exited with code") as error:
+            Server(str(folder), f"sqlite:///{tmp_path / 'none.db'}", log, env={"CONTRASTIVE_SC_WORKERS": str(workers)},
+                   ready_s=120)
+        text = log.read_text()
+        assert "refusing to serve this model: reference_centroids.npy: centroids have 7 dimensions but encoder.onnx " \
+               "embeds into 60" in text, text[-3000:]
+        if workers == 1:
+            assert "server exited with code 0" not in str(error.value)
+        else:
+            assert "failed to start, stopping the parent process" in text
 
 
 @pytest.mark.serving_env

@@ -9,7 +9,8 @@ What a caller sees from ``mlflow models serve``:
 - a bad request (input, params, too many cells) answers 400 with a one-line message;
 - an unknown param answers 400 naming the known ones (see :func:`refuse_unknown_params`);
 - an unexpected failure answers 500 with a generic message; the traceback goes to the server log
-  only, never to the caller (it would show the server's paths).
+  only, never to the caller (it would show the server's paths); the same holds for MLflow's own
+  errors on a malformed CSV or parquet body (see :func:`hide_parser_tracebacks`).
 """
 
 from __future__ import annotations
@@ -71,6 +72,36 @@ def refuse_unknown_params() -> bool:
     return True
 
 
+def hide_parser_tracebacks() -> bool:
+    """Keep MLflow's own parse errors from sending the server's traceback to the caller.
+
+    MLflow 3.17's scoring server answers a malformed CSV or parquet body (parsed before the
+    model sees it) with a ``stack_trace`` field listing the server's files. This makes that
+    helper (``scoring_server._handle_serving_error``) log the traceback instead; the message,
+    which names the parse error, still reaches the caller.
+
+    Returns
+    -------
+    Whether the change is installed.
+    """
+    from mlflow.pyfunc import scoring_server
+
+    original = getattr(scoring_server, "_handle_serving_error", None)
+    if original is None:
+        log.warning("mlflow.pyfunc.scoring_server._handle_serving_error not found: parse errors may carry tracebacks")
+        return False
+    if getattr(original, "_contrastive_sc_quiet", False):
+        return True
+
+    def quiet(error_message, error_code, include_traceback=True):
+        log.warning("request refused while parsing: %s", error_message, exc_info=True)
+        return original(error_message, error_code, include_traceback=False)
+
+    quiet._contrastive_sc_quiet = True
+    scoring_server._handle_serving_error = quiet
+    return True
+
+
 class EmbedThenClusterModel(PythonModel):
     """Raw counts (gene columns) -> frozen preprocessing -> ONNX encoder -> clusters."""
 
@@ -87,6 +118,7 @@ class EmbedThenClusterModel(PythonModel):
                 raise SystemExit(_UVICORN_STARTUP_FAILURE) from error
             raise
         refuse_unknown_params()
+        hide_parser_tracebacks()
         log.info("contrastive-sc model loaded: %d genes, %d reference clusters, onnxruntime %s with %d thread(s), "
                  "at most %d cells per request", self.model.state.n_genes, len(self.model.centroids),
                  self.model.encoder.providers, self.model.encoder.threads, self.model.max_cells)

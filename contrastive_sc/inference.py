@@ -28,8 +28,8 @@ PROVIDER_ENV = "CONTRASTIVE_SC_ONNX_PROVIDER"
 
 #: Environment variable capping the cells of one served request (see :data:`DEFAULT_MAX_CELLS`).
 MAX_CELLS_ENV = "CONTRASTIVE_SC_MAX_CELLS"
-#: A 10,000-cell x 2,000-gene JSON body is ~100 MB and takes tens of seconds to parse and score:
-#: larger datasets belong in the batch ``embed`` entry point, not in one REST call.
+#: A 2,000-cell x 2,000-gene JSON body is ~20 MB, so 10,000 cells are ~100 MB parsed in one
+#: request: larger datasets belong in the batch ``embed`` entry point, not in one REST call.
 DEFAULT_MAX_CELLS = 10_000
 #: Upper bounds of the integer params: far above any sensible value, far below what breaks the
 #: C libraries underneath (igraph and numpy take 32-bit seeds; a 2**63 seed crashed Leiden).
@@ -257,8 +257,11 @@ class EmbedThenCluster:
     """
 
     def __init__(self, artifacts: dict[str, str], provider: str | None = None) -> None:
-        from .onnx_io import OnnxEncoder
+        from .onnx_io import OnnxEncoder, intra_op_threads
 
+        # Settings first: a bad environment variable is named as such, not blamed on a file.
+        self.max_cells = max_cells_per_request()
+        intra_op_threads()
         missing = sorted(set(ARTIFACTS) - set(artifacts))
         if missing:
             msg = f"packaged model lacks artifact(s) {missing}; expected {sorted(ARTIFACTS)}"
@@ -269,7 +272,6 @@ class EmbedThenCluster:
         self.centroids = _load_artifact(artifacts, "centroids", lambda path: np.load(path, allow_pickle=False))
         self.info = _load_artifact(artifacts, "info", lambda path: json.loads(Path(path).read_text()))
         check_artifacts(self.state, self.encoder, self.centroids, self.info)
-        self.max_cells = max_cells_per_request()
 
     @classmethod
     def from_dir(cls, folder: str | Path, provider: str | None = None) -> EmbedThenCluster:

@@ -106,11 +106,11 @@ class EmbedThenClusterModel(PythonModel):
     """Raw counts (gene columns) -> frozen preprocessing -> ONNX encoder -> clusters."""
 
     def load_context(self, context) -> None:
-        from contrastive_sc.inference import ArtifactError, EmbedThenCluster
+        from contrastive_sc.inference import EmbedThenCluster
 
         try:
             self.model = EmbedThenCluster(dict(context.artifacts))
-        except ArtifactError as error:
+        except ValueError as error:  # files that disagree (ArtifactError) or a bad setting
             if os.environ.get(_SERVER_MODEL_PATH_ENV):
                 # Inside `mlflow models serve`: uvicorn restarts a worker that dies with a plain
                 # exception forever (with -w 2+), but stops the server on its startup-failure code.

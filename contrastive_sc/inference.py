@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from .preprocess import PreprocessState, gene_coverage, transform
-from .validation import check_count_values
+from .validation import MAX_COUNT, check_count_values
 
 #: Artifact names of a packaged model, as logged with the MLflow pyfunc.
 ARTIFACTS = {"encoder": "encoder.onnx", "state": "preprocess_state.json",
@@ -24,6 +24,47 @@ ARTIFACTS = {"encoder": "encoder.onnx", "state": "preprocess_state.json",
 METHODS = ("reference", "kmeans", "auto", "leiden")
 #: Environment variable choosing the onnxruntime provider of a served model.
 PROVIDER_ENV = "CONTRASTIVE_SC_ONNX_PROVIDER"
+
+
+#: Environment variable capping the cells of one served request (see :data:`DEFAULT_MAX_CELLS`).
+MAX_CELLS_ENV = "CONTRASTIVE_SC_MAX_CELLS"
+#: A 2,000-cell x 2,000-gene JSON body is ~20 MB, so 10,000 cells are ~100 MB parsed in one
+#: request: larger datasets belong in the batch ``embed`` entry point, not in one REST call.
+DEFAULT_MAX_CELLS = 10_000
+#: Upper bounds of the integer params: far above any sensible value, far below what breaks the
+#: C libraries underneath (igraph and numpy take 32-bit seeds; a 2**63 seed crashed Leiden).
+_INT_RANGES = {"n_clusters": (0, 100_000), "n_neighbors": (2, 1_000), "seed": (0, 2**32 - 1)}
+_FLOAT_RANGES = {"resolution": (0.0, 1_000.0), "min_coverage": (0.0, 1.0)}
+
+
+def _check_int(name: str, value) -> int:
+    # bool is an int subclass: `n_clusters: true` must not count as 1.
+    if isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer):
+        msg = f"{name} must be an integer, got {value!r} ({type(value).__name__})"
+        raise ValueError(msg)
+    low, high = _INT_RANGES[name]
+    if not low <= int(value) <= high:
+        msg = f"{name} must be within [{low}, {high}], got {value}"
+        raise ValueError(msg)
+    return int(value)
+
+
+def _check_float(name: str, value) -> float:
+    if isinstance(value, bool | np.bool_) or not isinstance(value, int | float | np.integer | np.floating):
+        msg = f"{name} must be a number, got {value!r} ({type(value).__name__})"
+        raise ValueError(msg)
+    value = float(value)
+    low, high = _FLOAT_RANGES[name]
+    if not np.isfinite(value):
+        msg = f"{name} must be a finite number within [{low:g}, {high:g}], got {value}"
+        raise ValueError(msg)
+    if name == "resolution" and not 0 < value <= high:
+        msg = f"resolution must be > 0 and <= {high:g}, got {value:g}"
+        raise ValueError(msg)
+    if not low <= value <= high:
+        msg = f"{name} must be within [{low:g}, {high:g}], got {value:g}"
+        raise ValueError(msg)
+    return value
 
 
 @dataclass(frozen=True)
@@ -36,6 +77,9 @@ class PredictParams:
     ``leiden`` uses ``resolution``; ``auto`` and ``leiden`` use ``n_neighbors`` (``None``: the
     values the model was trained with).
     ``min_coverage``: smallest accepted fraction of the model's genes present in the input.
+
+    :meth:`from_dict` checks every value's type and range (bounds in ``_INT_RANGES`` and
+    ``_FLOAT_RANGES``) and refuses unknown names, naming the known ones.
     """
 
     method: str = "reference"
@@ -47,27 +91,157 @@ class PredictParams:
     min_coverage: float = 0.5
 
     @classmethod
+    def known(cls) -> list[str]:
+        """The parameter names, sorted."""
+        return sorted(f.name for f in fields(cls))
+
+    @classmethod
     def from_dict(cls, params: dict | None) -> PredictParams:
-        params = dict(params or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(params) - known)
+        if params is not None and not isinstance(params, dict):
+            msg = f"params must be a JSON object mapping names to values, got {type(params).__name__}"
+            raise ValueError(msg)
+        params = {str(k): v for k, v in (params or {}).items() if v is not None}
+        unknown = sorted(set(params) - set(cls.known()))
         if unknown:
-            msg = f"unknown parameter(s) {unknown}; expected some of {sorted(known)}"
+            msg = f"unknown parameter(s) {unknown}; the known parameters are {cls.known()}"
             raise ValueError(msg)
-        out = cls(**{k: v for k, v in params.items() if v is not None})
-        if out.method not in METHODS:
-            msg = f"unknown method {out.method!r}; expected one of {list(METHODS)}"
+        method = params.get("method", cls.method)
+        if not isinstance(method, str) or method not in METHODS:
+            msg = f"unknown method {method!r}; expected one of {list(METHODS)}"
             raise ValueError(msg)
-        if out.method == "kmeans" and int(out.n_clusters) < 1:
+        values = {"method": method}
+        for name in _INT_RANGES:
+            if name in params:
+                values[name] = _check_int(name, params[name])
+        for name in _FLOAT_RANGES:
+            if name in params:
+                values[name] = _check_float(name, params[name])
+        if "return_embedding" in params:
+            flag = params["return_embedding"]
+            if not isinstance(flag, bool | np.bool_):
+                msg = f"return_embedding must be true or false, got {flag!r} ({type(flag).__name__})"
+                raise ValueError(msg)
+            values["return_embedding"] = bool(flag)
+        out = cls(**values)
+        if out.method == "kmeans" and out.n_clusters < 1:
             msg = f"method 'kmeans' needs n_clusters >= 1, got {out.n_clusters}"
             raise ValueError(msg)
-        if not 0.0 <= float(out.min_coverage) <= 1.0:
-            msg = f"min_coverage must be within [0, 1], got {out.min_coverage}"
-            raise ValueError(msg)
-        if out.resolution is not None and float(out.resolution) <= 0:
-            msg = f"resolution must be > 0, got {out.resolution}"
-            raise ValueError(msg)
         return out
+
+
+def max_cells_per_request() -> int:
+    """The per-request cell limit: ``CONTRASTIVE_SC_MAX_CELLS``, else :data:`DEFAULT_MAX_CELLS`."""
+    raw = os.environ.get(MAX_CELLS_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MAX_CELLS
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        msg = f"{MAX_CELLS_ENV} must be a positive integer, got {raw!r}"
+        raise ValueError(msg)
+    return value
+
+
+def _check_column(name, column: pd.Series) -> None:
+    """Refuse a gene column that is not raw counts, saying what it holds instead."""
+    if pd.api.types.is_bool_dtype(column):
+        msg = f"gene column {str(name)!r} holds true/false values; expected raw counts (integers >= 0)"
+        raise ValueError(msg)
+    if pd.api.types.is_numeric_dtype(column):
+        return
+    # JSON numbers beyond 64 bits, text and booleans mixed with numbers all arrive as `object`.
+    for value in column:
+        if isinstance(value, bool | np.bool_):
+            msg = f"gene column {str(name)!r} holds a true/false value; expected raw counts (integers >= 0)"
+            raise ValueError(msg)
+        if isinstance(value, int | np.integer) and not abs(int(value)) <= MAX_COUNT:
+            msg = f"gene column {str(name)!r} holds the value {value}, above {MAX_COUNT}: not a count"
+            raise ValueError(msg)
+        if value is not None and not isinstance(value, int | float | np.integer | np.floating):
+            shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+            msg = f"gene column {str(name)!r} holds non-numeric value(s) such as {shown}; expected raw counts per gene"
+            raise ValueError(msg)
+
+
+class RequestTooLarge(ValueError):
+    """A request with more cells than the served model accepts in one call."""
+
+
+class ArtifactError(ValueError):
+    """The files of a packaged model are unreadable or disagree with each other."""
+
+
+def _load_artifact(artifacts: dict[str, str], key: str, loader):
+    name = Path(artifacts[key]).name
+    try:
+        return loader(artifacts[key])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        msg = f"cannot load {name} ({ARTIFACTS[key]}) of the packaged model: {error}"
+        raise ArtifactError(msg) from error
+    except Exception as error:  # onnxruntime raises its own exception types on a corrupt graph
+        msg = f"cannot load {name} ({ARTIFACTS[key]}) of the packaged model: {type(error).__name__}: {error}"
+        raise ArtifactError(msg) from error
+
+
+def check_artifacts(state: PreprocessState, encoder, centroids: np.ndarray, info: dict) -> None:
+    """Refuse a packaged model whose files disagree, naming the file at fault.
+
+    A model that loads but cannot answer (a shortened ``mean``, centroids of another width, a
+    zero ``std``) would pass a health check and then fail or return NaN on every request:
+    better that the server never starts.
+    """
+    state_file, info_file = ARTIFACTS["state"], ARTIFACTS["info"]
+    n_genes = len(state.genes)
+    if n_genes == 0:
+        msg = f"{state_file}: no genes"
+        raise ArtifactError(msg)
+    if len(set(state.genes)) != n_genes:
+        msg = f"{state_file}: duplicated gene names"
+        raise ArtifactError(msg)
+    for key in ("mean", "std"):
+        values = np.asarray(getattr(state, key), dtype=np.float64)
+        if values.shape != (n_genes,):
+            msg = f"{state_file}: '{key}' has {values.size} values for {n_genes} genes"
+            raise ArtifactError(msg)
+        if not np.isfinite(values).all():
+            msg = f"{state_file}: '{key}' holds {int((~np.isfinite(values)).sum())} NaN/inf value(s)"
+            raise ArtifactError(msg)
+    std = np.asarray(state.std, dtype=np.float64)
+    if (std <= 0).any():
+        msg = f"{state_file}: 'std' holds {int((std <= 0).sum())} zero or negative value(s); every scale must be > 0"
+        raise ArtifactError(msg)
+    if not (np.isfinite(state.target_sum) and state.target_sum > 0):
+        msg = f"{state_file}: 'target_sum' must be a finite number > 0, got {state.target_sum}"
+        raise ArtifactError(msg)
+    if len(state.library_genes) != len(state.library_share):
+        msg = (f"{state_file}: {len(state.library_genes)} 'library_genes' but {len(state.library_share)} "
+               "'library_share' values")
+        raise ArtifactError(msg)
+    if encoder.n_inputs != n_genes:
+        msg = f"{ARTIFACTS['encoder']}: the encoder takes {encoder.n_inputs} inputs but {state_file} lists {n_genes} genes"
+        raise ArtifactError(msg)
+    centroids = np.asarray(centroids)
+    if centroids.ndim != 2 or centroids.shape[0] == 0 or not np.issubdtype(centroids.dtype, np.number):
+        msg = f"{ARTIFACTS['centroids']}: expected a numeric (clusters, dims) array, got shape {centroids.shape}"
+        raise ArtifactError(msg)
+    if not np.isfinite(centroids).all():
+        msg = f"{ARTIFACTS['centroids']}: holds NaN/inf values"
+        raise ArtifactError(msg)
+    if encoder.n_outputs != centroids.shape[1]:
+        msg = (f"{ARTIFACTS['centroids']}: centroids have {centroids.shape[1]} dimensions but "
+               f"{ARTIFACTS['encoder']} embeds into {encoder.n_outputs}")
+        raise ArtifactError(msg)
+    if not isinstance(info, dict):
+        msg = f"{info_file}: expected a JSON object, got {type(info).__name__}"
+        raise ArtifactError(msg)
+    for key, actual, source in (("embedding_dim", encoder.n_outputs, ARTIFACTS["encoder"]),
+                                ("n_genes", n_genes, state_file),
+                                ("n_reference_clusters", centroids.shape[0], ARTIFACTS["centroids"])):
+        if key in info and info[key] != actual:
+            msg = f"{info_file}: '{key}' is {info[key]!r} but {source} has {actual}"
+            raise ArtifactError(msg)
 
 
 class EmbedThenCluster:
@@ -83,16 +257,21 @@ class EmbedThenCluster:
     """
 
     def __init__(self, artifacts: dict[str, str], provider: str | None = None) -> None:
-        from .onnx_io import OnnxEncoder
+        from .onnx_io import OnnxEncoder, intra_op_threads
 
+        # Settings first: a bad environment variable is named as such, not blamed on a file.
+        self.max_cells = max_cells_per_request()
+        intra_op_threads()
         missing = sorted(set(ARTIFACTS) - set(artifacts))
         if missing:
             msg = f"packaged model lacks artifact(s) {missing}; expected {sorted(ARTIFACTS)}"
             raise ValueError(msg)
-        self.state = PreprocessState.from_json(Path(artifacts["state"]))
-        self.encoder = OnnxEncoder(artifacts["encoder"], provider or os.environ.get(PROVIDER_ENV, "auto"))
-        self.centroids = np.load(artifacts["centroids"])
-        self.info = json.loads(Path(artifacts["info"]).read_text())
+        self.state = _load_artifact(artifacts, "state", lambda path: PreprocessState.from_json(Path(path)))
+        self.encoder = _load_artifact(
+            artifacts, "encoder", lambda path: OnnxEncoder(path, provider or os.environ.get(PROVIDER_ENV, "auto")))
+        self.centroids = _load_artifact(artifacts, "centroids", lambda path: np.load(path, allow_pickle=False))
+        self.info = _load_artifact(artifacts, "info", lambda path: json.loads(Path(path).read_text()))
+        check_artifacts(self.state, self.encoder, self.centroids, self.info)
 
     @classmethod
     def from_dir(cls, folder: str | Path, provider: str | None = None) -> EmbedThenCluster:
@@ -115,11 +294,24 @@ class EmbedThenCluster:
         -------
         One row per cell: ``cell``, ``cluster``, ``gene_coverage`` and, unless
         ``return_embedding`` is false, ``emb_0`` ... ``emb_<d-1>``.
+
+        Raises
+        ------
+        RequestTooLarge
+            More than ``max_cells`` cells (``CONTRASTIVE_SC_MAX_CELLS``); the batch path
+            :meth:`embed_and_cluster` has no such limit.
         """
+        options = PredictParams.from_dict(params)  # bad params fail before the counts are read
         counts, genes, cells = self._as_counts(data)
+        if len(cells) > self.max_cells:
+            msg = (f"the request holds {len(cells)} cells, over this server's limit of {self.max_cells} per request "
+                   f"({MAX_CELLS_ENV}); send 'reference' requests in chunks, or cluster a large dataset with the batch "
+                   "entry point: `python -m contrastive_sc embed --model-uri MODEL_URI --data FILE --out OUT.h5ad` "
+                   "(or `mlflow run . -e embed`)")
+            raise RequestTooLarge(msg)
         labels, embedding, coverage = self.embed_and_cluster(counts, genes, params)
         out = pd.DataFrame({"cell": cells, "cluster": labels, "gene_coverage": round(coverage.fraction, 4)})
-        if PredictParams.from_dict(params).return_embedding:
+        if options.return_embedding:
             emb = pd.DataFrame(embedding, columns=[f"emb_{i}" for i in range(embedding.shape[1])])
             out = pd.concat([out, emb], axis=1)
         return out
@@ -153,13 +345,11 @@ class EmbedThenCluster:
                 dup = sorted(set(columns[columns.duplicated()]))
                 msg = f"duplicated gene column(s) {dup[:5]}; each gene must appear once"
                 raise ValueError(msg)
-            non_numeric = [c for c in data.columns if not pd.api.types.is_numeric_dtype(data[c])]
-            if non_numeric:
-                msg = f"non-numeric column(s) {[str(c) for c in non_numeric[:5]]}; expected raw counts per gene"
-                raise ValueError(msg)
+            for column in data.columns:
+                _check_column(column, data[column])
+            cells = [str(i) for i in data.index]
             counts = data.to_numpy(dtype=np.float64)
             genes = columns.to_numpy()
-            cells = [str(i) for i in data.index]
         else:
             counts = np.asarray(data)
             if counts.ndim != 2 or counts.shape[1] != self.state.n_genes:
@@ -169,12 +359,13 @@ class EmbedThenCluster:
             if counts.shape[0] == 0:
                 msg = "empty input: got 0 cells"
                 raise ValueError(msg)
-            if not np.issubdtype(counts.dtype, np.number):
-                msg = f"expected numeric raw counts, got dtype {counts.dtype}"
-                raise ValueError(msg)
+            if counts.dtype == object:
+                for j in range(counts.shape[1]):
+                    _check_column(self.state.genes[j], pd.Series(counts[:, j]))
+                counts = counts.astype(np.float64)
             genes = np.asarray(self.state.genes)
             cells = [str(i) for i in range(counts.shape[0])]
-        check_count_values(counts, what="input")
+        check_count_values(counts, what="input", rows=cells, columns=genes)
         return counts, genes, cells
 
     def _cluster(self, embedding: np.ndarray, options: PredictParams) -> np.ndarray:

@@ -18,6 +18,10 @@ INPUT_NAME = "x"
 OUTPUT_NAME = "z"
 PARITY_ATOL = 1e-5
 _PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+#: onnxruntime intra-op threads per process; default: the usable cores divided by the serving workers.
+THREADS_ENV = "CONTRASTIVE_SC_ONNX_THREADS"
+#: Number of server worker processes sharing the machine (``serving/serve.sh`` sets it from ``-w``).
+WORKERS_ENV = "CONTRASTIVE_SC_WORKERS"
 
 
 def export_onnx(encoder, path: str | Path, *, check: np.ndarray | None = None) -> Path:
@@ -71,11 +75,38 @@ def parity(encoder, path: str | Path, rows: np.ndarray) -> float:
     return float(np.abs(expected - got).max())
 
 
+def _positive_int_env(name: str, default: int) -> int:
+    import os
+
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit() or int(raw) < 1:
+        msg = f"{name} must be a positive integer, got {raw!r}"
+        raise ValueError(msg)
+    return int(raw)
+
+
+def intra_op_threads() -> int:
+    """Threads of one onnxruntime session: ``CONTRASTIVE_SC_ONNX_THREADS``, else cores // workers.
+
+    Each server worker is a process with its own session; left at onnxruntime's default (all
+    cores each), ``-w 4`` on 4 cores would run 16 busy threads fighting for 4 cores.
+    """
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = _positive_int_env(WORKERS_ENV, 1)
+    return _positive_int_env(THREADS_ENV, max(1, cores // workers))
+
+
 def session_options():
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3  # quiet: the CUDA-missing warnings are handled below
+    options.intra_op_num_threads = intra_op_threads()
+    options.inter_op_num_threads = 1  # the encoder is one chain of layers: nothing runs in parallel
     return options
 
 
@@ -116,8 +147,16 @@ class OnnxEncoder:
         if provider == "cuda" and "CUDAExecutionProvider" not in self.providers:
             msg = f"CUDA was requested but onnxruntime runs on {self.providers}; install onnxruntime-gpu on a CUDA machine"
             raise RuntimeError(msg)
-        self.n_inputs = int(self.session.get_inputs()[0].shape[1])
+        self.n_inputs = _fixed_width(self.session.get_inputs()[0], path)
+        output = self.session.get_outputs()[0]
+        self.n_outputs = (output.shape[1] if len(output.shape) == 2 and isinstance(output.shape[1], int)
+                          else int(self(np.zeros((1, self.n_inputs), dtype=np.float32)).shape[1]))
         log.info("onnxruntime providers in use: %s", self.providers)
+
+    @property
+    def threads(self) -> int:
+        """The intra-op threads the session was created with."""
+        return int(self.session.get_session_options().intra_op_num_threads)
 
     @property
     def device(self) -> str:
@@ -132,3 +171,10 @@ class OnnxEncoder:
         parts = [self.session.run([OUTPUT_NAME], {INPUT_NAME: x[i:i + batch_size]})[0]
                  for i in range(0, x.shape[0], batch_size)]
         return np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
+
+
+def _fixed_width(arg, path) -> int:
+    if len(arg.shape) != 2 or not isinstance(arg.shape[1], int):
+        msg = f"{Path(path).name}: expected a (batch, features) input with a fixed width, got shape {arg.shape}"
+        raise ValueError(msg)
+    return int(arg.shape[1])

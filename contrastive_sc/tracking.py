@@ -27,8 +27,35 @@ MODEL_NAME_IN_RUN = "model"
 #: Run artifact folder holding the torch checkpoint (for re-export and fine inspection).
 TORCH_MODEL_ARTIFACT = "torch_model"
 PYFUNC_FILE = Path(__file__).resolve().parents[1] / "models" / "contrastive_sc_model.py"
-#: What the served model needs; torch stays out (its pin would pull CUDA wheels on serve).
-SERVING_REQUIREMENTS = ["numpy", "pandas", "scipy", "scikit-learn", "onnxruntime", "leidenalg", "igraph"]
+#: What the served model needs, pinned at log time to the versions installed (see
+#: :func:`serving_requirements`). torch stays out (its pin would pull CUDA wheels on serve);
+#: pynndescent builds Leiden's kNN graph above 50,000 cells.
+SERVING_REQUIREMENTS = ["numpy", "pandas", "scipy", "scikit-learn", "onnxruntime", "leidenalg", "igraph",
+                        "pynndescent"]
+
+
+def serving_requirements() -> list[str]:
+    """:data:`SERVING_REQUIREMENTS` pinned to the installed versions (``name==version``).
+
+    The GPU build of onnxruntime is one import package with another distribution name: the
+    installed one is pinned, so a model logged on a CUDA machine asks for ``onnxruntime-gpu``.
+    Unpinned, the served environment would drift with every release of these packages.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    pinned = []
+    for name in SERVING_REQUIREMENTS:
+        candidates = ["onnxruntime", "onnxruntime-gpu"] if name == "onnxruntime" else [name]
+        for candidate in candidates:
+            try:
+                pinned.append(f"{candidate}=={version(candidate)}")
+                break
+            except PackageNotFoundError:
+                continue
+        else:
+            msg = f"{name} is not installed; the served model needs it (pip install {name})"
+            raise ModuleNotFoundError(msg)
+    return pinned
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
@@ -249,9 +276,17 @@ def _log_artifacts(folder: Path, adata, model, embedding, labels_by_method: dict
 
 
 def _log_model(folder: Path, model, embedding) -> str:
+    """Log the embed-then-cluster pyfunc with its params/output signature and an input example.
+
+    No input schema: measured with MLflow 3.17, per-gene ``ColSpec`` columns (``double`` or
+    ``long``, ``required=False``) refuse integer counts (int64 -> double is "not safe") or
+    float ones, empty the tensor (``inputs``) form, and put the whole 2,000-gene schema in every
+    error message. The model checks its gene columns itself; the input example lists them.
+    """
     import mlflow
+    import pandas as pd
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import ParamSchema, ParamSpec
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
     from .inference import PredictParams, package_model
 
@@ -267,16 +302,22 @@ def _log_model(folder: Path, model, embedding) -> str:
         ParamSpec("return_embedding", "boolean", defaults.return_embedding),
         ParamSpec("min_coverage", "double", defaults.min_coverage),
     ])
+    dims = int(model.encoder.n_outputs)
+    outputs = Schema([ColSpec("string", "cell"), ColSpec("long", "cluster"), ColSpec("double", "gene_coverage")]
+                     + [ColSpec("float", f"emb_{i}", required=False) for i in range(dims)])
     if not PYFUNC_FILE.exists():
         msg = f"pyfunc definition not found at {PYFUNC_FILE}; run from a checkout of the contrastive-sc repository"
         raise FileNotFoundError(msg)
+    # Two cells of integer counts over the model's genes, near the training means: a valid request.
+    typical = np.rint(np.expm1(np.asarray(model.state.mean)).clip(0, None)).astype(np.int64)
+    example = pd.DataFrame([typical, typical + 1], columns=list(model.state.genes), index=["cell_0", "cell_1"])
     info = mlflow.pyfunc.log_model(
         name=MODEL_NAME_IN_RUN,
         python_model=str(PYFUNC_FILE),
         artifacts=artifacts,
         code_paths=[str(Path(__file__).resolve().parent)],
-        # No input schema: the model takes any gene set and checks the columns itself.
-        signature=ModelSignature(inputs=None, outputs=None, params=params),
-        pip_requirements=SERVING_REQUIREMENTS,
+        signature=ModelSignature(inputs=None, outputs=outputs, params=params),
+        input_example=(example, {"method": "reference", "return_embedding": False}),
+        pip_requirements=serving_requirements(),
     )
     return info.model_uri

@@ -3,13 +3,103 @@
 Logged by every training run with ``python_model=<this file>``, the package as
 ``code_paths`` and the artifacts written by ``contrastive_sc.inference.package_model``.
 It runs on onnxruntime and never imports torch.
+
+What a caller sees from ``mlflow models serve``:
+
+- a bad request (input, params, too many cells) answers 400 with a one-line message;
+- an unknown param answers 400 naming the known ones (see :func:`refuse_unknown_params`);
+- an unexpected failure answers 500 with a generic message; the traceback goes to the server log
+  only, never to the caller (it would show the server's paths); the same holds for MLflow's own
+  errors on a malformed CSV or parquet body (see :func:`hide_parser_tracebacks`).
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import uuid
+
 import mlflow
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR
 from mlflow.pyfunc import PythonModel
+
+log = logging.getLogger("contrastive_sc.serving")
+#: Set by `mlflow models serve` for the uvicorn process that loads the model
+#: (``mlflow.pyfunc.scoring_server._SERVER_MODEL_PATH``).
+_SERVER_MODEL_PATH_ENV = "__pyfunc_model_path__"
+#: uvicorn's exit code for a worker that could not start (``uvicorn.config.STARTUP_FAILURE``).
+_UVICORN_STARTUP_FAILURE = 3
+
+
+def refuse_unknown_params() -> bool:
+    """Make MLflow refuse, rather than drop, params that are not in this model's params schema.
+
+    MLflow 3.17 passes every request's params through ``_enforce_params_schema``, which drops
+    the names missing from the signature's params schema with a log warning (and all params when
+    the signature has none): ``{"n_cluster": 8}`` would be answered 200 with other clusters.
+    This wraps that function, in the process serving this model only, so that a params dict
+    naming anything outside a schema equal to :class:`~contrastive_sc.inference.PredictParams`'s
+    fields raises the 400 the caller needs; other models' schemas are left to MLflow's rule.
+
+    Returns
+    -------
+    Whether the check is installed (False when a future MLflow moved the function: requests then
+    fall back to MLflow's drop-with-warning, and ``tests/test_serving.py`` fails loudly).
+    """
+    import mlflow.pyfunc as pyfunc_module
+
+    from contrastive_sc.inference import PredictParams
+
+    original = getattr(pyfunc_module, "_enforce_params_schema", None)
+    if original is None:
+        log.warning("mlflow.pyfunc._enforce_params_schema not found: unknown params will be dropped, not refused")
+        return False
+    if getattr(original, "_contrastive_sc_strict", False):
+        return True
+    known = set(PredictParams.known())
+
+    def strict(params, schema):
+        if schema is not None and isinstance(params, dict) and {p.name for p in schema.params} == known:
+            unknown = sorted(map(str, set(params) - known))
+            if unknown:
+                msg = f"unknown parameter(s) {unknown}; the known parameters are {sorted(known)}"
+                raise MlflowException.invalid_parameter_value(msg)
+        return original(params, schema)
+
+    strict._contrastive_sc_strict = True
+    pyfunc_module._enforce_params_schema = strict
+    return True
+
+
+def hide_parser_tracebacks() -> bool:
+    """Keep MLflow's own parse errors from sending the server's traceback to the caller.
+
+    MLflow 3.17's scoring server answers a malformed CSV or parquet body (parsed before the
+    model sees it) with a ``stack_trace`` field listing the server's files. This makes that
+    helper (``scoring_server._handle_serving_error``) log the traceback instead; the message,
+    which names the parse error, still reaches the caller.
+
+    Returns
+    -------
+    Whether the change is installed.
+    """
+    from mlflow.pyfunc import scoring_server
+
+    original = getattr(scoring_server, "_handle_serving_error", None)
+    if original is None:
+        log.warning("mlflow.pyfunc.scoring_server._handle_serving_error not found: parse errors may carry tracebacks")
+        return False
+    if getattr(original, "_contrastive_sc_quiet", False):
+        return True
+
+    def quiet(error_message, error_code, include_traceback=True):
+        log.warning("request refused while parsing: %s", error_message, exc_info=True)
+        return original(error_message, error_code, include_traceback=False)
+
+    quiet._contrastive_sc_quiet = True
+    scoring_server._handle_serving_error = quiet
+    return True
 
 
 class EmbedThenClusterModel(PythonModel):
@@ -18,7 +108,20 @@ class EmbedThenClusterModel(PythonModel):
     def load_context(self, context) -> None:
         from contrastive_sc.inference import EmbedThenCluster
 
-        self.model = EmbedThenCluster(dict(context.artifacts))
+        try:
+            self.model = EmbedThenCluster(dict(context.artifacts))
+        except ValueError as error:  # files that disagree (ArtifactError) or a bad setting
+            if os.environ.get(_SERVER_MODEL_PATH_ENV):
+                # Inside `mlflow models serve`: uvicorn restarts a worker that dies with a plain
+                # exception forever (with -w 2+), but stops the server on its startup-failure code.
+                log.error("refusing to serve this model: %s", error)
+                raise SystemExit(_UVICORN_STARTUP_FAILURE) from error
+            raise
+        refuse_unknown_params()
+        hide_parser_tracebacks()
+        log.info("contrastive-sc model loaded: %d genes, %d reference clusters, onnxruntime %s with %d thread(s), "
+                 "at most %d cells per request", self.model.state.n_genes, len(self.model.centroids),
+                 self.model.encoder.providers, self.model.encoder.threads, self.model.max_cells)
 
     def predict(self, context, model_input, params=None):
         try:
@@ -26,6 +129,12 @@ class EmbedThenClusterModel(PythonModel):
         except ValueError as error:
             # A bad request, not a server fault: the scoring server answers 400 with this text.
             raise MlflowException.invalid_parameter_value(str(error)) from None
+        except Exception:
+            # The traceback names files on the server: log it, answer with a reference to the log line.
+            ref = uuid.uuid4().hex[:12]
+            log.exception("prediction failed (ref %s)", ref)
+            msg = f"internal error while clustering the request (ref {ref}); the server log has the details"
+            raise MlflowException(msg, error_code=INTERNAL_ERROR) from None
 
 
 mlflow.models.set_model(EmbedThenClusterModel())

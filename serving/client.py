@@ -1,11 +1,16 @@
 """Send a dataset to a served contrastive-sc model in chunks; write the clusters back.
 
-    python serving/client.py --url http://127.0.0.1:5001 --data cells.h5ad --out clusters.csv
-    python serving/client.py --url ... --data cells.h5ad --out clustered.h5ad --method reference
+    python serving/client.py --url http://127.0.0.1:5001 --data cells.h5ad --out clusters.csv \
+        --model-uri models:/contrastive-sc@champion
+    python serving/client.py --url ... --data cells.h5ad --out clustered.h5ad --genes preprocess_state.json
 
 ``reference`` labels every chunk against the training clusters, so chunks can be sent one by
 one; ``kmeans``, ``auto`` and ``leiden`` cluster the cells of one request together, so the whole dataset
-goes in a single request.
+goes in a single request (up to the server's cell limit, ``CONTRASTIVE_SC_MAX_CELLS``).
+
+Only the model's genes are sent (the others are ignored by the model and only make the body
+larger): ``--model-uri`` reads them from the model's ``preprocess_state.json`` through the
+registry, ``--genes`` from a local ``preprocess_state.json`` or a text file with one gene per line.
 """
 
 from __future__ import annotations
@@ -59,6 +64,31 @@ def cluster_dataset(url: str, counts: pd.DataFrame, params: dict, chunk_size: in
     return pd.concat(parts, ignore_index=True)
 
 
+def model_genes(model_uri: str | None = None, genes_file: str | None = None) -> list[str] | None:
+    """The model's genes, from the registry (``model_uri``) or a file; ``None`` when neither is given."""
+    if genes_file is None and model_uri is None:
+        return None
+    if genes_file is None:
+        from contrastive_sc.registry import download_run_artifacts
+
+        genes_file = download_run_artifacts(model_uri, "preprocess_state.json")
+    text = Path(genes_file).read_text()
+    if genes_file.endswith(".json"):
+        return list(json.loads(text)["genes"])
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def select_genes(counts: pd.DataFrame, genes: list[str] | None) -> pd.DataFrame:
+    """The columns of ``counts`` that are model genes (all columns when ``genes`` is None)."""
+    if genes is None:
+        return counts
+    keep = [g for g in counts.columns if g in set(genes)]
+    if not keep:
+        msg = f"none of the model's {len(genes)} genes (e.g. {genes[:3]}) is a column of the data"
+        raise ValueError(msg)
+    return counts[keep]
+
+
 def main(argv: list[str] | None = None) -> int:
     from contrastive_sc.inference import METHODS  # the served model's methods, one list
 
@@ -71,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resolution", type=float, default=None, help="Leiden resolution [default: the model's]")
     parser.add_argument("--chunk-size", type=int, default=500)
     parser.add_argument("--max-cells", type=int, default=None, help="send only the first N cells")
+    genes = parser.add_mutually_exclusive_group()
+    genes.add_argument("--model-uri", default=None, help="send only this model's genes (read through the registry)")
+    genes.add_argument("--genes", default=None, help="send only these genes: preprocess_state.json or one per line")
     args = parser.parse_args(argv)
 
     from contrastive_sc.io import load
@@ -78,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     adata = load(args.data)
     if args.max_cells:
         adata = adata[: args.max_cells].copy()
-    counts = adata.to_df()
+    counts = select_genes(adata.to_df(), model_genes(args.model_uri, args.genes))
     params = {"method": args.method, "n_clusters": args.n_clusters, "return_embedding": args.out.endswith(".h5ad")}
     if args.resolution is not None:  # left out: the model's own resolution
         params["resolution"] = args.resolution

@@ -42,7 +42,7 @@ echo "serving on http://127.0.0.1:$PORT (log: $DEMO_DIR/server.log)"
 
 step "6/6 query the endpoint with 300 simulated cells (reference clusters)"
 python serving/client.py --url "http://127.0.0.1:$PORT" --data simulated --max-cells 300 \
-  --out "$DEMO_DIR/clusters.csv"
+  --model-uri "models:/$MODEL_NAME@champion" --out "$DEMO_DIR/clusters.csv"
 head -n 6 "$DEMO_DIR/clusters.csv"
 echo
 echo "done: browse the runs with  mlflow ui --backend-store-uri $MLFLOW_TRACKING_URI"

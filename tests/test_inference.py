@@ -62,10 +62,10 @@ def test_missing_genes_reported_and_threshold(packaged, frame):
 @pytest.mark.parametrize("mutate,message", [
     (lambda f: f.iloc[:0], "empty input"),
     (lambda f: f.assign(**{f.columns[0]: -1.0}), "negative value"),
-    (lambda f: f.assign(**{f.columns[0]: np.nan}), "NaN/inf"),
-    (lambda f: f.assign(**{f.columns[0]: np.inf}), "NaN/inf"),
+    (lambda f: f.assign(**{f.columns[0]: np.nan}), r"missing \(null/NaN\) value"),
+    (lambda f: f.assign(**{f.columns[0]: np.inf}), "infinite value"),
     (lambda f: f.assign(**{f.columns[0]: 0.5}), "non-integer"),
-    (lambda f: f.assign(**{f.columns[0]: "high"}), "non-numeric column"),
+    (lambda f: f.assign(**{f.columns[0]: "high"}), "non-numeric value"),
     (lambda f: pd.concat([f, f.iloc[:, :1]], axis=1), "duplicated gene column"),
 ])
 def test_bad_inputs(packaged, frame, mutate, message):
@@ -109,3 +109,131 @@ def test_serving_path_never_imports_torch(tmp_path, _trained_session):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("params,message", [
+    ({"methd": "kmeans"}, r"unknown parameter\(s\) \['methd'\]; the known parameters are \['method', 'min_coverage'"),
+    ({"resolution": float("nan")}, "resolution must be a finite number"),
+    ({"resolution": float("inf")}, "resolution must be a finite number"),
+    ({"resolution": 1e6}, r"resolution must be > 0 and <= 1000"),
+    ({"resolution": "high"}, "resolution must be a number, got 'high'"),
+    ({"seed": 2**63}, r"seed must be within \[0, 4294967295\], got 9223372036854775808"),
+    ({"seed": -1}, r"seed must be within \[0, 4294967295\]"),
+    ({"method": "kmeans", "n_clusters": True}, r"n_clusters must be an integer, got True \(bool\)"),
+    ({"method": "kmeans", "n_clusters": 3.0}, r"n_clusters must be an integer, got 3.0 \(float\)"),
+    ({"method": "kmeans", "n_clusters": 2**70}, r"n_clusters must be within \[0, 100000\]"),
+    ({"n_neighbors": 1}, r"n_neighbors must be within \[2, 1000\]"),
+    ({"min_coverage": float("nan")}, "min_coverage must be a finite number"),
+    ({"min_coverage": 1.5}, r"min_coverage must be within \[0, 1\]"),
+    ({"return_embedding": 1}, r"return_embedding must be true or false, got 1 \(int\)"),
+    ({"method": 3}, "unknown method 3"),
+])
+def test_every_param_is_checked_for_type_and_range(packaged, frame, params, message):
+    with pytest.raises(ValueError, match=message):
+        packaged.predict(frame.iloc[:5], params)
+
+
+def test_valid_param_types_from_json_and_numpy(packaged, frame):
+    out = packaged.predict(frame, {"method": "kmeans", "n_clusters": np.int64(3), "seed": 2**32 - 1,
+                                   "return_embedding": np.bool_(False), "min_coverage": 1, "resolution": None})
+    assert out["cluster"].nunique() == 3 and out.shape[1] == 3
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda f: f.astype(object).assign(**{f.columns[1]: [2**70] + [1] * (len(f) - 1)}),
+     r"gene column '.+' holds the value 1180591620717411303424, above 9007199254740992: not a count"),
+    (lambda f: f.astype(float).assign(**{f.columns[1]: 2.0**60}), "value.* above 9007199254740992"),
+    (lambda f: f.assign(**{f.columns[1]: True}), "holds true/false values"),
+    (lambda f: f.astype(object).assign(**{f.columns[1]: [True] + [1] * (len(f) - 1)}), "holds a true/false value"),
+    # a dataframe_split row shorter than its column list arrives padded with NaN at the end
+    (lambda f: f.astype(float).assign(**{c: [np.nan] + [1.0] * (len(f) - 1) for c in f.columns[-3:]}),
+     r"cell .+ has 397 value\(s\) for 400 columns: every row must have one value per column"),
+])
+def test_input_messages_name_the_real_problem(packaged, frame, mutate, message):
+    with pytest.raises(ValueError, match=message):
+        packaged.predict(mutate(frame))
+
+
+def test_int_float_and_partial_gene_inputs_agree(packaged, frame):
+    ints = packaged.predict(frame.astype(np.int64), {"return_embedding": False})
+    floats = packaged.predict(frame.astype(np.float64), {"return_embedding": False})
+    pd.testing.assert_frame_equal(ints, floats)
+
+
+def test_cells_per_request_limit(_trained_session, tmp_path, frame, monkeypatch):
+    from contrastive_sc.inference import RequestTooLarge
+
+    package_model(_trained_session, tmp_path)
+    monkeypatch.setenv("CONTRASTIVE_SC_MAX_CELLS", "100")
+    model = EmbedThenCluster.from_dir(tmp_path, provider="cpu")
+    assert len(model.predict(frame.iloc[:100], {"return_embedding": False})) == 100
+    with pytest.raises(RequestTooLarge, match=r"holds 101 cells, over this server's limit of 100 .*contrastive_sc embed"):
+        model.predict(frame.iloc[:101])
+    # the batch path has no such limit
+    labels, _, _ = model.embed_and_cluster(frame.to_numpy(), frame.columns, {"method": "reference"})
+    assert len(labels) == len(frame)
+    monkeypatch.setenv("CONTRASTIVE_SC_MAX_CELLS", "lots")
+    with pytest.raises(ValueError, match="CONTRASTIVE_SC_MAX_CELLS must be a positive integer, got 'lots'"):
+        EmbedThenCluster.from_dir(tmp_path, provider="cpu")
+
+
+def test_onnxruntime_threads_follow_workers(_trained_session, tmp_path, monkeypatch):
+    import os
+
+    package_model(_trained_session, tmp_path)
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setenv("CONTRASTIVE_SC_WORKERS", str(cores * 2))
+    assert EmbedThenCluster.from_dir(tmp_path, provider="cpu").encoder.threads == 1
+    monkeypatch.setenv("CONTRASTIVE_SC_WORKERS", "1")
+    assert EmbedThenCluster.from_dir(tmp_path, provider="cpu").encoder.threads == cores
+    monkeypatch.setenv("CONTRASTIVE_SC_ONNX_THREADS", "3")
+    assert EmbedThenCluster.from_dir(tmp_path, provider="cpu").encoder.threads == 3
+
+
+def _corrupt_state(folder, **changes):
+    import json
+
+    path = folder / "preprocess_state.json"
+    state = json.loads(path.read_text())
+    for key, change in changes.items():
+        state[key] = change(state[key])
+    path.write_text(json.dumps(state))
+
+
+def _write_info(folder, **changes):
+    import json
+
+    path = folder / "model_info.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | changes))
+
+
+CORRUPTIONS = {
+    "short mean": (lambda d: _corrupt_state(d, mean=lambda v: v[:-1]),
+                   r"preprocess_state.json: 'mean' has 99 values for 100 genes"),
+    "zero std": (lambda d: _corrupt_state(d, std=lambda v: [0.0] + v[1:]),
+                 r"preprocess_state.json: 'std' holds 1 zero or negative value"),
+    "NaN std": (lambda d: _corrupt_state(d, std=lambda v: [float("nan")] + v[1:]),
+                r"preprocess_state.json: 'std' holds 1 NaN/inf value"),
+    "fewer genes than the encoder": (lambda d: _corrupt_state(d, genes=lambda v: v[:-1], mean=lambda v: v[:-1],
+                                                              std=lambda v: v[:-1]),
+                                     r"encoder.onnx: the encoder takes 100 inputs but preprocess_state.json lists 99"),
+    "centroid width": (lambda d: np.save(d / "reference_centroids.npy", np.zeros((3, 59))),
+                       r"reference_centroids.npy: centroids have 59 dimensions but encoder.onnx embeds into 60"),
+    "NaN centroids": (lambda d: np.save(d / "reference_centroids.npy", np.full((3, 60), np.nan)),
+                      "reference_centroids.npy: holds NaN/inf"),
+    "info dims": (lambda d: _write_info(d, embedding_dim=32), r"model_info.json: 'embedding_dim' is 32 but encoder.onnx"),
+    "info genes": (lambda d: _write_info(d, n_genes=7), r"model_info.json: 'n_genes' is 7"),
+    "unreadable encoder": (lambda d: (d / "encoder.onnx").write_bytes(b"not onnx"), r"cannot load encoder.onnx"),
+    "unreadable state": (lambda d: (d / "preprocess_state.json").write_text("{"), r"cannot load preprocess_state.json"),
+}
+
+
+@pytest.mark.parametrize("case", list(CORRUPTIONS))
+def test_loading_refuses_artifacts_that_disagree(_trained_session, tmp_path, case):
+    from contrastive_sc.inference import ArtifactError
+
+    package_model(_trained_session, tmp_path)
+    corrupt, message = CORRUPTIONS[case]
+    corrupt(tmp_path)
+    with pytest.raises(ArtifactError, match=message):
+        EmbedThenCluster.from_dir(tmp_path, provider="cpu")

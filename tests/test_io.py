@@ -98,8 +98,8 @@ def _csv(tmp_path, counts, genes=GENES):
 
 @pytest.mark.parametrize("value,message", [
     (-1.0, "negative value"),
-    (np.nan, "NaN/inf"),
-    (np.inf, "NaN/inf"),
+    (np.nan, r"missing \(null/NaN\) value"),
+    (np.inf, "infinite value"),
     (0.5, "non-integer value"),
 ])
 def test_bad_values(tmp_path, value, message):

@@ -19,6 +19,7 @@ from contrastive_sc.cluster import cluster_labels
 from tests.conftest import shared_file
 
 REPO = Path(__file__).resolve().parents[1]
+MAX_CELLS = 250
 pytestmark = pytest.mark.slow
 
 
@@ -31,24 +32,25 @@ def _free_port() -> int:
 class Server:
     """`serving/serve.sh MODEL_URI PORT` in a subprocess, stopped at teardown."""
 
-    def __init__(self, model_uri: str, tracking_uri: str, log: Path) -> None:
+    def __init__(self, model_uri: str, tracking_uri: str, log: Path, env: dict | None = None,
+                 ready_s: float = 180) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = os.environ | {"MLFLOW_TRACKING_URI": tracking_uri,
-                            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+                            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"} | (env or {})
         self.log = log
         self.process = subprocess.Popen(["bash", str(REPO / "serving" / "serve.sh"), model_uri, str(self.port)],
                                         env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
                                         start_new_session=True)
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + ready_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"server exited: {log.read_text()[-3000:]}")
+                raise RuntimeError(f"server exited with code {self.process.returncode}: {log.read_text()[-3000:]}")
             if self.ping() == 200:
                 return
             time.sleep(0.5)
         self.stop()
-        raise RuntimeError(f"server not ready in 180 s: {log.read_text()[-3000:]}")
+        raise RuntimeError(f"server not ready in {ready_s:.0f} s: {log.read_text()[-3000:]}")
 
     def ping(self) -> int | None:
         try:
@@ -65,7 +67,11 @@ class Server:
             with urllib.request.urlopen(request, timeout=600) as response:
                 return response.status, json.loads(response.read())
         except urllib.error.HTTPError as error:
-            return error.code, json.loads(error.read() or b"{}")
+            text = error.read() or b"{}"
+            try:
+                return error.code, json.loads(text)
+            except json.JSONDecodeError:
+                return error.code, {"message": text.decode(errors="replace")}
 
     def stop(self) -> None:
         import signal
@@ -92,7 +98,8 @@ def served(_store_with_runs, tmp_path_factory, _synthetic_session):
     registry.register_run(runs[0]["run_id"], "served")
     registry.promote("served")
     mlflow.set_tracking_uri(None)
-    server = Server("models:/served@champion", uri, folder / "server.log")
+    # A limit below the 300 test cells, so that one test can send an oversized request.
+    server = Server("models:/served@champion", uri, folder / "server.log", env={"CONTRASTIVE_SC_MAX_CELLS": str(MAX_CELLS)})
     yield server, _synthetic_session.to_df()
     server.stop()
 
@@ -132,6 +139,7 @@ def test_valid_requests_in_two_json_formats_and_each_method(served):
 
 def test_reference_labels_match_in_process_and_across_batches(served):
     server, frame = served
+    frame = frame.iloc[:MAX_CELLS]
     whole = pd.DataFrame(server.post(_split(frame, {"return_embedding": False}))[1]["predictions"])
     halves = [pd.DataFrame(server.post(_split(part, {"return_embedding": False}))[1]["predictions"])
               for part in (frame.iloc[:150], frame.iloc[150:])]
@@ -169,9 +177,9 @@ def _model_genes(server):
 BAD_REQUESTS = {
     "too few genes": (lambda f: _split(f.iloc[:5, :30]), "of the model's 100 genes are in the input"),
     "duplicated genes": (lambda f: _split(pd.concat([f.iloc[:5], f.iloc[:5, :2]], axis=1)), "duplicated gene column"),
-    "NaN": (lambda f: _split(f.iloc[:5].astype(float).mask(f.iloc[:5] > 3)), "NaN/inf"),
+    "NaN": (lambda f: _split(f.iloc[:5].astype(float).mask(f.iloc[:5] > 3)), "missing (null/NaN) value"),
     "negative": (lambda f: _split(f.iloc[:5] * -1 - 1), "negative value"),
-    "non-numeric": (lambda f: _split(f.iloc[:5].astype(str).replace("0", "zero")), "non-numeric column"),
+    "non-numeric": (lambda f: _split(f.iloc[:5].astype(str).replace("0", "zero")), "non-numeric value"),
     "empty": (lambda f: _split(f.iloc[:0]), "empty input"),
     "fewer cells than clusters": (lambda f: _split(f.iloc[:2], {"method": "kmeans", "n_clusters": 5}),
                                   "only 2 cell(s) were sent"),
@@ -188,9 +196,159 @@ def test_bad_requests_get_4xx_with_message_and_server_keeps_serving(served, case
     status, body = server.post(make(frame))
     assert 400 <= status < 500, (status, body)
     assert message in body.get("message", ""), body
+    assert "stack_trace" not in body and "Traceback" not in json.dumps(body)
     assert server.ping() == 200
     status, _ = server.post(_split(frame.iloc[:3]))
     assert status == 200
+
+
+def _ragged(frame):
+    body = _split(frame.iloc[:5])
+    body["dataframe_split"]["data"][2] = body["dataframe_split"]["data"][2][:-3]
+    return body
+
+
+def _huge_value(frame):
+    body = _split(frame.iloc[:5])
+    body["dataframe_split"]["data"][1][4] = 2**70
+    return body
+
+
+def _bool_counts(frame):
+    body = _split(frame.iloc[:5])
+    body["dataframe_split"]["data"] = [[v > 0 for v in row] for row in body["dataframe_split"]["data"]]
+    return body
+
+
+# Each case: request body, then a text the 400 answer must hold.
+REFUSED = {
+    "misspelled method": (lambda f: _split(f.iloc[:5], {"methd": "kmeans"}), "unknown parameter(s) ['methd']"),
+    "misspelled n_clusters": (lambda f: _split(f.iloc[:5], {"method": "kmeans", "n_cluster": 2}),
+                              "unknown parameter(s) ['n_cluster']; the known parameters are ['method', 'min_coverage', "
+                              "'n_clusters', 'n_neighbors', 'resolution', 'return_embedding', 'seed']"),
+    "misspelled resolution": (lambda f: _split(f.iloc[:5], {"method": "leiden", "resolutoin": 2.0}),
+                              "unknown parameter(s) ['resolutoin']"),
+    "NaN resolution": (lambda f: _split(f.iloc[:5], {"method": "leiden", "resolution": float("nan")}),
+                       "resolution must be a finite number"),
+    "inf resolution": (lambda f: _split(f.iloc[:5], {"method": "leiden", "resolution": float("inf")}),
+                       "resolution must be a finite number"),
+    "huge seed": (lambda f: _split(f.iloc[:20], {"method": "leiden", "seed": 2**63}), "seed must be within [0, 4294967295]"),
+    "boolean n_clusters": (lambda f: _split(f.iloc[:5], {"method": "kmeans", "n_clusters": True}),
+                           "Can not safely convert `<class 'bool'>` to `DataType.long`"),
+    "huge n_clusters": (lambda f: _split(f.iloc[:5], {"method": "kmeans", "n_clusters": 2**70}),
+                        "n_clusters must be within [0, 100000]"),
+    "2**70 count": (_huge_value, "holds the value 1180591620717411303424, above 9007199254740992: not a count"),
+    "ragged rows": (_ragged, "has 397 value(s) for 400 columns: every row must have one value per column"),
+    "boolean counts": (_bool_counts, "holds true/false values"),
+    "too many cells": (lambda f: _split(f), f"holds 300 cells, over this server's limit of {MAX_CELLS} per request"),
+}
+
+
+def test_bad_params_and_values_get_400_naming_the_problem_without_traceback_or_paths(served):
+    server, frame = served
+    secrets = [str(REPO), sys.prefix, str(server.log.parent), "site-packages", "Traceback", ".py\"", 'File "']
+    answers = {}
+    for case, (make, message) in REFUSED.items():
+        status, body = server.post(make(frame))
+        answers[case] = (status, body.get("message", ""))
+        assert status == 400, (case, status, body)
+        assert message in body.get("message", ""), (case, body)
+        text = json.dumps(body)
+        assert not [s for s in secrets if s in text], (case, text[:2000])
+        assert "stack_trace" not in body, case
+    # MLflow parses CSV and parquet bodies itself, before the model: its errors must not carry tracebacks either.
+    for content_type in ("text/csv", "application/vnd.apache.parquet"):
+        status, body = server.post(b'a,b\n1,"2\n', content_type=content_type)
+        assert status == 400 and "Failed to parse input" in body.get("message", ""), body
+        assert "stack_trace" not in body and not [s for s in secrets if s in json.dumps(body)], body
+    assert server.ping() == 200
+    status, body = server.post(_split(frame.iloc[:MAX_CELLS], {"return_embedding": False}))
+    assert status == 200 and len(body["predictions"]) == MAX_CELLS
+
+
+def test_client_sends_only_the_model_genes(served, tmp_path):
+    server, frame = served
+    genes = _model_genes(server)
+    (tmp_path / "genes.txt").write_text("\n".join(genes))
+    adata = __import__("anndata").AnnData(frame.iloc[:40].astype(np.float32))
+    adata.write_h5ad(tmp_path / "cells.h5ad")
+    sys.path.insert(0, str(REPO / "serving"))
+    try:
+        import client
+    finally:
+        sys.path.remove(str(REPO / "serving"))
+    sent = client.select_genes(frame, client.model_genes(genes_file=str(tmp_path / "genes.txt")))
+    assert sorted(sent.columns) == sorted(genes) and frame.shape[1] == 400
+    out = subprocess.run([sys.executable, str(REPO / "serving" / "client.py"), "--url", server.url, "--data",
+                          str(tmp_path / "cells.h5ad"), "--genes", str(tmp_path / "genes.txt"), "--out",
+                          str(tmp_path / "clusters.csv")], capture_output=True, text=True, env=os.environ | {
+                              "PYTHONPATH": str(REPO)}, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = pd.read_csv(tmp_path / "clusters.csv")
+    assert len(rows) == 40 and rows["gene_coverage"].eq(1.0).all()
+
+
+def test_a_model_whose_artifacts_disagree_never_becomes_healthy(served, tmp_path):
+    """Centroids of the wrong width: the server stops without answering /ping and its log names the file.
+
+    One worker: exits non-zero. Two workers: uvicorn's supervisor stops (exit code 0, its choice)
+    instead of restarting the workers forever, because the model exits with uvicorn's startup-failure code.
+    """
+    import mlflow
+
+    server, _ = served
+    mlflow.set_tracking_uri(f"sqlite:///{server.log.parent / 'mlflow.db'}")
+    try:
+        folder = Path(mlflow.artifacts.download_artifacts("models:/served@champion", dst_path=str(tmp_path / "m")))
+    finally:
+        mlflow.set_tracking_uri(None)
+    np.save(folder / "artifacts" / "reference_centroids.npy", np.zeros((3, 7), dtype=np.float32))
+    for workers in (1, 2):
+        log = tmp_path / f"bad{workers}.log"
+        with pytest.raises(RuntimeError, match="server exited with code") as error:
+            Server(str(folder), f"sqlite:///{tmp_path / 'none.db'}", log, env={"CONTRASTIVE_SC_WORKERS": str(workers)},
+                   ready_s=120)
+        text = log.read_text()
+        assert "refusing to serve this model: reference_centroids.npy: centroids have 7 dimensions but encoder.onnx " \
+               "embeds into 60" in text, text[-3000:]
+        if workers == 1:
+            assert "server exited with code 0" not in str(error.value)
+        else:
+            assert "failed to start, stopping the parent process" in text
+
+
+@pytest.mark.serving_env
+def test_the_model_serves_from_its_own_environment(served, tmp_path):
+    """`mlflow models serve --env-manager virtualenv` (or uv): a fresh venv from the pinned requirements.txt.
+
+    Builds the environment once (~2.5 min and 1.2 GB here: mlflow, numpy, onnxruntime, numba, ...;
+    MLFLOW_ENV_ROOT keeps it between runs) and serves from it, so the model's requirements are
+    known to be complete and installable, not only the developer's environment.
+    """
+    if shutil.which("uv"):
+        manager = "uv"
+    elif shutil.which("pyenv"):
+        manager = "virtualenv"
+    else:
+        pytest.skip("neither uv nor pyenv is on PATH: mlflow cannot build the model's own environment")
+    server, frame = served
+    env_root = os.environ.get("MLFLOW_ENV_ROOT") or str(tmp_path / "envs")
+    own = Server("models:/served@champion", f"sqlite:///{server.log.parent / 'mlflow.db'}", tmp_path / "own.log",
+                 env={"CONTRASTIVE_SC_ENV_MANAGER": manager, "MLFLOW_ENV_ROOT": env_root}, ready_s=900)
+    try:
+        status, body = own.post(_split(frame.iloc[:20], {"method": "kmeans", "n_clusters": 3, "return_embedding": False}))
+        assert status == 200, body
+        assert pd.DataFrame(body["predictions"])["cluster"].nunique() == 3
+        status, body = own.post(_split(frame.iloc[:5], {"n_cluster": 3}))
+        assert status == 400 and "unknown parameter(s) ['n_cluster']" in body["message"]
+    finally:
+        own.stop()
+    log = (tmp_path / "own.log").read_text()
+    assert f"source {env_root}" in log and "&& exec uvicorn" in log, log[-3000:]
+    site = next(Path(env_root).glob("mlflow-*/lib/python*/site-packages"))
+    installed = {p.name.split("-")[0].lower() for p in site.glob("*.dist-info")}
+    assert {"onnxruntime", "leidenalg", "igraph", "pynndescent", "scikit_learn"} <= installed
+    assert "torch" not in installed
 
 
 @pytest.mark.realdata

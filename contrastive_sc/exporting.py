@@ -43,9 +43,10 @@ def embed_with_registered(model_uri: str, data: str, out: str | Path, params: di
     import pandas as pd
 
     from .describe import MARKERS_KEY, UMAP_KEY, marker_genes, umap_coordinates
+    from .inference import PredictParams
     from .io import load
     from .metrics import score_clustering
-    from .model import EMBEDDING_KEY
+    from .model import CELL_TYPE_KEY, CONFIDENCE_KEY, EMBEDDING_KEY
     from .registry import load_served_model
 
     served = load_served_model(model_uri)
@@ -55,6 +56,9 @@ def embed_with_registered(model_uri: str, data: str, out: str | Path, params: di
     adata.obsm[EMBEDDING_KEY] = embedding
     adata.obsm[UMAP_KEY] = umap_coordinates(embedding)
     adata.obs[key] = pd.Categorical(labels.astype(str))
+    annotated = served.annotate(embedding, PredictParams.from_dict(params))
+    if annotated is not None:
+        adata.obs[CELL_TYPE_KEY], adata.obs[CONFIDENCE_KEY] = pd.Categorical(annotated[0].astype(str)), annotated[1]
     # A flat table (h5ad stores DataFrames in uns) that scanpy users can read back as it is.
     adata.uns[MARKERS_KEY] = marker_genes(adata, labels).astype({"cluster": str, "gene": str})
     # None means "the model's value"; h5ad cannot store None on every anndata version.

@@ -21,6 +21,8 @@ from .validation import MAX_COUNT, check_count_values
 #: Artifact names of a packaged model, as logged with the MLflow pyfunc.
 ARTIFACTS = {"encoder": "encoder.onnx", "state": "preprocess_state.json",
              "centroids": "reference_centroids.npy", "info": "model_info.json"}
+#: Artifacts only some models have: the annotated reference of a model trained with labels.
+OPTIONAL_ARTIFACTS = {"cell_types": "cell_types.npz"}
 METHODS = ("reference", "kmeans", "auto", "leiden")
 #: Environment variable choosing the onnxruntime provider of a served model.
 PROVIDER_ENV = "CONTRASTIVE_SC_ONNX_PROVIDER"
@@ -34,7 +36,7 @@ DEFAULT_MAX_CELLS = 10_000
 #: Upper bounds of the integer params: far above any sensible value, far below what breaks the
 #: C libraries underneath (igraph and numpy take 32-bit seeds; a 2**63 seed crashed Leiden).
 _INT_RANGES = {"n_clusters": (0, 100_000), "n_neighbors": (2, 1_000), "seed": (0, 2**32 - 1)}
-_FLOAT_RANGES = {"resolution": (0.0, 1_000.0), "min_coverage": (0.0, 1.0)}
+_FLOAT_RANGES = {"resolution": (0.0, 1_000.0), "min_coverage": (0.0, 1.0), "min_confidence": (0.0, 1.0)}
 
 
 def _check_int(name: str, value) -> int:
@@ -77,6 +79,8 @@ class PredictParams:
     ``leiden`` uses ``resolution``; ``auto`` and ``leiden`` use ``n_neighbors`` (``None``: the
     values the model was trained with).
     ``min_coverage``: smallest accepted fraction of the model's genes present in the input.
+    ``min_confidence``: a model trained with labels calls a cell ``unassigned`` below this
+    confidence (``None``: the value recorded in the model).
 
     :meth:`from_dict` checks every value's type and range (bounds in ``_INT_RANGES`` and
     ``_FLOAT_RANGES``) and refuses unknown names, naming the known ones.
@@ -89,6 +93,7 @@ class PredictParams:
     seed: int = 0
     return_embedding: bool = True
     min_coverage: float = 0.5
+    min_confidence: float | None = None
 
     @classmethod
     def known(cls) -> list[str]:
@@ -272,12 +277,23 @@ class EmbedThenCluster:
         self.centroids = _load_artifact(artifacts, "centroids", lambda path: np.load(path, allow_pickle=False))
         self.info = _load_artifact(artifacts, "info", lambda path: json.loads(Path(path).read_text()))
         check_artifacts(self.state, self.encoder, self.centroids, self.info)
+        self.cell_types = None
+        if artifacts.get("cell_types"):
+            from .annotate import CellTypeReference
+
+            self.cell_types = _load_artifact(artifacts, "cell_types", CellTypeReference.load)
+            if self.cell_types.embedding_dim != self.encoder.n_outputs:
+                msg = (f"{OPTIONAL_ARTIFACTS['cell_types']}: cell-type centroids have {self.cell_types.embedding_dim} "
+                       f"dimensions but {ARTIFACTS['encoder']} embeds into {self.encoder.n_outputs}")
+                raise ArtifactError(msg)
 
     @classmethod
     def from_dir(cls, folder: str | Path, provider: str | None = None) -> EmbedThenCluster:
         """Load a folder written by :func:`package_model`."""
         folder = Path(folder)
-        return cls({key: str(folder / name) for key, name in ARTIFACTS.items()}, provider)
+        paths = {key: str(folder / name) for key, name in ARTIFACTS.items()}
+        paths |= {key: str(folder / name) for key, name in OPTIONAL_ARTIFACTS.items() if (folder / name).exists()}
+        return cls(paths, provider)
 
     def predict(self, data, params: dict | None = None) -> pd.DataFrame:
         """Cluster cells given as raw counts.
@@ -292,8 +308,9 @@ class EmbedThenCluster:
 
         Returns
         -------
-        One row per cell: ``cell``, ``cluster``, ``gene_coverage`` and, unless
-        ``return_embedding`` is false, ``emb_0`` ... ``emb_<d-1>``.
+        One row per cell: ``cell``, ``cluster``, ``gene_coverage``; for a model trained with
+        labels, ``cell_type`` (``"unassigned"`` when unlike every type) and ``confidence`` in
+        [0, 1]; unless ``return_embedding`` is false, ``emb_0`` ... ``emb_<d-1>``.
 
         Raises
         ------
@@ -311,6 +328,9 @@ class EmbedThenCluster:
             raise RequestTooLarge(msg)
         labels, embedding, coverage = self.embed_and_cluster(counts, genes, params)
         out = pd.DataFrame({"cell": cells, "cluster": labels, "gene_coverage": round(coverage.fraction, 4)})
+        annotated = self.annotate(embedding, options)
+        if annotated is not None:
+            out["cell_type"], out["confidence"] = annotated
         if options.return_embedding:
             emb = pd.DataFrame(embedding, columns=[f"emb_{i}" for i in range(embedding.shape[1])])
             out = pd.concat([out, emb], axis=1)
@@ -332,6 +352,15 @@ class EmbedThenCluster:
             raise ValueError(msg)
         embedding = self.encoder(transform(counts, genes, self.state))
         return self._cluster(embedding, options), embedding, coverage
+
+    def annotate(self, embedding: np.ndarray, options: PredictParams):
+        """``(cell types, confidences)`` by the model's annotated reference, or ``None`` without one."""
+        if self.cell_types is None:
+            if options.min_confidence is not None:
+                msg = "min_confidence applies to models trained with labels (--label-key); this one has none"
+                raise ValueError(msg)
+            return None
+        return self.cell_types.annotate(embedding, options.min_confidence)
 
     def _as_counts(self, data) -> tuple[np.ndarray, np.ndarray, list[str]]:
         if isinstance(data, dict):
@@ -405,6 +434,8 @@ def package_model(model, folder: str | Path, *, check_rows: np.ndarray | None = 
     export_onnx(model.encoder, paths["encoder"], check=check_rows)
     model.state.to_json(paths["state"])
     np.save(paths["centroids"], model.reference_centroids)
+    if model.cell_types is not None:
+        paths["cell_types"] = str(model.cell_types.save(folder / OPTIONAL_ARTIFACTS["cell_types"]))
     info = {"config": model.config.to_params(), "n_genes": model.state.n_genes,
             "embedding_dim": int(model.encoder.n_outputs), "n_reference_clusters": int(len(model.reference_centroids))}
     Path(paths["info"]).write_text(json.dumps(info, indent=2))

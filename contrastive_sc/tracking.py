@@ -301,10 +301,11 @@ def _log_model(folder: Path, model, embedding) -> str:
         ParamSpec("seed", "long", defaults.seed),
         ParamSpec("return_embedding", "boolean", defaults.return_embedding),
         ParamSpec("min_coverage", "double", defaults.min_coverage),
-    ])
+    ] + ([ParamSpec("min_confidence", "double", model.cell_types.min_confidence)] if model.cell_types else []))
     dims = int(model.encoder.n_outputs)
+    annotated = [ColSpec("string", "cell_type"), ColSpec("double", "confidence")] if model.cell_types else []
     outputs = Schema([ColSpec("string", "cell"), ColSpec("long", "cluster"), ColSpec("double", "gene_coverage")]
-                     + [ColSpec("float", f"emb_{i}", required=False) for i in range(dims)])
+                     + annotated + [ColSpec("float", f"emb_{i}", required=False) for i in range(dims)])
     if not PYFUNC_FILE.exists():
         msg = f"pyfunc definition not found at {PYFUNC_FILE}; run from a checkout of the contrastive-sc repository"
         raise FileNotFoundError(msg)

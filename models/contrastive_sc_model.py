@@ -39,7 +39,7 @@ def refuse_unknown_params() -> bool:
     the names missing from the signature's params schema with a log warning (and all params when
     the signature has none): ``{"n_cluster": 8}`` would be answered 200 with other clusters.
     This wraps that function, in the process serving this model only, so that a params dict
-    naming anything outside a schema equal to :class:`~contrastive_sc.inference.PredictParams`'s
+    naming anything outside a schema made of :class:`~contrastive_sc.inference.PredictParams`'s
     fields raises the 400 the caller needs; other models' schemas are left to MLflow's rule.
 
     Returns
@@ -60,10 +60,13 @@ def refuse_unknown_params() -> bool:
     known = set(PredictParams.known())
 
     def strict(params, schema):
-        if schema is not None and isinstance(params, dict) and {p.name for p in schema.params} == known:
-            unknown = sorted(map(str, set(params) - known))
+        # This model's schema: PredictParams's fields, less min_confidence for a model trained
+        # without labels. The names it lists are the ones this model accepts.
+        names = {p.name for p in schema.params} if schema is not None else set()
+        if isinstance(params, dict) and "method" in names and names <= known:
+            unknown = sorted(map(str, set(params) - names))
             if unknown:
-                msg = f"unknown parameter(s) {unknown}; the known parameters are {sorted(known)}"
+                msg = f"unknown parameter(s) {unknown}; the known parameters are {sorted(names)}"
                 raise MlflowException.invalid_parameter_value(msg)
         return original(params, schema)
 

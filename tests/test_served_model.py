@@ -62,7 +62,8 @@ def test_input_example_predicts_with_mlflow_models_predict(logged, tmp_path):
     out = tmp_path / "frame.json"
     mlflow.models.predict(logged, frame, env_manager="local", output_path=str(out))
     rows = pd.DataFrame(json.loads(out.read_text())["predictions"])
-    assert list(rows.columns[:4]) == ["cell", "cluster", "gene_coverage", "emb_0"] and len(rows) == 6
+    assert list(rows.columns[:6]) == ["cell", "cluster", "gene_coverage", "cell_type", "confidence", "emb_0"]
+    assert len(rows) == 6
     assert rows["gene_coverage"].iloc[0] == pytest.approx(0.9)
     in_process = mlflow.pyfunc.load_model(logged).predict(counts, params={"return_embedding": False})
     expected = mlflow.pyfunc.load_model(logged).predict(counts.drop(columns=genes[:10]),
@@ -74,7 +75,7 @@ def test_input_example_predicts_with_mlflow_models_predict(logged, tmp_path):
     mlflow.models.predict(logged, input_path=str(Path(logged) / "serving_input_example.json"), env_manager="local",
                           output_path=str(out))
     rows = pd.DataFrame(json.loads(out.read_text())["predictions"])
-    assert list(rows.columns) == ["cell", "cluster", "gene_coverage"] and len(rows) == 2
+    assert list(rows.columns) == ["cell", "cluster", "gene_coverage", "cell_type", "confidence"] and len(rows) == 2
 
 
 def test_in_process_pyfunc_refuses_unknown_params(logged):
@@ -103,3 +104,20 @@ def test_an_unexpected_failure_is_a_500_without_traceback_or_paths(logged, caplo
     message = error.value.message
     assert message.startswith("internal error while clustering the request (ref ") and "/" not in message
     assert "Traceback" in caplog.text or "NoneType" in caplog.text  # the details went to the server log
+
+
+def test_a_model_trained_without_labels_names_no_types_and_refuses_unknown_params(tracking_uri, synthetic, tiny_config):
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from contrastive_sc import tracking
+
+    tracking.setup(tracking_uri, "unlabelled")
+    run = tracking.train_run(synthetic, tiny_config, methods=("kmeans",), map_plot=False)  # no label_key
+    model = mlflow.pyfunc.load_model(run["model_uri"])
+    frame = synthetic.to_df().iloc[:20]
+    out = model.predict(frame, params={"return_embedding": False})
+    assert list(out.columns) == ["cell", "cluster", "gene_coverage"]
+    for params, name in (({"min_confidence": 0.1}, "min_confidence"), ({"n_cluster": 2}, "n_cluster")):
+        with pytest.raises(MlflowException, match=rf"unknown parameter\(s\) \['{name}'\]"):
+            model.predict(frame, params=params)

@@ -123,7 +123,14 @@ def test_valid_requests_in_two_json_formats_and_each_method(served):
     status, body = server.post(records)
     assert status == 200, body
     rows = pd.DataFrame(body["predictions"])
-    assert list(rows.columns) == ["cell", "cluster", "gene_coverage"] and rows["cluster"].nunique() == 3
+    # the model was trained with labels: it names each cell, with a confidence
+    assert list(rows.columns) == ["cell", "cluster", "gene_coverage", "cell_type", "confidence"]
+    assert rows["cluster"].nunique() == 3
+    assert set(rows["cell_type"]) <= {"0", "1", "2", "unassigned"} and rows["confidence"].between(0, 1).all()
+    status, body = server.post(_split(cells, {"min_confidence": 0.0, "return_embedding": False}))
+    assert status == 200 and "unassigned" not in {r["cell_type"] for r in body["predictions"]}
+    status, body = server.post(_split(cells, {"min_confidence": 1.5}))
+    assert status == 400 and "min_confidence must be within [0, 1], got 1.5" in body["message"]
 
     status, body = server.post(_split(cells, {"method": "leiden", "resolution": 0.8, "seed": 3}))
     assert status == 200, body
@@ -224,7 +231,7 @@ def _bool_counts(frame):
 REFUSED = {
     "misspelled method": (lambda f: _split(f.iloc[:5], {"methd": "kmeans"}), "unknown parameter(s) ['methd']"),
     "misspelled n_clusters": (lambda f: _split(f.iloc[:5], {"method": "kmeans", "n_cluster": 2}),
-                              "unknown parameter(s) ['n_cluster']; the known parameters are ['method', 'min_coverage', "
+                              "unknown parameter(s) ['n_cluster']; the known parameters are ['method', 'min_confidence', 'min_coverage', "
                               "'n_clusters', 'n_neighbors', 'resolution', 'return_embedding', 'seed']"),
     "misspelled resolution": (lambda f: _split(f.iloc[:5], {"method": "leiden", "resolutoin": 2.0}),
                               "unknown parameter(s) ['resolutoin']"),

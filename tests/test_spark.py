@@ -58,12 +58,17 @@ def test_spark_udf_labels_equal_in_process_predict(tracking_uri, synthetic, tiny
     frame = spark.createDataFrame(cells.reset_index(names="cell_id")).coalesce(1)
     genes = list(cells.columns)
     # A struct result takes the prediction columns by name; "cluster" alone would be result_type="long".
-    predict = mlflow.pyfunc.spark_udf(spark, model_uri, result_type="cluster long, gene_coverage double",
-                                      env_manager="local", params={"method": "reference"})
+    predict = mlflow.pyfunc.spark_udf(
+        spark, model_uri, result_type="cluster long, gene_coverage double, cell_type string, confidence double",
+        env_manager="local", params={"method": "reference"})
     scored = (frame.withColumn("prediction", predict(struct(*[col(g) for g in genes])))
-              .select("cell_id", "prediction.cluster", "prediction.gene_coverage").toPandas()
+              .select("cell_id", "prediction.cluster", "prediction.gene_coverage", "prediction.cell_type",
+                      "prediction.confidence").toPandas()
               .set_index("cell_id").loc[cells.index])
 
     np.testing.assert_array_equal(scored["cluster"].to_numpy(), expected["cluster"].to_numpy())
+    # a model trained with labels names the cells in batch exactly as in process
+    np.testing.assert_array_equal(scored["cell_type"].to_numpy(), expected["cell_type"].to_numpy())
+    np.testing.assert_allclose(scored["confidence"].to_numpy(), expected["confidence"].to_numpy())
     assert (scored["gene_coverage"] == 1.0).all()
     assert scored["cluster"].nunique() > 1

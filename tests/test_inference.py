@@ -112,7 +112,8 @@ def test_serving_path_never_imports_torch(tmp_path, _trained_session):
 
 
 @pytest.mark.parametrize("params,message", [
-    ({"methd": "kmeans"}, r"unknown parameter\(s\) \['methd'\]; the known parameters are \['method', 'min_confidence', 'min_coverage'"),
+    ({"methd": "kmeans"},
+     r"unknown parameter\(s\) \['methd'\]; the known parameters are \['method', 'min_confidence', 'min_coverage'"),
     ({"resolution": float("nan")}, "resolution must be a finite number"),
     ({"resolution": float("inf")}, "resolution must be a finite number"),
     ({"resolution": 1e6}, r"resolution must be > 0 and <= 1000"),

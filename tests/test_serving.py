@@ -231,7 +231,8 @@ def _bool_counts(frame):
 REFUSED = {
     "misspelled method": (lambda f: _split(f.iloc[:5], {"methd": "kmeans"}), "unknown parameter(s) ['methd']"),
     "misspelled n_clusters": (lambda f: _split(f.iloc[:5], {"method": "kmeans", "n_cluster": 2}),
-                              "unknown parameter(s) ['n_cluster']; the known parameters are ['method', 'min_confidence', 'min_coverage', "
+                              "unknown parameter(s) ['n_cluster']; the known parameters are ['method', "
+                              "'min_confidence', 'min_coverage', "
                               "'n_clusters', 'n_neighbors', 'resolution', 'return_embedding', 'seed']"),
     "misspelled resolution": (lambda f: _split(f.iloc[:5], {"method": "leiden", "resolutoin": 2.0}),
                               "unknown parameter(s) ['resolutoin']"),

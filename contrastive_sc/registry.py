@@ -13,7 +13,9 @@ cross-process file lock (:func:`registry_lock`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import random
@@ -195,7 +197,10 @@ def _register(model_uri: str, name: str, tags: dict):
     from mlflow.exceptions import MlflowException
 
     try:
-        return _retry(mlflow.register_model, model_uri, name, tags=tags)
+        # mlflow.register_model prints "Successfully registered..." straight to stderr; the
+        # command prints its own one-line summary, and failures arrive as exceptions.
+        with contextlib.redirect_stderr(io.StringIO()):
+            return _retry(mlflow.register_model, model_uri, name, tags=tags)
     except MlflowException as error:
         msg = f"registering {model_uri} as {name!r} failed: {_one_line(error.message)}"
         raise ValueError(msg) from None

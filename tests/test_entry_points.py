@@ -106,11 +106,14 @@ def test_training_checks_the_data_before_a_run_exists(user_folder):
         tracking_uri=f"sqlite:///{user_folder / 'mlflow.db'}").search_runs(["0"])
 
 
-def test_train_output_is_free_of_mlflow_noise(user_folder):
+def test_train_and_register_output_is_free_of_mlflow_noise(user_folder):
     done = _cli(["train", "--data", "tiny.h5", "--epochs", "1", "--n-genes", "100", "--no-map"], user_folder)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stderr == "", done.stderr[-3000:]  # no UserWarnings, INFO lines or download bars
     assert done.stdout.startswith("run ") and "model: models:/" in done.stdout
+    registered = _cli(["register", "--name", "quiet", "--experiment", "contrastive-sc"], user_folder)
+    assert registered.returncode == 0 and registered.stderr == "", registered.stderr[-3000:]
+    assert registered.stdout.count("\n") == 1 and "registered as quiet version 1" in registered.stdout
 
 
 def test_a_killed_training_run_is_marked_killed_and_cannot_be_registered(user_folder):

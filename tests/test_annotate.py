@@ -94,3 +94,24 @@ def test_counts_from_a_layer(synthetic, tiny_config, layer):
     assert np.allclose(model.transform(synthetic), direct.transform(synthetic), atol=1e-5)
     with pytest.raises(KeyError, match="layer 'spliced' not found"):
         ContrastiveSC(tiny_config).fit(adata, layer="spliced")
+
+
+def test_train_command_reads_counts_from_a_layer(synthetic, tmp_path):
+    import scanpy as sc
+    from click.testing import CliRunner
+
+    from contrastive_sc.cli import main
+
+    adata = synthetic.copy()
+    adata.layers["counts"] = adata.X.copy()
+    sc.pp.normalize_total(adata)
+    sc.pp.log1p(adata)
+    adata.write_h5ad(tmp_path / "normalised.h5ad")
+    common = ["train", "--data", str(tmp_path / "normalised.h5ad"), "--epochs", "1", "--n-genes", "50", "--no-map",
+              "--cluster", "kmeans", "--label-key", "label", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]
+    refused = CliRunner().invoke(main, common)
+    assert refused.exit_code == 2 and "non-integer value" in refused.output and "Traceback" not in refused.output
+    done = CliRunner().invoke(main, [*common, "--layer", "counts"])
+    assert done.exit_code == 0, done.output
+    missing = CliRunner().invoke(main, [*common, "--layer", "spliced"])
+    assert missing.exit_code == 2 and "layer 'spliced' not found; this AnnData has layers ['counts']" in missing.output

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from dataclasses import asdict
 from pathlib import Path
 
@@ -55,6 +56,7 @@ class ContrastiveSC:
         self.history: TrainingHistory | None = None
         self.reference_centroids: np.ndarray | None = None
         self.cell_types = None  # a CellTypeReference when trained with labels
+        self.model_id = uuid.uuid4().hex  # tells a re-save of this model from a save over another one
         self.gene_search: list[dict] = []
 
     # ------------------------------------------------------------------ training
@@ -87,6 +89,7 @@ class ContrastiveSC:
         labels = _labels(adata, label_key)
         adata = counts_view(adata, layer)
         self.check_data(adata)
+        self.model_id = uuid.uuid4().hex  # a new fit is a new model
         self._fit_embedding(adata, progress=progress, on_epoch=on_epoch, reference=reference)
         if labels is not None:
             from .annotate import CellTypeReference
@@ -288,20 +291,40 @@ class ContrastiveSC:
         return adata if copy else None
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path: str | Path) -> Path:
-        """Save config, preprocessing state, weights, history and reference centroids to a folder."""
+    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        """Save config, preprocessing state, weights, history and references to a folder.
+
+        Saving again to the folder of the same model replaces its files. A folder that holds
+        another model is refused unless ``overwrite=True``, which first removes that model's
+        files, so that a folder never mixes two models.
+
+        Raises
+        ------
+        FileExistsError
+            When ``path`` holds another model and ``overwrite`` is false.
+        """
         import torch
 
         self._check_fitted()
         path = Path(path)
+        saved_id = _saved_model_id(path)
+        if saved_id is not None and saved_id != self.model_id:
+            if not overwrite:
+                msg = (f"{str(path)!r} holds another saved model (id {saved_id}, this one is {self.model_id}); "
+                       "save elsewhere or pass overwrite=True to replace it")
+                raise FileExistsError(msg)
+            for name in _FILES.values():
+                (path / name).unlink(missing_ok=True)
         path.mkdir(parents=True, exist_ok=True)
         (path / _FILES["config"]).write_text(self.config.to_json())
         self.state.to_json(path / _FILES["state"])
-        checkpoint = {"n_inputs": self.encoder.n_inputs, "state_dict": self.encoder.state_dict()}
+        # Self-describing: the architecture travels with the weights, not only in config.json.
+        checkpoint = {"n_inputs": self.encoder.n_inputs, "layers": list(self.config.encoder.layers),
+                      "batch_norm": bool(self.config.encoder.batch_norm), "state_dict": self.encoder.state_dict()}
         if self.config.encoder.pca_components:
             checkpoint["pca_shape"] = list(self.encoder.pca_components.shape)  # (components, genes read)
         torch.save(checkpoint, path / _FILES["weights"])
-        history = asdict(self.history) | {"gene_search": self.gene_search}
+        history = asdict(self.history) | {"gene_search": self.gene_search, "model_id": self.model_id}
         (path / _FILES["history"]).write_text(json.dumps(history))
         if self.reference_centroids is not None:
             np.save(path / _FILES["reference"], self.reference_centroids)
@@ -329,7 +352,12 @@ class ContrastiveSC:
         model = cls(config)
         model.state = PreprocessState.from_json(path / _FILES["state"])
         checkpoint = torch.load(path / _FILES["weights"], map_location="cpu", weights_only=True)
-        encoder = ContrastiveEncoder(checkpoint["n_inputs"], config.encoder.layers, config.encoder.batch_norm)
+        layers = tuple(checkpoint.get("layers", config.encoder.layers))
+        if layers != tuple(config.encoder.layers):
+            msg = (f"{str(path)!r}: {_FILES['weights']} holds layers {list(layers)} but {_FILES['config']} says "
+                   f"{list(config.encoder.layers)}; the folder mixes two models")
+            raise ValueError(msg)
+        encoder = ContrastiveEncoder(checkpoint["n_inputs"], layers, checkpoint.get("batch_norm", config.encoder.batch_norm))
         if "pca_shape" in checkpoint:
             n_components, n_pca_genes = checkpoint["pca_shape"]
             encoder = FusedEmbedder.empty(encoder, n_pca_genes, n_components)
@@ -337,6 +365,7 @@ class ContrastiveSC:
         model.encoder = encoder.eval()
         history = json.loads((path / _FILES["history"]).read_text())
         model.gene_search = history.pop("gene_search", [])
+        model.model_id = history.pop("model_id", model.model_id)
         model.history = TrainingHistory(**history)
         if (path / _FILES["reference"]).exists():
             model.reference_centroids = np.load(path / _FILES["reference"])
@@ -345,6 +374,17 @@ class ContrastiveSC:
 
             model.cell_types = CellTypeReference.load(path / _FILES["cell_types"])
         return model
+
+
+def _saved_model_id(path: Path) -> str | None:
+    """The id of the model saved in ``path``, ``""`` for a model saved without one, ``None`` if none."""
+    history = path / _FILES["history"]
+    if not history.exists():
+        return None
+    try:
+        return str(json.loads(history.read_text()).get("model_id", ""))
+    except (ValueError, AttributeError):
+        return ""
 
 
 def _labels(adata, label_key: str | None):

@@ -51,9 +51,12 @@ def test_saving_over_a_folder_leaves_no_stale_files(held_back, trained, tmp_path
     model, _ = held_back
     folder = model.save(tmp_path / "m")
     assert (folder / "cell_types.npz").exists() and (folder / "reference_centroids.npy").exists()
+    with pytest.raises(FileExistsError, match="holds another saved model .* overwrite=True"):
+        trained.save(folder)
+    model.save(folder)  # the same model again: allowed
     trained.reference_centroids, kept = None, trained.reference_centroids
     try:
-        trained.save(folder)
+        trained.save(folder, overwrite=True)
     finally:
         trained.reference_centroids = kept
     assert not (folder / "cell_types.npz").exists() and not (folder / "reference_centroids.npy").exists()
@@ -115,3 +118,18 @@ def test_train_command_reads_counts_from_a_layer(synthetic, tmp_path):
     assert done.exit_code == 0, done.output
     missing = CliRunner().invoke(main, [*common, "--layer", "spliced"])
     assert missing.exit_code == 2 and "layer 'spliced' not found; this AnnData has layers ['counts']" in missing.output
+
+
+def test_checkpoint_carries_its_architecture(trained, tmp_path):
+    import json
+
+    import torch
+
+    folder = trained.save(tmp_path / "m")
+    checkpoint = torch.load(folder / "encoder.pt", weights_only=True)
+    assert checkpoint["layers"] == list(trained.config.encoder.layers) and checkpoint["n_inputs"] == 100
+    config = json.loads((folder / "config.json").read_text())
+    config["layers"] = [8, 4]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"encoder.pt holds layers \[64, 16, 32\]|encoder.pt holds layers"):
+        ContrastiveSC.load(folder)

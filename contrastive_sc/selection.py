@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from .benchmark import COLUMNS, SCANPY_CLIP, SCANPY_COMPONENTS, SCANPY_GENES, available_methods, benchmark_adata
-from .config import PRESETS, get_preset
+from .config import PRESETS, ContrastiveConfig, get_preset
 
 #: The cache's columns: the benchmark's, the number of true classes, and what the setting was.
 CACHE_COLUMNS = [*COLUMNS, "n_classes", "setting"]
@@ -31,11 +31,15 @@ COUNT_TOLERANCE = 0.30
 def setting_id(method: str) -> str:
     """Fingerprint of what ``method`` runs, so cached rows of an edited preset are not reused.
 
-    A preset's fingerprint hashes all its settings; a baseline's names its fixed recipe.
+    A preset's fingerprint hashes its settings that differ from the configuration defaults, so a
+    new setting added later with a default that keeps old behaviour leaves it unchanged; a
+    baseline's names its fixed recipe.
     """
     source = method.rsplit("-", 1)[0]
     if source in PRESETS:
-        text = json.dumps(get_preset(source).to_params(), sort_keys=True)
+        defaults = ContrastiveConfig().to_params()
+        params = {k: v for k, v in get_preset(source).to_params().items() if k not in defaults or v != defaults[k]}
+        text = json.dumps(params, sort_keys=True)
         return "preset:" + hashlib.sha1(text.encode()).hexdigest()[:12]
     if source == "scanpy":
         return f"scanpy:{SCANPY_GENES}-{SCANPY_CLIP:g}-{SCANPY_COMPONENTS}"

@@ -70,12 +70,16 @@ class EncoderConfig:
         to unit root-mean-square norm (the ``fused`` preset). 0 keeps the encoder's output alone.
     pca_genes
         How many of the input genes (by the same dispersion ranking) the PCA block reads.
+    encoder_weight
+        Root-mean-square norm of the encoder block relative to the PCA block's (1: equal weight);
+        below 1 the encoder's output is a smaller correction beside the principal components.
     """
 
     layers: tuple[int, ...] = (200, 40, 60)
     batch_norm: bool = True
     pca_components: int = 0
     pca_genes: int = 500
+    encoder_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if not self.layers or any(int(w) < 1 for w in self.layers):
@@ -83,6 +87,9 @@ class EncoderConfig:
             raise ValueError(msg)
         if int(self.pca_components) < 0 or int(self.pca_genes) < 2:
             msg = f"pca_components must be >= 0 and pca_genes >= 2, got {self.pca_components} and {self.pca_genes}"
+            raise ValueError(msg)
+        if not self.encoder_weight > 0:
+            msg = f"encoder_weight must be > 0, got {self.encoder_weight}"
             raise ValueError(msg)
 
 
@@ -247,6 +254,11 @@ PRESETS = {
     "pcres-soft": _pcres_variant("pcres-soft", temperature=1.0),  # weaker uniformity
     "pcres-nn": _pcres_variant("pcres-nn", positive_neighbours=10),  # neighbour positives
     "pcres-cc": _pcres_variant("pcres-cc", cluster_head=20),  # cluster-level loss
+    "pcres-nncc": _pcres_variant("pcres-nncc", positive_neighbours=10, cluster_head=20),  # both
+    "pcres-half": lambda: dataclasses.replace(  # the encoder block at half the PCA block's weight
+        _pcres_variant("pcres-half")(), encoder=dataclasses.replace(_pcres().encoder, encoder_weight=0.5)),
+    "pcres-5k": lambda: dataclasses.replace(  # the encoder reads 5000 genes; PCA still the top 2000
+        _pcres_variant("pcres-5k")(), preprocess=dataclasses.replace(_pcres().preprocess, n_genes=5000)),
 }
 #: The preset used when none is named.
 DEFAULT_PRESET = "fused"

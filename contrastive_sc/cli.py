@@ -229,6 +229,43 @@ def benchmark(data, more_data, label_key, methods, seeds, n_genes, epochs, out, 
     click.echo(f"\nwrote {len(results)} rows to {out}")
 
 
+@main.command()
+@click.option("--data", "data", required=True, type=click.Path(exists=True), help="Labelled dataset (more may follow).")
+@click.argument("more_data", nargs=-1, type=click.Path(exists=True))
+@click.option(
+    "--label-key", default=None, callback=_none_if_empty, help="obs column with labels (default: 'label' when present)."
+)
+@click.option("--candidates", required=True, type=_CsvList(available_methods()),
+              help="Comma-separated methods to choose among (e.g. paper-kmeans,fused-kmeans).")
+@click.option("--baselines", default="pca50-kmeans,scanpy-kmeans", type=_CsvList(available_methods()),
+              help="Comma-separated methods shown beside the choice.")
+@click.option("--seeds", default=3, type=click.IntRange(min=1), help="Seeds 0..N-1.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="CSV cache, one row per dataset x method x seed; appended to, and read back on the next call.")
+@_friendly_errors
+def select(data, more_data, label_key, candidates, baselines, seeds, out) -> None:
+    """Leave-one-dataset-out choice among candidate methods: per dataset, the candidate best on the others.
+
+    Usage: contrastive-sc select --data A.h5 B.h5ad C.h5 --candidates paper-kmeans,fused-kmeans --seeds 3 --out lodo.csv
+    """
+    from .selection import report, run_missing
+
+    paths = [data, *more_data]
+    if len(paths) < 2:
+        raise click.UsageError(f"leave-one-dataset-out needs at least 2 datasets, got {len(paths)}")
+
+    def show(row):
+        click.echo(f"{row['dataset']:<32} {row['method']:<24} seed={row['seed']} ari={row['ari']:.3f} "
+                   f"k={row['n_clusters']} {row['seconds']:.1f}s", err=True)
+
+    methods = list(dict.fromkeys([*candidates, *baselines]))
+    results = run_missing(paths, methods, range(seeds), out, label_key=label_key, on_row=show)
+    table, lines = report(results, candidates, baselines)
+    click.echo(table.to_markdown(index=False) if _has_tabulate() else table.to_string(index=False))
+    click.echo("\n" + "\n".join(lines))
+    click.echo(f"\n{len(results)} runs in {out}")
+
+
 # ---------------------------------------------------------------------------- MLflow commands
 def _tracking_options(func):
     func = click.option(

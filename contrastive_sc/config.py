@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,12 +70,16 @@ class EncoderConfig:
         to unit root-mean-square norm (the ``fused`` preset). 0 keeps the encoder's output alone.
     pca_genes
         How many of the input genes (by the same dispersion ranking) the PCA block reads.
+    encoder_weight
+        Root-mean-square norm of the encoder block relative to the PCA block's (1: equal weight);
+        below 1 the encoder's output is a smaller correction beside the principal components.
     """
 
     layers: tuple[int, ...] = (200, 40, 60)
     batch_norm: bool = True
     pca_components: int = 0
     pca_genes: int = 500
+    encoder_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if not self.layers or any(int(w) < 1 for w in self.layers):
@@ -82,6 +87,9 @@ class EncoderConfig:
             raise ValueError(msg)
         if int(self.pca_components) < 0 or int(self.pca_genes) < 2:
             msg = f"pca_components must be >= 0 and pca_genes >= 2, got {self.pca_components} and {self.pca_genes}"
+            raise ValueError(msg)
+        if not self.encoder_weight > 0:
+            msg = f"encoder_weight must be > 0, got {self.encoder_weight}"
             raise ValueError(msg)
 
 
@@ -92,6 +100,8 @@ class TrainConfig:
     ``input_dropout`` is the fraction of genes masked in each view (0.9 keeps 10 %).
     ``lr_cosine_epochs`` is the length of the cosine schedule's half period; ``None`` means
     ``epochs`` (the rate decays to ``lr / 1000`` by the last epoch).
+    ``positive_neighbours`` (0: a cell's positive is its own other view) and ``cluster_head``
+    (0: no cluster-level loss) switch on the objectives of :mod:`contrastive_sc.objectives`.
     """
 
     input_dropout: float = 0.9
@@ -104,6 +114,8 @@ class TrainConfig:
     batch_size: int = 200
     seed: int = 0
     device: str = "auto"
+    positive_neighbours: int = 0
+    cluster_head: int = 0
 
     def __post_init__(self) -> None:
         checks = [
@@ -116,6 +128,8 @@ class TrainConfig:
             (self.lr_cosine_epochs is None or self.lr_cosine_epochs >= 1, "lr_cosine_epochs must be >= 1 or None"),
             (self.batch_size >= 2, "batch_size must be >= 2 (BatchNorm needs two cells)"),
             (self.device in ("auto", "cpu", "cuda"), "device must be 'auto', 'cpu' or 'cuda'"),
+            (self.positive_neighbours >= 0, "positive_neighbours must be >= 0 (0: a cell's own other view)"),
+            (self.cluster_head == 0 or self.cluster_head >= 2, "cluster_head must be 0 (off) or >= 2 clusters"),
         ]
         for ok, text in checks:
             if not ok:
@@ -209,7 +223,43 @@ def _fused() -> ContrastiveConfig:
     )
 
 
-PRESETS = {"fused": _fused, "paper": _paper}
+def _pcres() -> ContrastiveConfig:
+    # Research preset (README, Method research): scanpy's PCA baseline with the contrastive output
+    # as a second block beside it. The PCA block reads all 2000 input genes (not 500), and scaled
+    # values are clipped at 10 as scanpy's scale(max_value=10) does, for the encoder too.
+    fused = _fused()
+    return ContrastiveConfig(
+        preset="pcres",
+        preprocess=dataclasses.replace(fused.preprocess, clip=10.0),
+        encoder=dataclasses.replace(fused.encoder, pca_genes=2000),
+        train=fused.train,
+        cluster=fused.cluster,
+    )
+
+
+def _pcres_variant(name: str, **train) -> Callable[[], ContrastiveConfig]:
+    # A research preset: ``pcres`` with other training settings.
+    def build() -> ContrastiveConfig:
+        base = _pcres()
+        return dataclasses.replace(base, preset=name, train=dataclasses.replace(base.train, **train))
+
+    return build
+
+
+PRESETS = {
+    "fused": _fused,
+    "paper": _paper,
+    # research presets, scored by leave-one-dataset-out selection (README, Method research)
+    "pcres": _pcres,
+    "pcres-soft": _pcres_variant("pcres-soft", temperature=1.0),  # weaker uniformity
+    "pcres-nn": _pcres_variant("pcres-nn", positive_neighbours=10),  # neighbour positives
+    "pcres-cc": _pcres_variant("pcres-cc", cluster_head=20),  # cluster-level loss
+    "pcres-nncc": _pcres_variant("pcres-nncc", positive_neighbours=10, cluster_head=20),  # both
+    "pcres-half": lambda: dataclasses.replace(  # the encoder block at half the PCA block's weight
+        _pcres_variant("pcres-half")(), encoder=dataclasses.replace(_pcres().encoder, encoder_weight=0.5)),
+    "pcres-5k": lambda: dataclasses.replace(  # the encoder reads 5000 genes; PCA still the top 2000
+        _pcres_variant("pcres-5k")(), preprocess=dataclasses.replace(_pcres().preprocess, n_genes=5000)),
+}
 #: The preset used when none is named.
 DEFAULT_PRESET = "fused"
 

@@ -172,6 +172,7 @@ class ContrastiveSC:
         blocks = (encode(self.encoder, x), pca.transform(x[:, index]))
         centers = [b.mean(axis=0) for b in blocks]
         scales = [max(float(np.sqrt(((b - c) ** 2).sum(axis=1).mean())), 1e-12) for b, c in zip(blocks, centers)]
+        scales[0] /= self.config.encoder.encoder_weight  # the encoder block's norm relative to the PCA block's
         return FusedEmbedder(self.encoder, torch.from_numpy(index), torch.from_numpy(pca.mean_),
                              torch.from_numpy(pca.components_), tuple(map(torch.from_numpy, centers)), scales).eval()
 

@@ -94,19 +94,28 @@ def fit_encoder(x: np.ndarray, encoder_config: EncoderConfig, train_config: Trai
         batches = _masked_batches(x, cfg) if sparse else _dense_batches(x, cfg, device)
     encoder = ContrastiveEncoder(x.shape[1], encoder_config.layers, encoder_config.batch_norm).to(device)
     history = TrainingHistory(device=str(device))
+    head = None
+    if cfg.cluster_head:  # trained beside the encoder for the cluster-level loss, then dropped
+        from .objectives import ClusterHead, cluster_loss
+
+        head = ClusterHead(encoder.n_outputs, cfg.cluster_head).to(device).train()
 
     started = time.perf_counter()
     epochs = _progress(range(cfg.epochs), progress)
     encoder.train()
     with _single_threaded(device.type == "cpu"), _transposed_weight(encoder.linears[0], sparse):
-        optimizer = torch.optim.Adam(encoder.parameters(), lr=cfg.lr, fused=True)
+        parameters = [*encoder.parameters(), *(head.parameters() if head is not None else ())]
+        optimizer = torch.optim.Adam(parameters, lr=cfg.lr, fused=True)
         for epoch in epochs:
             lr = cosine_lr(cfg.lr, epoch, cfg.lr_cosine_epochs or cfg.epochs) if cfg.lr_schedule == "cosine" else cfg.lr
             for group in optimizer.param_groups:
                 group["lr"] = lr
             losses = []
             for views in batches():
-                loss = _NTXent.apply(encoder(views, n_views=2), cfg.temperature)
+                z = encoder(views, n_views=2)
+                loss = _NTXent.apply(z, cfg.temperature)
+                if head is not None:
+                    loss = loss + cluster_loss(head(z))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -162,11 +171,18 @@ def _dense_batches(x: np.ndarray, cfg: TrainConfig, device: torch.device) -> Cal
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     bounds = _batch_bounds(len(x), min(cfg.batch_size, len(x)))
 
+    partners = _partner_drawer(x, cfg)
+
     def epoch() -> Iterator[torch.Tensor]:
         order = torch.randperm(len(x), generator=generator, device=device)
         for start, stop in bounds:
-            yield make_views(data[order[start:stop]], mask_rate=cfg.input_dropout, noise_std=cfg.noise_std,
-                             generator=generator)
+            rows = order[start:stop]
+            if partners is None:
+                yield make_views(data[rows], mask_rate=cfg.input_dropout, noise_std=cfg.noise_std, generator=generator)
+            else:  # one view of each cell, then one of a neighbour of each: the same stacked layout
+                pair = torch.as_tensor(partners(rows.cpu().numpy()), device=device)
+                yield make_views(torch.cat([data[rows], data[pair]]), n_views=1, mask_rate=cfg.input_dropout,
+                                 noise_std=cfg.noise_std, generator=generator)
 
     return epoch
 
@@ -177,13 +193,30 @@ def _masked_batches(x: np.ndarray, cfg: TrainConfig) -> Callable[[], Iterator[Ma
     rng = np.random.default_rng(cfg.seed)
     bounds = _batch_bounds(len(x), min(cfg.batch_size, len(x)))
 
+    partners = _partner_drawer(x, cfg)
+
     def epoch() -> Iterator[MaskedViews]:
         order = rng.permutation(len(x))
         for start, stop in bounds:
-            yield MaskedViews.sample(scaled[order[start:stop]], rng, mask_rate=cfg.input_dropout,
-                                     noise_std=cfg.noise_std)
+            rows = order[start:stop]
+            if partners is None:
+                yield MaskedViews.sample(scaled[rows], rng, mask_rate=cfg.input_dropout, noise_std=cfg.noise_std)
+            else:  # one view of each cell, then one of a neighbour of each: the same stacked layout
+                yield MaskedViews.sample(np.concatenate([scaled[rows], scaled[partners(rows)]]), rng, n_views=1,
+                                         mask_rate=cfg.input_dropout, noise_std=cfg.noise_std)
 
     return epoch
+
+
+def _partner_drawer(x: np.ndarray, cfg: TrainConfig) -> Callable[[np.ndarray], np.ndarray] | None:
+    # Neighbour positives (objectives.py): a function giving each batch row's partner, or None.
+    if not cfg.positive_neighbours:
+        return None
+    from .objectives import draw_partners, neighbour_table
+
+    table = neighbour_table(x, cfg.positive_neighbours, seed=cfg.seed)
+    rng = np.random.default_rng(cfg.seed + 1)  # its own stream: the views' draws stay those of the paper
+    return lambda rows: draw_partners(table, rows, rng)
 
 
 #: Bytes of preprocessed rows an on-disk epoch reads at a time (a window of whole batches).
@@ -195,6 +228,9 @@ def _disk_batches(x, cfg: TrainConfig, device: torch.device, sparse: bool) -> Ca
     # batches at a time (one sorted gather) and cut into batches, so memory is one window
     # whatever the number of cells. The permutation and the draws are those of _masked_batches:
     # on the CPU an on-disk matrix trains the same encoder as the array it holds.
+    if cfg.positive_neighbours:
+        msg = "positive_neighbours needs the input in memory; it is not available for on-disk (backed) training"
+        raise ValueError(msg)
     n_cells, n_genes = x.shape
     rng = np.random.default_rng(cfg.seed)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)

@@ -65,7 +65,8 @@ def test_every_entry_point_runs_from_the_users_folder(user_folder):
 
     store = user_folder / "mlflow.db"
     assert store.exists(), "the default store is the caller's ./mlflow.db"
-    client = MlflowClient(tracking_uri=f"sqlite:///{store}")
+    # Both URIs explicit: an earlier test in this process may have left a global registry URI behind.
+    client = MlflowClient(tracking_uri=f"sqlite:///{store}", registry_uri=f"sqlite:///{store}")
     runs = {name: client.search_runs([client.get_experiment_by_name(name).experiment_id])
             for name in ("ep", "ep-sweep", "ep-experiment")}
     assert all(r.info.status == "FINISHED" for group in runs.values() for r in group)

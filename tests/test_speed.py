@@ -1,0 +1,224 @@
+"""The fast serving path gives what the straightforward float64 computation gives; the benchmark's helpers."""
+
+import importlib.util
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from contrastive_sc.inference import EmbedThenCluster, package_model
+from contrastive_sc.preprocess import transform
+from contrastive_sc.validation import check_count_values
+
+MODEL_FILE = Path(__file__).resolve().parents[1] / "models" / "contrastive_sc_model.py"
+
+
+def float64_transform(counts, gene_names, state) -> np.ndarray:
+    """The preprocessing written out plainly in float64, one model gene at a time."""
+    counts = counts.toarray() if sp.issparse(counts) else np.asarray(counts)
+    counts = counts.astype(np.float64)
+    column = {str(g): j for j, g in enumerate(gene_names)}
+    lib = [(column[g], s) for g, s in zip(state.library_genes, state.library_share) if g in column]
+    totals = counts[:, [j for j, _ in lib]].sum(axis=1) / sum(s for _, s in lib)
+    scale = np.where(totals > 0, state.target_sum / np.where(totals > 0, totals, 1), 0.0)
+    out = np.zeros((counts.shape[0], state.n_genes))
+    for i, gene in enumerate(state.genes):
+        if gene in column:
+            out[:, i] = (np.log1p(counts[:, column[gene]] * scale) - state.mean[i]) / state.std[i]
+    return out
+
+
+@pytest.fixture(scope="module")
+def packaged(_trained_session, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("packaged")
+    package_model(_trained_session, folder)
+    return EmbedThenCluster.from_dir(folder, provider="cpu")
+
+
+@pytest.fixture
+def frame(synthetic):
+    return synthetic.to_df().astype(np.int64)
+
+
+def _layouts(frame: pd.DataFrame, state):
+    """The same cells as the inputs the fast path treats differently."""
+    genes = list(state.genes)
+    shuffled = frame[frame.columns[::-1]]
+    partial = frame[[g for g in frame.columns if g not in genes[:5]]]
+    extra = frame.assign(not_a_model_gene=3)
+    return {"int64": frame, "float32": frame.astype(np.float32), "model genes in order": frame[genes],
+            "shuffled": shuffled, "partial": partial, "extra gene": extra}
+
+
+@pytest.mark.parametrize("layout", ["int64", "float32", "model genes in order", "shuffled", "partial", "extra gene"])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_transform_matches_float64(packaged, frame, layout, sparse):
+    data = _layouts(frame, packaged.state)[layout]
+    counts = sp.csr_matrix(data.to_numpy()) if sparse else data.to_numpy()
+    got = transform(counts, data.columns, packaged.state)
+    assert got.dtype == np.float32 and got.shape == (len(data), packaged.state.n_genes)
+    np.testing.assert_allclose(got, float64_transform(counts, data.columns, packaged.state), atol=1e-4, rtol=1e-5)
+
+
+def test_transform_clips_and_keeps_zero_cells(packaged, frame):
+    from dataclasses import replace
+
+    data = frame.copy()
+    data.iloc[0] = 0  # a cell with no counts is scaled by 0, not divided by 0
+    state = replace(packaged.state, clip=1.5)
+    got = transform(data.to_numpy(), data.columns, state)
+    expected = np.clip(float64_transform(data.to_numpy(), data.columns, state), -1.5, 1.5)
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    assert np.isfinite(got).all()
+
+
+@pytest.mark.parametrize("layout", ["int64", "float32", "shuffled", "partial", "extra gene"])
+def test_predict_matches_float64(packaged, frame, layout):
+    data = _layouts(frame, packaged.state)[layout]
+    out = packaged.predict(data, {"method": "reference"})
+    embedding = packaged.encoder(float64_transform(data.to_numpy(), data.columns, packaged.state))
+    distance = ((embedding[:, None, :] - packaged.centroids[None, :, :]) ** 2).sum(axis=2)
+    emb = out[[c for c in out.columns if c.startswith("emb_")]].to_numpy()
+    np.testing.assert_allclose(emb, embedding, atol=1e-4)
+    # A label may only differ where two centroids are equally near within float error.
+    second, first = np.sort(distance, axis=1)[:, 1], distance.min(axis=1)
+    differs = out["cluster"].to_numpy() != distance.argmin(axis=1)
+    assert not (differs & (second - first > 1e-4)).any()
+    assert list(out["cell"]) == [str(i) for i in data.index]
+
+
+@pytest.mark.parametrize("values", [
+    np.array([[0, 1], [2, 3]], dtype=np.int64),
+    np.array([[0, 1], [2, 3]], dtype=np.uint16),
+    np.array([[0.0, 1.0], [2.0, 3.0]], dtype=np.float32),
+    np.array([[0.0, 1.0 + 1e-9], [2.0, 3.0]]),  # within the 1e-6 tolerance of an integer
+    np.array([[0.0, 2.0**53]]),
+])
+def test_count_check_accepts_counts(values):
+    check_count_values(values, what="input")
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    (np.array([[0.0, np.nan]]), "1 missing"),
+    (np.array([[0.0, np.inf]]), "1 infinite"),
+    (np.array([[0, -1]]), "1 negative value(s) (min -1)"),
+    (np.array([[0.0, 2.0**54]]), "above"),
+    (np.array([[0.5, 1.0]], dtype=np.float32), "1 non-integer value(s) (e.g. 0.5)"),
+    (np.array([[1.0, 2.5]]), "first at"),
+])
+def test_count_check_messages_unchanged(values, message):
+    with pytest.raises(ValueError) as error:
+        check_count_values(values, what="input", rows=["c0"], columns=["g0", "g1"])
+    if message == "first at":
+        assert "non-integer" in str(error.value)
+    else:
+        assert message in str(error.value)
+
+
+@pytest.fixture(scope="module")
+def model_module():
+    spec = importlib.util.spec_from_file_location("contrastive_sc_model_under_test", MODEL_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_fast_json_answers_hold_mlflows_values(model_module, packaged, frame):
+    from mlflow.pyfunc import scoring_server
+
+    out = packaged.predict(frame, {"method": "reference"})
+    out["cell"] = [f"cell/{i} \"é\"" for i in range(len(out))]  # characters JSON escapes
+    original = scoring_server.predictions_to_json
+    expected = io.StringIO()
+    original(out, expected)
+    try:
+        assert model_module.fast_json_responses()
+        assert model_module.fast_json_responses()  # installing twice wraps once
+        got, other = io.StringIO(), io.StringIO()
+        scoring_server.predictions_to_json(out, got)
+        scoring_server.predictions_to_json(np.arange(3), other)  # not a table: json.dumps
+    finally:
+        scoring_server.predictions_to_json = original
+    want, have = json.loads(expected.getvalue())["predictions"], json.loads(got.getvalue())["predictions"]
+    assert json.loads(other.getvalue()) == {"predictions": [0, 1, 2]}
+    assert pd.DataFrame(have).columns.tolist() == pd.DataFrame(want).columns.tolist() == out.columns.tolist()
+    for key in ("cell", "cluster"):
+        assert [row[key] for row in have] == [row[key] for row in want]
+    np.testing.assert_allclose(pd.DataFrame(have).drop(columns="cell").to_numpy(dtype=float),
+                               pd.DataFrame(want).drop(columns="cell").to_numpy(dtype=float), rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_binary_request_bodies_read_back(frame, fmt):
+    from mlflow.pyfunc import scoring_server
+
+    from contrastive_sc.speed import request_body
+
+    body = request_body(frame, fmt)
+    parsed = (scoring_server.parse_csv_input(io.StringIO(body.decode())) if fmt == "csv"
+              else scoring_server.parse_parquet_input(io.BytesIO(body)))
+    np.testing.assert_array_equal(parsed.to_numpy(), frame.to_numpy())
+    assert list(parsed.columns) == list(frame.columns)
+    with pytest.raises(ValueError, match="cannot carry params"):
+        request_body(frame, fmt, {"method": "kmeans"})
+
+
+def test_ratios_name_targets():
+    from contrastive_sc.speed import markdown, ratios
+
+    table = pd.DataFrame({"path": ["onnxruntime encoder", "in-process predict", "in-process predict, 500-cell calls",
+                                   "HTTP csv", "HTTP csv, 8 clients"],
+                          "cells": [1000, 1000, 1000, 1000, 4000], "requests": [1, 1, 2, 2, 8],
+                          "seconds": [0.01, 0.05, 0.1, 0.5, 2.0],
+                          "p50_ms": [np.nan, np.nan, np.nan, 250, 500], "p95_ms": [np.nan, np.nan, np.nan, 260, 600]})
+    table["cells_per_s"] = table["cells"] / table["seconds"]
+    table.attrs["ratios"] = got = ratios(table, "csv", 8)
+    values = dict(zip(got["ratio"], got["value"]))
+    assert values["in-process predict / encoder"] == pytest.approx(0.2)
+    assert values["HTTP csv / in-process 500"] == pytest.approx(0.2)
+    assert values["8-client p95 / single-request p50 latency"] == pytest.approx(600 / 250)
+    assert "| HTTP csv / in-process 500 | 0.200 | >= 0.25 | no |" in markdown(table)
+
+
+def test_long_form_answers_as_the_wide_form(packaged, frame):
+    from contrastive_sc.speed import long_form
+
+    wide = frame.iloc[:30].copy()
+    wide.index = [f"cell_{i}" for i in range(len(wide))]
+    gene = packaged.state.genes[0]
+    wide[gene] = 0  # a model gene with no count in any cell: absent from the long rows
+    long = long_form(wide)
+    assert gene not in set(long["gene"])
+    expected = packaged.predict(wide, {"method": "reference"})
+    got = packaged.predict(long, {"method": "reference"})
+    assert list(got["cell"]) == list(wide.index)
+    np.testing.assert_array_equal(got["cluster"], expected["cluster"])
+    np.testing.assert_allclose(got.filter(like="emb_").to_numpy(), expected.filter(like="emb_").to_numpy(), atol=1e-5)
+    # Coverage counts the genes the rows name; the unnamed gene was still read as zeros above.
+    assert got["gene_coverage"].iloc[0] == pytest.approx((packaged.state.n_genes - 1) / packaged.state.n_genes, abs=1e-4)
+
+
+@pytest.mark.parametrize(("rows", "message"), [
+    ({"cell": [], "gene": [], "count": []}, "empty input: got 0 (cell, gene, count) rows"),
+    ({"cell": ["a", "a"], "gene": ["g", "g"], "count": [1, 2]}, "cell a has more than one count for gene g"),
+    ({"cell": ["a", None], "gene": ["g", "h"], "count": [1, 2]}, "1 (cell, gene, count) row(s) lack a cell or gene"),
+    ({"cell": ["a", "b"], "gene": ["g", "h"], "count": ["x", "y"]}, "the 'count' column holds object values such as 'x'"),
+    ({"cell": ["a", "b"], "gene": ["g", "h"], "count": [1, -2]}, "the 'count' column holds 1 negative value(s)"),
+    ({"cell": ["a", "b"], "gene": ["g", "h"], "count": [1.0, 2.5]}, "the 'count' column holds 1 non-integer"),
+])
+def test_long_form_bad_rows(packaged, rows, message):
+    with pytest.raises(ValueError, match=None) as error:
+        packaged.predict(pd.DataFrame(rows), {"method": "reference"})
+    assert message in str(error.value)
+
+
+def test_long_form_checks_coverage_on_named_genes(packaged, frame):
+    from contrastive_sc.speed import long_form
+
+    few = long_form(frame.iloc[:5][list(packaged.state.genes[:3])] + 1)
+    with pytest.raises(ValueError, match="only 3 of the model's"):
+        packaged.predict(few, {"method": "reference"})

@@ -177,14 +177,19 @@ def long_counts(data: pd.DataFrame):
     """Counts given as one ``(cell, gene, count)`` row per non-zero entry -> ``(csr matrix, genes, cells)``.
 
     The sparse form of a request: scRNA-seq counts are ~90 % zeros, so it is ~10x smaller than
-    one column per gene and parses in a fraction of the time (CSV or parquet). Cells come out in
-    the order of their first row; a cell whose counts are all zero needs one row with count 0.
+    one column per gene and parses in a fraction of the time (CSV or parquet). The genes named in
+    any row are the input's genes (a cell without a row for one of them has count 0 there); a gene
+    named in no row is missing, as an absent column is. Cells come out in the order of their first
+    row; a cell with no counts needs one row of count 0.
     """
     if len(data) == 0:
         msg = "empty input: got 0 (cell, gene, count) rows"
         raise ValueError(msg)
     cell, gene, count = (data[name] for name in LONG_COLUMNS)
-    unnamed = int(cell.isna().sum() + gene.isna().sum())
+    # factorize marks a null name with code -1: no separate (slow, on text) isna pass.
+    cell_codes, cells = pd.factorize(cell, sort=False)
+    gene_codes, genes = pd.factorize(gene, sort=False)
+    unnamed = int((cell_codes < 0).sum() + (gene_codes < 0).sum())
     if unnamed:
         msg = f"{unnamed} (cell, gene, count) row(s) lack a cell or gene name; every row must name both"
         raise ValueError(msg)
@@ -195,8 +200,6 @@ def long_counts(data: pd.DataFrame):
         raise ValueError(msg)
     values = count.to_numpy()
     check_count_values(values, what="the 'count' column")
-    cell_codes, cells = pd.factorize(cell.astype(str), sort=False)
-    gene_codes, genes = pd.factorize(gene.astype(str), sort=False)
     key = np.sort(cell_codes.astype(np.int64) * len(genes) + gene_codes)  # a sort: np.unique took 0.1 s on 100k rows
     if (key[1:] == key[:-1]).any():
         first = int(np.flatnonzero(pd.Series(cell_codes.astype(np.int64) * len(genes) + gene_codes).duplicated())[0])
@@ -204,7 +207,7 @@ def long_counts(data: pd.DataFrame):
                "send one (cell, gene, count) row per cell and gene")
         raise ValueError(msg)
     matrix = sp.csr_matrix((values, (cell_codes, gene_codes)), shape=(len(cells), len(genes)))
-    return matrix, np.asarray(genes, dtype=str), [str(c) for c in cells]
+    return matrix, np.asarray([str(g) for g in genes], dtype=str), [str(c) for c in cells]
 
 
 class RequestTooLarge(ValueError):
@@ -365,8 +368,7 @@ class EmbedThenCluster:
                    "entry point: `python -m contrastive_sc embed --model-uri MODEL_URI --data FILE --out OUT.h5ad` "
                    "(or `mlflow run . -e embed`)")
             raise RequestTooLarge(msg)
-        # Only the long form arrives sparse: a model gene in none of its rows has zero counts, not missing ones.
-        labels, embedding, coverage = self.embed_and_cluster(counts, genes, params, absent_are_zero=sp.issparse(counts))
+        labels, embedding, coverage = self.embed_and_cluster(counts, genes, params)
         out = pd.DataFrame({"cell": cells, "cluster": labels, "gene_coverage": round(coverage.fraction, 4)})
         annotated = self.annotate(embedding, options)
         if annotated is not None:
@@ -376,13 +378,8 @@ class EmbedThenCluster:
             out = pd.concat([out, emb], axis=1)
         return out
 
-    def embed_and_cluster(self, counts, genes, params: dict | None = None, *, absent_are_zero: bool = False):
+    def embed_and_cluster(self, counts, genes, params: dict | None = None):
         """Embed and cluster a (dense or sparse) count matrix with named gene columns.
-
-        With ``absent_are_zero`` (the long request form, which lists non-zero counts only), the
-        model's genes and library genes that are not columns count as zeros once ``min_coverage``
-        has been checked on the genes the input names; otherwise they are missing (a model gene is
-        set to its training mean, the library size is rescaled by the share of the genes present).
 
         Returns
         -------
@@ -395,15 +392,6 @@ class EmbedThenCluster:
                    f"({coverage.fraction:.0%} < min_coverage {options.min_coverage:.0%}); send raw counts with "
                    f"gene names as columns, e.g. {list(self.state.genes[:3])}")
             raise ValueError(msg)
-        if absent_are_zero:
-            named = set(map(str, genes))
-            # The library genes too (they include the model's): their counts set each cell's library size.
-            zeros = [g for g in self.state.library_genes if g not in named]
-            if zeros:
-                counts = sp.csr_matrix(counts)
-                counts = sp.csr_matrix((counts.data, counts.indices, counts.indptr),
-                                       shape=(counts.shape[0], counts.shape[1] + len(zeros)))
-                genes = np.concatenate([np.asarray(genes, dtype=str), np.asarray(zeros, dtype=str)])
         embedding = self.encoder(transform(counts, genes, self.state))
         return self._cluster(embedding, options), embedding, coverage
 

@@ -44,12 +44,31 @@ REQUEST_TIMEOUT = 300
 
 
 def long_form(frame: pd.DataFrame) -> pd.DataFrame:
-    """Cells x genes counts as ``cell, gene, count`` rows, one per non-zero count, cells in order."""
+    """Cells x genes counts as ``cell, gene, count`` rows, one per non-zero count, cells in order.
+
+    Every cell and every gene gets at least one row (of count 0 if need be): a gene named in no
+    row would be read as missing rather than zero, and a cell without rows would not be sent.
+    Cell names must be unique (the server groups rows by name).
+    """
     import scipy.sparse as sp
 
+    if not frame.index.is_unique:
+        msg = "the long form needs unique cell names; rename the rows (e.g. frame.reset_index(drop=True))"
+        raise ValueError(msg)
     matrix = sp.coo_matrix(frame.to_numpy())
-    return pd.DataFrame({"cell": frame.index.astype(str).to_numpy()[matrix.row],
-                         "gene": frame.columns.astype(str).to_numpy()[matrix.col], "count": matrix.data})
+    rows, cols, values = matrix.row, matrix.col, matrix.data
+    empty_cells = np.setdiff1d(np.arange(frame.shape[0]), rows)
+    empty_genes = np.setdiff1d(np.arange(frame.shape[1]), cols)
+    if len(empty_cells) or len(empty_genes):
+        rows = np.concatenate([rows, empty_cells, np.zeros(len(empty_genes), dtype=rows.dtype)])
+        cols = np.concatenate([cols, np.zeros(len(empty_cells), dtype=cols.dtype), empty_genes])
+        values = np.concatenate([values, np.zeros(len(empty_cells) + len(empty_genes), dtype=values.dtype)])
+        # A cell that is empty and the first cell may now hold (0, 0) twice: keep one.
+        keep = ~pd.DataFrame({"r": rows, "c": cols}).duplicated().to_numpy()
+        rows, cols, values = rows[keep], cols[keep], values[keep]
+    order = np.lexsort((cols, rows))
+    return pd.DataFrame({"cell": frame.index.astype(str).to_numpy()[rows[order]],
+                         "gene": frame.columns.astype(str).to_numpy()[cols[order]], "count": values[order]})
 
 
 def request_body(frame: pd.DataFrame, fmt: str, params: dict | None = None) -> bytes:

@@ -190,16 +190,19 @@ def test_long_form_answers_as_the_wide_form(packaged, frame):
     wide = frame.iloc[:30].copy()
     wide.index = [f"cell_{i}" for i in range(len(wide))]
     gene = packaged.state.genes[0]
-    wide[gene] = 0  # a model gene with no count in any cell: absent from the long rows
+    wide[gene] = 0  # a model gene with no count in any cell: named by one row of count 0
     long = long_form(wide)
-    assert gene not in set(long["gene"])
+    assert (long.loc[long["gene"] == gene, "count"] == 0).all()
     expected = packaged.predict(wide, {"method": "reference"})
     got = packaged.predict(long, {"method": "reference"})
     assert list(got["cell"]) == list(wide.index)
     np.testing.assert_array_equal(got["cluster"], expected["cluster"])
     np.testing.assert_allclose(got.filter(like="emb_").to_numpy(), expected.filter(like="emb_").to_numpy(), atol=1e-5)
-    # Coverage counts the genes the rows name; the unnamed gene was still read as zeros above.
-    assert got["gene_coverage"].iloc[0] == pytest.approx((packaged.state.n_genes - 1) / packaged.state.n_genes, abs=1e-4)
+    # A gene named in no row is missing, as a column left out of the wide form.
+    partial = packaged.predict(long[long["gene"] != gene], {"method": "reference"})
+    expected = packaged.predict(wide.drop(columns=gene), {"method": "reference"})
+    assert partial["gene_coverage"].iloc[0] == expected["gene_coverage"].iloc[0] < 1
+    np.testing.assert_allclose(partial.filter(like="emb_").to_numpy(), expected.filter(like="emb_").to_numpy(), atol=1e-5)
 
 
 @pytest.mark.parametrize(("rows", "message"), [
@@ -222,3 +225,14 @@ def test_long_form_checks_coverage_on_named_genes(packaged, frame):
     few = long_form(frame.iloc[:5][list(packaged.state.genes[:3])] + 1)
     with pytest.raises(ValueError, match="only 3 of the model's"):
         packaged.predict(few, {"method": "reference"})
+
+
+def test_long_form_keeps_cells_without_counts():
+    from contrastive_sc.speed import long_form
+
+    wide = pd.DataFrame([[0, 2, 0], [0, 0, 0], [1, 0, 0]], index=["a", "b", "c"], columns=["g1", "g2", "g3"])
+    long = long_form(wide)
+    assert long.to_dict("list") == {"cell": ["a", "a", "b", "c"], "gene": ["g2", "g3", "g1", "g1"],
+                                    "count": [2, 0, 0, 1]}
+    with pytest.raises(ValueError, match="unique cell names"):
+        long_form(wide.set_axis(["a", "a", "c"]))

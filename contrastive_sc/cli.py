@@ -685,7 +685,12 @@ def speed_benchmark(data, model_uri, n_cells, request_cells, clients, requests_p
                                 threads=threads, epochs=epochs, n_genes=n_genes,
                                 on_row=lambda row: click.echo(f"timed {row['path']}", err=True))
     click.echo(markdown(table))
-    table.to_csv(out, index=False)
+    click.echo(f"server {table.attrs['server']} stopped", err=True)
+    # Led by the columns of the other benchmark CSVs, so that a rerun may replace it (`--out`).
+    rows = table.rename(columns={"path": "method"})
+    rows.insert(0, "dataset", Path(data).stem if data != "simulated" else data)
+    rows.insert(2, "seed", 0)
+    rows.to_csv(out, index=False)
     click.echo(f"\nwrote {out}")
 
 

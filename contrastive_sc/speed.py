@@ -341,6 +341,7 @@ def run_speed_benchmark(data: str, *, model_uri: str | None = None, n_cells: int
     table["cells_per_s"] = table["cells"] / table["seconds"]
     table.attrs["ratios"] = ratios(table, fmt, clients)
     table.attrs["load"] = started_load
+    table.attrs["server"] = server.url
     table.attrs["settings"] = {"workers": workers, "threads": threads, "request_cells": request_cells,
                                "clients": clients, "cores": len(os.sched_getaffinity(0))
                                if hasattr(os, "sched_getaffinity") else os.cpu_count()}

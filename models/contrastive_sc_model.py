@@ -10,7 +10,9 @@ What a caller sees from ``mlflow models serve``:
 - an unknown param answers 400 naming the known ones (see :func:`refuse_unknown_params`);
 - an unexpected failure answers 500 with a generic message; the traceback goes to the server log
   only, never to the caller (it would show the server's paths); the same holds for MLflow's own
-  errors on a malformed CSV or parquet body (see :func:`hide_parser_tracebacks`).
+  errors on a malformed CSV or parquet body (see :func:`hide_parser_tracebacks`);
+- answers are written by C JSON encoders rather than MLflow's pure-Python one (see
+  :func:`fast_json_responses`).
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 import importlib.util
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -236,3 +237,34 @@ def test_long_form_keeps_cells_without_counts():
                                     "count": [2, 0, 0, 1]}
     with pytest.raises(ValueError, match="unique cell names"):
         long_form(wide.set_axis(["a", "a", "c"]))
+
+
+def test_speed_benchmark_command_serves_and_stops(store_with_runs, synthetic, tmp_path):
+    """The whole command on a logged model: a real server is started, timed through every format, stopped."""
+    import urllib.request
+
+    from click.testing import CliRunner
+
+    from contrastive_sc.cli import main
+
+    _, runs = store_with_runs
+    data = tmp_path / "cells.h5ad"
+    synthetic.write_h5ad(data)
+    out = tmp_path / "speed.csv"
+    args = ["speed-benchmark", "--data", str(data), "--model-uri", runs[0]["model_uri"], "--cells", "60",
+            "--request-cells", "30", "--clients", "2", "--requests-per-client", "1", "--out", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(out)
+    assert list(table.columns[:3]) == ["dataset", "method", "seed"]
+    paths = set(table["method"])
+    assert {"onnxruntime encoder", "in-process predict", "HTTP json", "HTTP csv", "HTTP parquet-long",
+            "HTTP json, no embedding"} <= paths
+    concurrent = table[table["method"].str.endswith("2 clients")]
+    assert len(concurrent) == 1 and concurrent["requests"].iloc[0] == 2
+    assert "in-process predict / encoder" in result.output and "single-request p50 latency" in result.output
+    url = re.search(r"server (http://127\.0\.0\.1:\d+) stopped", result.output).group(1)
+    with pytest.raises(OSError):  # nothing answers there any more
+        urllib.request.urlopen(f"{url}/ping", timeout=2)
+    # A rerun may replace the earlier output.
+    assert CliRunner().invoke(main, args).exit_code == 0

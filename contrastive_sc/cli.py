@@ -684,6 +684,53 @@ def scale_benchmark(cells, genes, n_genes_kept, epochs, groups, seed, skip_scanp
     click.echo(f"\nappended {len(rows)} row(s) to {out}")
 
 
+@main.command("speed-benchmark")
+@click.option("--data", required=True, help="Counts file (cells are taken from its start) or 'simulated'.")
+@click.option("--model-uri", default=None, callback=_none_if_empty,
+              help="A logged model (models:/, runs:/ or a folder) [default: train one on --data].")
+@click.option("--cells", "n_cells", default=4000, type=click.IntRange(min=1), help="Cells timed.")
+@click.option("--request-cells", default=500, type=click.IntRange(min=1), help="Cells per HTTP request.")
+@click.option("--clients", default=8, type=click.IntRange(min=1), help="Concurrent clients of the load test.")
+@click.option("--requests-per-client", default=4, type=click.IntRange(min=1))
+@click.option("--workers", default=1, type=click.IntRange(min=1), help="Server worker processes.")
+@click.option("--threads", default=None, type=click.IntRange(min=1),
+              help="onnxruntime threads per worker [default: cores // workers].")
+@click.option("--epochs", default=2, type=click.IntRange(min=1), help="Epochs of the trained model.")
+@click.option("--n-genes", default=2000, type=click.IntRange(min=2), help="Genes of the trained model.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="CSV with one row per path.")
+@_overwrite_option
+@_tracking_options
+@_friendly_errors
+def speed_benchmark(data, model_uri, n_cells, request_cells, clients, requests_per_client, workers, threads, epochs,
+                    n_genes, out, overwrite, tracking_uri) -> None:
+    """Cells/s of the bare ONNX encoder, in-process predict and a real served model (JSON, CSV, parquet, N clients).
+
+    The server (`mlflow models serve` on 127.0.0.1) is started and stopped by the command; without
+    --model-uri a model is trained into a temporary MLflow store. Quote the ratios: every path is
+    timed in the same run, on the same cells.
+    """
+    from .outputs import check_output
+    from .speed import markdown, run_speed_benchmark
+
+    out = check_output(out, "csv", overwrite=overwrite)
+    if model_uri is not None:
+        from . import tracking
+
+        tracking.setup(tracking_uri)
+    table = run_speed_benchmark(data, model_uri=model_uri, n_cells=n_cells, request_cells=request_cells,
+                                clients=clients, requests_per_client=requests_per_client, workers=workers,
+                                threads=threads, epochs=epochs, n_genes=n_genes,
+                                on_row=lambda row: click.echo(f"timed {row['path']}", err=True))
+    click.echo(markdown(table))
+    click.echo(f"server {table.attrs['server']} stopped", err=True)
+    # Led by the columns of the other benchmark CSVs, so that a rerun may replace it (`--out`).
+    rows = table.rename(columns={"path": "method"})
+    rows.insert(0, "dataset", Path(data).stem if data != "simulated" else data)
+    rows.insert(2, "seed", 0)
+    rows.to_csv(out, index=False)
+    click.echo(f"\nwrote {out}")
+
+
 def _has_tabulate() -> bool:
     try:
         import tabulate  # noqa: F401

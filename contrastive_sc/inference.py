@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from .preprocess import PreprocessState, gene_coverage, transform
 from .validation import MAX_COUNT, check_count_values
@@ -24,6 +25,8 @@ ARTIFACTS = {"encoder": "encoder.onnx", "state": "preprocess_state.json",
 #: Artifacts only some models have: the annotated reference of a model trained with labels.
 OPTIONAL_ARTIFACTS = {"cell_types": "cell_types.npz"}
 METHODS = ("reference", "kmeans", "auto", "leiden")
+#: Columns of the long (sparse) request form: one row per non-zero count (see :func:`long_counts`).
+LONG_COLUMNS = ("cell", "gene", "count")
 #: Environment variable choosing the onnxruntime provider of a served model.
 PROVIDER_ENV = "CONTRASTIVE_SC_ONNX_PROVIDER"
 
@@ -170,6 +173,43 @@ def _check_column(name, column: pd.Series) -> None:
             raise ValueError(msg)
 
 
+def long_counts(data: pd.DataFrame):
+    """Counts given as one ``(cell, gene, count)`` row per non-zero entry -> ``(csr matrix, genes, cells)``.
+
+    The sparse form of a request: scRNA-seq counts are ~90 % zeros, so it is ~10x smaller than
+    one column per gene and parses in a fraction of the time (CSV or parquet). The genes named in
+    any row are the input's genes (a cell without a row for one of them has count 0 there); a gene
+    named in no row is missing, as an absent column is. Cells come out in the order of their first
+    row; a cell with no counts needs one row of count 0.
+    """
+    if len(data) == 0:
+        msg = "empty input: got 0 (cell, gene, count) rows"
+        raise ValueError(msg)
+    cell, gene, count = (data[name] for name in LONG_COLUMNS)
+    # factorize marks a null name with code -1: no separate (slow, on text) isna pass.
+    cell_codes, cells = pd.factorize(cell, sort=False)
+    gene_codes, genes = pd.factorize(gene, sort=False)
+    unnamed = int((cell_codes < 0).sum() + (gene_codes < 0).sum())
+    if unnamed:
+        msg = f"{unnamed} (cell, gene, count) row(s) lack a cell or gene name; every row must name both"
+        raise ValueError(msg)
+    if pd.api.types.is_bool_dtype(count) or not pd.api.types.is_numeric_dtype(count):
+        shown = repr(count.iloc[0]) if len(repr(count.iloc[0])) <= 40 else repr(count.iloc[0])[:37] + "..."
+        msg = (f"the 'count' column holds {count.dtype} values such as {shown}; expected raw counts "
+               "(integers >= 0)")
+        raise ValueError(msg)
+    values = count.to_numpy()
+    check_count_values(values, what="the 'count' column")
+    key = np.sort(cell_codes.astype(np.int64) * len(genes) + gene_codes)  # a sort: np.unique took 0.1 s on 100k rows
+    if (key[1:] == key[:-1]).any():
+        first = int(np.flatnonzero(pd.Series(cell_codes.astype(np.int64) * len(genes) + gene_codes).duplicated())[0])
+        msg = (f"cell {cells[cell_codes[first]]!s} has more than one count for gene {genes[gene_codes[first]]!s}; "
+               "send one (cell, gene, count) row per cell and gene")
+        raise ValueError(msg)
+    matrix = sp.csr_matrix((values, (cell_codes, gene_codes)), shape=(len(cells), len(genes)))
+    return matrix, np.asarray([str(g) for g in genes], dtype=str), [str(c) for c in cells]
+
+
 class RequestTooLarge(ValueError):
     """A request with more cells than the served model accepts in one call."""
 
@@ -302,7 +342,9 @@ class EmbedThenCluster:
         ----------
         data
             A DataFrame of raw counts, cells x genes, columns named by gene (any gene set, any
-            order); or a 2-D array whose columns are exactly the model's genes in order.
+            order); or the long form, columns ``cell, gene, count`` with one row per non-zero
+            count (:func:`long_counts`); or a 2-D array whose columns are exactly the model's
+            genes in order.
         params
             :class:`PredictParams` fields.
 
@@ -365,6 +407,8 @@ class EmbedThenCluster:
     def _as_counts(self, data) -> tuple[np.ndarray, np.ndarray, list[str]]:
         if isinstance(data, dict):
             data = pd.DataFrame(data)
+        if isinstance(data, pd.DataFrame) and tuple(map(str, data.columns)) == LONG_COLUMNS:
+            return long_counts(data)
         if isinstance(data, pd.DataFrame):
             if data.shape[0] == 0 or data.shape[1] == 0:
                 msg = f"empty input: got {data.shape[0]} cells x {data.shape[1]} genes"
@@ -374,10 +418,15 @@ class EmbedThenCluster:
                 dup = sorted(set(columns[columns.duplicated()]))
                 msg = f"duplicated gene column(s) {dup[:5]}; each gene must appear once"
                 raise ValueError(msg)
-            for column in data.columns:
-                _check_column(column, data[column])
-            cells = [str(i) for i in data.index]
-            counts = data.to_numpy(dtype=np.float64)
+            # One look at the dtypes; only the columns that are not plain numpy numbers (text, booleans,
+            # nullable or object columns) are inspected one by one, for the messages that name them.
+            plain = np.array([isinstance(dtype, np.dtype) and dtype.kind in "iuf" for dtype in data.dtypes])
+            for position in np.flatnonzero(~plain):
+                _check_column(data.columns[position], data.iloc[:, position])
+            cells = data.index.astype(str).tolist()
+            # All-integer (JSON counts) or all-float frames keep their dtype: transform reads them as
+            # they are, without a float64 copy of the whole request.
+            counts = data.to_numpy() if plain.all() else data.to_numpy(dtype=np.float64)
             genes = columns.to_numpy()
         else:
             counts = np.asarray(data)

@@ -160,10 +160,13 @@ def fit_preprocess(counts, gene_names, *, n_genes: int | str = 500, min_cells: i
 
 def gene_coverage(gene_names, state: PreprocessState) -> GeneCoverage:
     """Report which of the model's genes ``gene_names`` provides."""
-    present = set(map(str, gene_names))
-    missing = tuple(g for g in state.genes if g not in present)
-    share = sum(s for g, s in zip(state.library_genes, state.library_share) if g in present)
-    return GeneCoverage(state.n_genes, state.n_genes - len(missing), missing, float(share))
+    import pandas as pd
+
+    present = pd.Index(np.asarray(gene_names, dtype=str))
+    found = pd.Index(state.genes).isin(present)
+    missing = tuple(g for g, ok in zip(state.genes, found) if not ok)
+    share = float(np.asarray(state.library_share, dtype=np.float64)[pd.Index(state.library_genes).isin(present)].sum())
+    return GeneCoverage(state.n_genes, int(found.sum()), missing, share)
 
 
 def transform(counts, gene_names, state: PreprocessState) -> np.ndarray:
@@ -172,8 +175,8 @@ def transform(counts, gene_names, state: PreprocessState) -> np.ndarray:
     Parameters
     ----------
     counts
-        Cells x genes raw counts (dense or scipy sparse), columns named by ``gene_names`` in any
-        order. Genes unknown to the model are ignored.
+        Cells x genes raw counts (dense or scipy sparse, any numeric dtype), columns named by
+        ``gene_names`` in any order. Genes unknown to the model are ignored.
     gene_names
         One name per column.
     state
@@ -183,52 +186,75 @@ def transform(counts, gene_names, state: PreprocessState) -> np.ndarray:
     -------
     Cells x ``state.n_genes`` float32 matrix in the model's gene order. A model gene missing
     from the input is set to 0, its training mean after scaling, so it carries no signal.
+
+    Notes
+    -----
+    The arithmetic runs in float32 on the model's columns only (a sparse input stays sparse until
+    those columns are picked), one array at a time and in place: the encoder takes float32, and
+    float32 keeps the result within ~1e-5 of the float64 computation.
     """
+    import pandas as pd
+
     gene_names = np.asarray(gene_names, dtype=str)
     if counts.shape[1] != len(gene_names):
         msg = f"{len(gene_names)} gene names for a matrix of {counts.shape[1]} columns"
         raise ValueError(msg)
-    column_of = {g: i for i, g in enumerate(gene_names)}
-    if len(column_of) != len(gene_names):
+    columns = pd.Index(gene_names)
+    if not columns.is_unique:
         msg = "gene names must be unique; found duplicates in the input columns"
         raise ValueError(msg)
     counts = sp.csr_matrix(counts) if sp.issparse(counts) else np.asarray(counts)
 
-    lib_cols, lib_share = [], 0.0
-    for gene, share in zip(state.library_genes, state.library_share):
-        col = column_of.get(gene)
-        if col is not None:
-            lib_cols.append(col)
-            lib_share += share
-    if not lib_cols:
+    lib_at = columns.get_indexer(pd.Index(state.library_genes))
+    lib_found = lib_at >= 0
+    if not lib_found.any():
         msg = (
             f"none of the {len(gene_names)} input genes is among the model's "
             f"{len(state.library_genes)} genes; check that columns are gene names of the same species/annotation"
         )
         raise ValueError(msg)
+    lib_share = float(np.asarray(state.library_share, dtype=np.float64)[lib_found].sum())
     # Library size over the genes the input has, rescaled by the share of training counts
     # they carried, so a partial gene set is normalised as the full one was.
-    totals = _row_sums(counts, np.asarray(lib_cols)) / lib_share
+    totals = _row_sums(counts, lib_at[lib_found]) / lib_share
+    scale = np.divide(state.target_sum, totals, out=np.zeros_like(totals), where=totals > 0).astype(np.float32)
 
-    found = [(j, column_of[g]) for j, g in enumerate(state.genes) if g in column_of]
+    model_at = columns.get_indexer(pd.Index(state.genes))
+    model_pos = np.flatnonzero(model_at >= 0)
+    input_cols = model_at[model_pos]
     out = np.zeros((counts.shape[0], state.n_genes), dtype=np.float32)
-    if found:
-        model_pos, input_cols = map(np.asarray, zip(*found))
-        block = counts[:, input_cols]
-        block = block.toarray() if sp.issparse(block) else np.asarray(block)
-        scale = np.divide(state.target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
-        block = np.log1p(block.astype(np.float64) * scale[:, None])
-        mean = np.asarray(state.mean)[model_pos]
-        std = np.asarray(state.std)[model_pos]
-        out[:, model_pos] = ((block - mean) / std).astype(np.float32)
+    if len(model_pos):
+        if sp.issparse(counts):
+            # Scale and log the stored values only (log1p(0) = 0), then densify the model's columns.
+            picked = counts[:, input_cols].astype(np.float32)
+            picked.data *= np.repeat(scale, np.diff(picked.indptr))
+            np.log1p(picked.data, out=picked.data)
+            block = picked.toarray()
+        else:
+            in_order = len(input_cols) == counts.shape[1] and bool((input_cols == np.arange(counts.shape[1])).all())
+            block = np.array(counts if in_order else counts[:, input_cols], dtype=np.float32)  # the one copy
+            block *= scale[:, None]
+            np.log1p(block, out=block)
+        block -= np.asarray(state.mean, dtype=np.float32)[model_pos]
+        block *= (1.0 / np.asarray(state.std, dtype=np.float64)[model_pos]).astype(np.float32)
+        if len(model_pos) == state.n_genes:
+            out = block  # the input has every model gene: no scatter into a zero matrix
+        else:
+            out[:, model_pos] = block
     if state.clip is not None:
         np.clip(out, -state.clip, state.clip, out=out)
     return out
 
 
 def _row_sums(counts, cols: np.ndarray) -> np.ndarray:
-    if len(cols) == counts.shape[1]:
+    """Per-row sums over ``cols``, summing whichever of ``cols`` or the other columns is smaller."""
+    n_cols = counts.shape[1]
+    if len(cols) == n_cols:
         return np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
+    if len(cols) > n_cols // 2:
+        others = np.setdiff1d(np.arange(n_cols), cols, assume_unique=True)
+        total = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
+        return total - np.asarray(counts[:, others].sum(axis=1), dtype=np.float64).ravel()
     return np.asarray(counts[:, cols].sum(axis=1), dtype=np.float64).ravel()
 
 

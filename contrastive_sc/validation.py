@@ -27,7 +27,7 @@ def check_count_values(values: np.ndarray, *, what: str, rows=None, columns=None
     if not np.issubdtype(values.dtype, np.number):
         msg = f"{what} must be numeric, got dtype {values.dtype}"
         raise ValueError(msg)
-    if values.size == 0:
+    if values.size == 0 or _all_counts(values):
         return
 
     def where(mask) -> str:
@@ -71,6 +71,20 @@ def check_count_values(values: np.ndarray, *, what: str, rows=None, columns=None
                 "(often in adata.raw or adata.layers['counts'])"
             )
             raise ValueError(msg)
+
+
+def _all_counts(values: np.ndarray) -> bool:
+    """Whether every value is a finite integer in ``[0, MAX_COUNT]``, in a few vectorised passes.
+
+    The happy path of :func:`check_count_values`: the per-problem counts and positions of its
+    messages cost several passes each, so they are only computed once this says something is wrong.
+    """
+    low, high = values.min(), values.max()  # NaN propagates into both, and fails the comparisons
+    if not (low >= 0 and high <= MAX_COUNT):
+        return False
+    if not np.issubdtype(values.dtype, np.floating):
+        return True
+    return bool((np.trunc(values) == values).all())
 
 
 def _short_rows(missing: np.ndarray) -> tuple[int, int] | None:

@@ -12,6 +12,9 @@
 #                                          keeps computing the abandoned request, so run >= 2 workers
 #                                          if a slow request must not block the others
 #   CONTRASTIVE_SC_ONNX_THREADS            onnxruntime threads per worker (default: cores // workers)
+#                                          Many concurrent clients: one worker per core and 1 thread each
+#                                          (CONTRASTIVE_SC_WORKERS=$(nproc) CONTRASTIVE_SC_ONNX_THREADS=1);
+#                                          `contrastive-sc speed-benchmark --workers N --threads T` measures it
 #   CONTRASTIVE_SC_MAX_CELLS               cells accepted in one request (default 10000); larger datasets go
 #                                          through the batch entry point `python -m contrastive_sc embed`
 #   CONTRASTIVE_SC_ENV_MANAGER             local (default: this Python environment), virtualenv or uv (build

@@ -1,0 +1,391 @@
+"""Serving speed, measured side by side in one run: the bare ONNX encoder, in-process predict, HTTP.
+
+:func:`run_speed_benchmark` trains a small model (or takes one by URI), starts a real
+``mlflow models serve`` on 127.0.0.1 that it stops again, and times the same cells through each
+path. The machine may be shared, so the numbers that matter are the ratios between paths timed in
+the same run (:data:`IN_PROCESS_TARGET`, :data:`HTTP_TARGET`, :data:`CONCURRENCY_TARGET`), not
+the absolute cells/s.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+#: The in-process target: predict on all cells at least this share of the bare encoder's cells/s.
+IN_PROCESS_TARGET = 0.10
+#: The HTTP target: 1-client requests at least this share of in-process calls of the same size.
+HTTP_TARGET = 0.25
+#: The concurrency target: p95 latency of the concurrent clients under this multiple of one request's.
+CONCURRENCY_TARGET = 2.0
+#: Request formats timed: wide (one column per gene) and long (``cell, gene, count`` rows of non-zero counts).
+FORMATS = ("json", "csv", "parquet", "json-long", "csv-long", "parquet-long")
+#: Content types of the request bodies MLflow's scoring server reads (CSV and parquet carry no params).
+CONTENT_TYPES = {"json": "application/json", "csv": "text/csv", "parquet": "application/vnd.apache.parquet"}
+#: Seconds a started server has to answer ``/ping`` before the benchmark gives up.
+SERVER_START_TIMEOUT = 180
+#: Seconds one request may take before the benchmark gives up on it.
+REQUEST_TIMEOUT = 300
+
+
+def long_form(frame: pd.DataFrame) -> pd.DataFrame:
+    """Cells x genes counts as ``cell, gene, count`` rows, one per non-zero count, cells in order.
+
+    Every cell and every gene gets at least one row (of count 0 if need be): a gene named in no
+    row would be read as missing rather than zero, and a cell without rows would not be sent.
+    Cell names must be unique (the server groups rows by name).
+    """
+    import scipy.sparse as sp
+
+    if not frame.index.is_unique:
+        msg = "the long form needs unique cell names; rename the rows (e.g. frame.reset_index(drop=True))"
+        raise ValueError(msg)
+    matrix = sp.coo_matrix(frame.to_numpy())
+    rows, cols, values = matrix.row, matrix.col, matrix.data
+    empty_cells = np.setdiff1d(np.arange(frame.shape[0]), rows)
+    empty_genes = np.setdiff1d(np.arange(frame.shape[1]), cols)
+    if len(empty_cells) or len(empty_genes):
+        rows = np.concatenate([rows, empty_cells, np.zeros(len(empty_genes), dtype=rows.dtype)])
+        cols = np.concatenate([cols, np.zeros(len(empty_cells), dtype=cols.dtype), empty_genes])
+        values = np.concatenate([values, np.zeros(len(empty_cells) + len(empty_genes), dtype=values.dtype)])
+        # A cell that is empty and the first cell may now hold (0, 0) twice: keep one.
+        keep = ~pd.DataFrame({"r": rows, "c": cols}).duplicated().to_numpy()
+        rows, cols, values = rows[keep], cols[keep], values[keep]
+    order = np.lexsort((cols, rows))
+    return pd.DataFrame({"cell": frame.index.astype(str).to_numpy()[rows[order]],
+                         "gene": frame.columns.astype(str).to_numpy()[cols[order]], "count": values[order]})
+
+
+def request_body(frame: pd.DataFrame, fmt: str, params: dict | None = None) -> bytes:
+    """Serialise cells x genes counts as a scoring-server request body.
+
+    ``fmt`` is ``json``, ``csv`` or ``parquet``, with ``-long`` for the long form
+    (:func:`long_form`). ``params`` travel in JSON only; CSV and parquet get the model's defaults.
+    """
+    base = fmt.removesuffix("-long")
+    if base not in CONTENT_TYPES:
+        msg = f"unknown request format {fmt!r}; expected one of {list(FORMATS)}"
+        raise ValueError(msg)
+    if fmt.endswith("-long"):
+        frame = long_form(frame)
+    if base == "json":
+        body = {"dataframe_split": {"index": [str(i) for i in frame.index], "columns": [str(c) for c in frame.columns],
+                                    "data": frame.to_numpy().tolist()}}
+        if params:
+            body["params"] = params
+        return json.dumps(body).encode()
+    if params:
+        msg = f"{base} requests cannot carry params (got {sorted(params)}); send JSON for non-default params"
+        raise ValueError(msg)
+    if base == "csv":
+        return frame.to_csv(index=False).encode()
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, index=False)
+    return buffer.getvalue()
+
+
+def post(url: str, body: bytes, fmt: str, timeout: float = REQUEST_TIMEOUT) -> dict:
+    """POST one body to ``<url>/invocations``; raise with the server's message on an error status."""
+    content_type = CONTENT_TYPES[fmt.split(",")[0].removesuffix("-long")]
+    request = urllib.request.Request(f"{url.rstrip('/')}/invocations", data=body,
+                                     headers={"Content-Type": content_type}, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        detail = error.read().decode(errors="replace")[:300]
+        msg = f"server answered {error.code}: {detail}"
+        raise RuntimeError(msg) from None
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Server:
+    """``mlflow models serve`` of a local model folder on 127.0.0.1, stopped on exit (a context manager).
+
+    Parameters
+    ----------
+    model_path
+        A local MLflow model folder.
+    workers, threads
+        ``-w`` worker processes and onnxruntime threads per worker (``None``: cores // workers).
+    log_path
+        File receiving the server's output.
+    """
+
+    def __init__(self, model_path: str | Path, *, workers: int = 1, threads: int | None = None,
+                 log_path: str | Path, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        bin_dir = str(Path(sys.executable).parent)
+        env = os.environ | {"PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+                            "CONTRASTIVE_SC_WORKERS": str(workers)}
+        env.pop("CONTRASTIVE_SC_ONNX_THREADS", None)
+        if threads is not None:
+            env["CONTRASTIVE_SC_ONNX_THREADS"] = str(threads)
+        mlflow_bin = shutil.which("mlflow", path=env["PATH"]) or "mlflow"
+        self.command = [mlflow_bin, "models", "serve", "-m", str(model_path), "--env-manager", "local",
+                        "-h", "127.0.0.1", "-p", str(self.port), "-w", str(workers), "-t", str(REQUEST_TIMEOUT)]
+        self.env, self.log_path, self.process = env, Path(log_path), None
+
+    def __enter__(self) -> Server:
+        self._log = self.log_path.open("w")
+        # Its own process group: stopping it also stops the uvicorn workers it forks.
+        self.process = subprocess.Popen(self.command, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+        deadline = time.monotonic() + SERVER_START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                self.__exit__(None, None, None)
+                tail = self.log_path.read_text()[-800:]
+                msg = f"the model server exited with code {self.process.returncode} before answering: {tail}"
+                raise RuntimeError(msg)
+            try:
+                with urllib.request.urlopen(f"{self.url}/ping", timeout=2) as response:
+                    if response.status == 200:
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.5)
+        self.__exit__(None, None, None)
+        msg = f"the model server did not answer /ping within {SERVER_START_TIMEOUT} s (log: {self.log_path})"
+        raise RuntimeError(msg)
+
+    def __exit__(self, *exc) -> None:
+        if self.process is not None and self.process.poll() is None:
+            for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+                try:
+                    os.killpg(self.process.pid, sig)
+                    self.process.wait(timeout=wait)
+                    break
+                except ProcessLookupError:
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        self._log.close()
+
+
+def _best_seconds(func, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        func()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def _chunks(frame: pd.DataFrame, size: int) -> list[pd.DataFrame]:
+    return [frame.iloc[start:start + size] for start in range(0, len(frame), size)]
+
+
+def _train_model(adata, folder: Path, *, epochs: int, n_genes: int, seed: int) -> str:
+    from . import tracking
+    from .config import get_preset
+
+    tracking.setup(f"sqlite:///{folder / 'mlflow.db'}", "speed-benchmark")
+    config = get_preset("paper").replace(epochs=epochs, n_genes=n_genes, seed=seed)
+    return tracking.train_run(adata, config, methods=(), map_plot=False)["model_uri"]
+
+
+def _time_in_process(local_model: str, counts: pd.DataFrame, chunks: list[pd.DataFrame], repeats: int) -> list[dict]:
+    """The bare encoder on the preprocessed cells, then the loaded pyfunc on all cells and on chunks."""
+    import mlflow
+
+    from .preprocess import transform
+
+    pyfunc = mlflow.pyfunc.load_model(local_model)
+    inner = pyfunc.unwrap_python_model().model  # the EmbedThenCluster the server runs
+    n = len(counts)
+    x = transform(counts.to_numpy(), counts.columns, inner.state)
+    inner.encoder(x[: len(chunks[0])])  # warm-up
+    rows = [{"path": "onnxruntime encoder", "cells": n, "requests": 1,
+             "seconds": _best_seconds(lambda: inner.encoder(x), repeats)}]
+    params = {"method": "reference"}
+    pyfunc.predict(chunks[0], params=params)
+    rows.append({"path": "in-process predict", "cells": n, "requests": 1,
+                 "seconds": _best_seconds(lambda: pyfunc.predict(counts, params=params), repeats)})
+    rows.append({"path": "in-process predict, 500-cell calls", "cells": n, "requests": len(chunks),
+                 "seconds": _best_seconds(lambda: [pyfunc.predict(c, params=params) for c in chunks], repeats)})
+    return rows
+
+
+def run_speed_benchmark(data: str, *, model_uri: str | None = None, n_cells: int = 4000, request_cells: int = 500,
+                        clients: int = 8, requests_per_client: int = 4, workers: int = 1, threads: int | None = None,
+                        epochs: int = 2, n_genes: int = 2000, repeats: int = 3, seed: int = 0,
+                        formats=FORMATS, concurrent_format: str | None = None,
+                        on_row=None) -> pd.DataFrame:
+    """Time one model's cells through every serving path; one row per path.
+
+    Parameters
+    ----------
+    data
+        Counts file (any format :func:`~contrastive_sc.io.load` reads) or ``"simulated"``.
+    model_uri
+        A logged embed-then-cluster model; ``None`` trains one on ``data`` (``epochs``,
+        ``n_genes``) into a temporary MLflow store.
+    n_cells
+        Cells timed (the first ``n_cells`` of ``data``).
+    request_cells
+        Cells per HTTP request and per in-process ``500-cell`` call.
+    clients, requests_per_client
+        The concurrency test: ``clients`` threads each sending ``requests_per_client`` requests
+        back to back.
+    workers, threads
+        Server worker processes and onnxruntime threads per worker (``None``: cores // workers).
+    repeats
+        Timings of the in-process paths and of each 1-client HTTP pass; the best is kept.
+    concurrent_format
+        Body format of the concurrency test; ``None``: the fastest 1-client format.
+
+    Returns
+    -------
+    Columns ``path, cells, requests, seconds, cells_per_s, p50_ms, p95_ms`` and, in ``attrs``,
+    ``ratios`` (the target ratios, see :func:`ratios`), ``load`` and ``settings``.
+    """
+    import mlflow
+
+    from .io import load
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    started_load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    adata = load(data)
+    adata = adata[: min(n_cells, adata.n_obs)].copy()
+    rows: list[dict] = []
+
+    def add(row: dict) -> None:
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+
+    with tempfile.TemporaryDirectory(prefix="contrastive-sc-speed-") as tmp:
+        tmp = Path(tmp)
+        if model_uri is None:
+            model_uri = _train_model(adata, tmp, epochs=epochs, n_genes=min(n_genes, adata.n_vars), seed=seed)
+        local_model = mlflow.artifacts.download_artifacts(model_uri, dst_path=str(tmp / "model"))
+        from .preprocess import PreprocessState
+
+        state = PreprocessState.from_json(Path(local_model) / "artifacts" / "preprocess_state.json")
+        genes = [g for g in state.genes if g in set(map(str, adata.var_names))]
+        counts = adata[:, genes].to_df()
+        if np.array_equal(counts.to_numpy(), np.round(counts.to_numpy())):
+            counts = counts.astype(np.int64)  # counts sent as integers, as a client would
+        counts.index = counts.index.astype(str)
+        n = len(counts)
+        chunks = _chunks(counts, request_cells)
+
+        for row in _time_in_process(local_model, counts, chunks, repeats):
+            add(row)
+
+        params = {"method": "reference"}
+        bodies = {fmt: [request_body(c, fmt, params if fmt == "json" else None) for c in chunks] for fmt in formats}
+        if "json" in formats:
+            # The same cells without the embedding in the answer: what the answer's size costs.
+            bodies["json, no embedding"] = [request_body(c, "json", params | {"return_embedding": False})
+                                            for c in chunks]
+        latencies: dict[str, list[float]] = {}
+        with Server(local_model, workers=workers, threads=threads, log_path=tmp / "server.log") as server:
+            for fmt in bodies:
+                post(server.url, bodies[fmt][0], fmt)  # warm-up, and a check that the format is answered
+                best = None
+                for _ in range(repeats):
+                    times = []
+                    for body in bodies[fmt]:
+                        t0 = time.perf_counter()
+                        post(server.url, body, fmt)
+                        times.append(time.perf_counter() - t0)
+                    if best is None or sum(times) < sum(best):
+                        best = times
+                latencies[fmt] = best
+                add({"path": f"HTTP {fmt}", "cells": n, "requests": len(best), "seconds": sum(best),
+                     "p50_ms": 1000 * float(np.median(best)), "p95_ms": 1000 * float(np.percentile(best, 95))})
+            fmt = concurrent_format or min(formats, key=lambda f: sum(latencies[f]))
+            jobs = [bodies[fmt][(c + r) % len(chunks)] for c in range(clients) for r in range(requests_per_client)]
+
+            def client(index: int) -> list[float]:
+                times = []
+                for body in jobs[index * requests_per_client:(index + 1) * requests_per_client]:
+                    t0 = time.perf_counter()
+                    post(server.url, body, fmt)
+                    times.append(time.perf_counter() - t0)
+                return times
+
+            t0 = time.perf_counter()
+            with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+                times = [t for part in pool.map(client, range(clients)) for t in part]
+            wall = time.perf_counter() - t0
+            sizes = [len(chunks[(c + r) % len(chunks)]) for c in range(clients) for r in range(requests_per_client)]
+            add({"path": f"HTTP {fmt}, {clients} clients", "cells": int(sum(sizes)), "requests": len(times),
+                 "seconds": wall, "p50_ms": 1000 * float(np.median(times)),
+                 "p95_ms": 1000 * float(np.percentile(times, 95))})
+
+    table = pd.DataFrame(rows)
+    table["cells_per_s"] = table["cells"] / table["seconds"]
+    table.attrs["ratios"] = ratios(table, fmt, clients)
+    table.attrs["load"] = started_load
+    table.attrs["server"] = server.url
+    table.attrs["settings"] = {"workers": workers, "threads": threads, "request_cells": request_cells,
+                               "clients": clients, "cores": len(os.sched_getaffinity(0))
+                               if hasattr(os, "sched_getaffinity") else os.cpu_count()}
+    return table
+
+
+def ratios(table: pd.DataFrame, concurrent_format: str, clients: int) -> pd.DataFrame:
+    """The target ratios of ``table``: in-process over encoder, each 1-client HTTP path over in-process
+    500-cell calls (cells/s), and the concurrent p95 latency over the single-request p50."""
+    speed = dict(zip(table["path"], table["cells_per_s"]))
+    out = []
+    encoder, whole, chunked = "onnxruntime encoder", "in-process predict", "in-process predict, 500-cell calls"
+    if encoder in speed and whole in speed:
+        value = speed[whole] / speed[encoder]
+        out.append({"ratio": "in-process predict / encoder", "value": value, "target": f">= {IN_PROCESS_TARGET:g}",
+                    "met": value >= IN_PROCESS_TARGET})
+    many = f"HTTP {concurrent_format}, {clients} clients"
+    for path in table["path"]:
+        if path.startswith("HTTP ") and path != many and chunked in speed:
+            value = speed[path] / speed[chunked]
+            out.append({"ratio": f"{path} / in-process 500", "value": value, "target": f">= {HTTP_TARGET:g}",
+                        "met": value >= HTTP_TARGET})
+    by_path = table.set_index("path")
+    single = f"HTTP {concurrent_format}"
+    if single in by_path.index and many in by_path.index:
+        value = by_path.loc[many, "p95_ms"] / by_path.loc[single, "p50_ms"]
+        out.append({"ratio": f"{clients}-client p95 / single-request p50 latency", "value": value,
+                    "target": f"< {CONCURRENCY_TARGET:g}", "met": value < CONCURRENCY_TARGET})
+    return pd.DataFrame(out)
+
+
+def markdown(table: pd.DataFrame) -> str:
+    """The timings and the ratios as two markdown tables."""
+    lines = ["| path | cells | requests | cells/s | p50 ms | p95 ms |", "|---|---:|---:|---:|---:|---:|"]
+    for row in table.to_dict("records"):
+        p50, p95 = row.get("p50_ms"), row.get("p95_ms")
+        lines.append(f"| {row['path']} | {row['cells']} | {row['requests']} | {row['cells_per_s']:,.0f} | "
+                     f"{'' if p50 is None or pd.isna(p50) else f'{p50:.0f}'} | "
+                     f"{'' if p95 is None or pd.isna(p95) else f'{p95:.0f}'} |")
+    lines += ["", "| ratio | value | target | met |", "|---|---:|---|---|"]
+    for row in table.attrs.get("ratios", pd.DataFrame()).to_dict("records"):
+        lines.append(f"| {row['ratio']} | {row['value']:.3f} | {row['target']} | {'yes' if row['met'] else 'no'} |")
+    settings = table.attrs.get("settings", {})
+    lines += ["", f"load average at start {table.attrs.get('load', float('nan')):.2f} on {settings.get('cores')} "
+              f"core(s); server workers {settings.get('workers')}, onnxruntime threads per worker "
+              f"{settings.get('threads') or 'cores // workers'}"]
+    return "\n".join(lines)

@@ -85,3 +85,78 @@ def test_anndata_interface(blobs):
     assert "my_leiden" in copy.obs and "my_leiden" not in adata.obs
     with pytest.raises(KeyError, match="obsm\\['X_missing'\\] not found"):
         cluster(adata, use_rep="X_missing", n_clusters=3)
+
+
+def _leidenalg_labels(x, resolution, n_neighbors=15, seed=0):
+    """The previous implementation: leidenalg's modularity with resolution on the same graph."""
+    import leidenalg
+
+    from contrastive_sc.cluster import knn_graph
+
+    partition = leidenalg.find_partition(knn_graph(x, n_neighbors), leidenalg.RBConfigurationVertexPartition,
+                                         resolution_parameter=resolution, seed=seed, n_iterations=-1)
+    return np.asarray(partition.membership)
+
+
+def test_igraph_leiden_agrees_with_leidenalg():
+    x, y = make_blobs(n_samples=[150, 200, 250, 100], n_features=10, cluster_std=1.0, random_state=3)
+    x = x.astype(np.float32)
+    for resolution in (0.3, 1.0):
+        labels = cluster_labels(x, "leiden", resolution=resolution, seed=0)
+        assert adjusted_rand_score(_leidenalg_labels(x, resolution), labels) >= 0.95
+    assert adjusted_rand_score(y, cluster_labels(x, "leiden", resolution=0.3, seed=0)) > 0.95
+
+
+def test_leiden_is_reproducible_for_a_seed(blobs):
+    first = cluster_labels(blobs[0], "leiden", resolution=2.0, seed=4)
+    assert np.array_equal(first, cluster_labels(blobs[0], "leiden", resolution=2.0, seed=4))
+
+
+def test_weighted_graph_is_the_fuzzy_union_of_the_unweighted_one(blobs):
+    from contrastive_sc.cluster import knn_graph
+
+    x = blobs[0]
+    plain, weighted = knn_graph(x, 10), knn_graph(x, 10, weighted=True)
+    assert plain.es.attributes() == [] and not weighted.is_directed()
+    assert sorted(plain.get_edgelist()) == sorted(weighted.get_edgelist())  # same edges, now weighted
+    adjacency = weighted.get_adjacency_sparse(attribute="weight")
+    assert (adjacency != adjacency.T).nnz == 0
+    assert adjacency.data.min() > 0 and adjacency.data.max() <= 1.0
+    # the nearest neighbour of every cell is at weight 1 (UMAP's local connectivity of 1)
+    assert np.allclose(adjacency.max(axis=1).toarray().ravel(), 1.0)
+
+
+@pytest.mark.slow
+def test_weighted_graph_matches_umap():
+    # compiles UMAP's numba kernels (about 20 s)
+    from scipy import sparse
+    from sklearn.neighbors import NearestNeighbors
+    from umap.umap_ import fuzzy_simplicial_set
+
+    from contrastive_sc.cluster import knn_graph
+
+    x, _ = make_blobs(n_samples=400, centers=4, n_features=12, random_state=5)
+    adjacency = knn_graph(x, 12, weighted=True).get_adjacency_sparse(attribute="weight")
+    distances, indices = NearestNeighbors(n_neighbors=13).fit(x).kneighbors(x)
+    distances[:, 0] = 0.0  # scanpy lists each cell first at distance 0; floating point may leave 1e-7
+    expected, _, _ = fuzzy_simplicial_set(sparse.coo_matrix((400, 1)), 13, None, None, knn_indices=indices,
+                                          knn_dists=distances)
+    assert abs(adjacency - expected.tocsr()).max() < 1e-5
+
+
+@pytest.mark.slow
+def test_approximate_neighbours_path(blobs, monkeypatch):
+    # pynndescent instead of exact neighbours, from 100 cells instead of the usual threshold
+    # (its numba compilation costs a minute on a busy two-core machine)
+    import importlib
+
+    cluster_module = importlib.import_module("contrastive_sc.cluster")
+    x = np.concatenate([blobs[0], blobs[0][:5]])  # duplicates may push a cell out of its own list
+    exact = cluster_module.knn_graph(x, 15)
+    monkeypatch.setattr(cluster_module, "APPROXIMATE_NEIGHBORS_CELLS", 100)
+    approximate = cluster_module.knn_graph(x, 15)
+    shared = set(exact.get_edgelist()) & set(approximate.get_edgelist())
+    assert len(shared) >= 0.95 * exact.ecount()
+    assert not any(approximate.is_loop())
+    labels = cluster_labels(x, "leiden", resolution=0.3, seed=0)
+    assert adjusted_rand_score(np.concatenate([blobs[1], blobs[1][:5]]), labels) > 0.9

@@ -1,7 +1,7 @@
 """contrastive-sc: contrastive self-supervised clustering of scRNA-seq data.
 
 The public API is loaded lazily, so ``import contrastive_sc`` is cheap and imports neither
-torch, MLflow, onnxruntime nor leidenalg; the served model imports only what inference needs.
+torch, MLflow, onnxruntime nor igraph; the served model imports only what inference needs.
 """
 
 from __future__ import annotations

@@ -74,6 +74,16 @@ def trained(_trained_session):
     return _trained_session
 
 
+@pytest.fixture(scope="module")
+def packaged(_trained_session, tmp_path_factory):
+    """``trained`` packaged as the served model (ONNX encoder on the CPU provider)."""
+    from contrastive_sc.inference import EmbedThenCluster, package_model
+
+    folder = tmp_path_factory.mktemp("packaged")
+    package_model(_trained_session, folder)
+    return EmbedThenCluster.from_dir(folder, provider="cpu")
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)

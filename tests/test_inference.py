@@ -7,13 +7,6 @@ import pytest
 from contrastive_sc.inference import EmbedThenCluster, PredictParams, package_model
 
 
-@pytest.fixture(scope="module")
-def packaged(_trained_session, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("packaged")
-    package_model(_trained_session, folder)
-    return EmbedThenCluster.from_dir(folder, provider="cpu")
-
-
 @pytest.fixture
 def frame(synthetic):
     return synthetic.to_df()

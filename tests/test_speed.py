@@ -11,7 +11,6 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from contrastive_sc.inference import EmbedThenCluster, package_model
 from contrastive_sc.preprocess import transform
 from contrastive_sc.validation import check_count_values
 
@@ -31,13 +30,6 @@ def float64_transform(counts, gene_names, state) -> np.ndarray:
         if gene in column:
             out[:, i] = (np.log1p(counts[:, column[gene]] * scale) - state.mean[i]) / state.std[i]
     return out
-
-
-@pytest.fixture(scope="module")
-def packaged(_trained_session, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("packaged")
-    package_model(_trained_session, folder)
-    return EmbedThenCluster.from_dir(folder, provider="cpu")
 
 
 @pytest.fixture
@@ -239,6 +231,7 @@ def test_long_form_keeps_cells_without_counts():
         long_form(wide.set_axis(["a", "a", "c"]))
 
 
+@pytest.mark.slow
 def test_speed_benchmark_command_serves_and_stops(store_with_runs, synthetic, tmp_path):
     """The whole command on a logged model: a real server is started, timed through every format, stopped."""
     import urllib.request

@@ -181,7 +181,27 @@ class Server:
                     break
                 except subprocess.TimeoutExpired:
                     continue
+        if self.process is not None:
+            self._wait_until_port_closed()
         self._log.close()
+
+    def _wait_until_port_closed(self, timeout: float = 15.0) -> None:
+        # The group leader (the mlflow CLI) can exit before its uvicorn child has let go of the
+        # port: wait for the port to refuse connections, and kill what is left of the group if not.
+        import socket
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    pass
+            except OSError:
+                return
+            time.sleep(0.2)
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def _best_seconds(func, repeats: int) -> float:

@@ -262,8 +262,8 @@ def _log_artifacts(folder: Path, adata, model, embedding, labels_by_method: dict
                     None if truth is None else truth[rows], folder / "embedding_map.png",
                     batches=None if batches is None else batches[rows],
                     title=f"{model.config.preset} preset, UMAP of the embedding ({len(rows):,} of {n:,} cells)")
+    sample = adata if len(rows) == n else adata[rows]  # sliced once, not per clustering
     for method, labels in labels_by_method.items():
-        sample = adata if len(rows) == n else adata[rows]
         marker_genes(sample, labels[rows]).to_csv(folder / f"markers_{method}.csv", index=False)
         if truth is not None:
             pd.crosstab(pd.Series(truth, name="label"), pd.Series(labels, name=f"{method}_cluster")).to_csv(

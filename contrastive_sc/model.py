@@ -17,7 +17,7 @@ from .train import TrainingHistory, encode, fit_encoder
 log = logging.getLogger(__name__)
 
 EMBEDDING_KEY = "X_contrastive"
-#: Cells of an out-of-core dataset the ``fused`` PCA block is fitted on (a random sample).
+#: Cells the PCA block of a fused preset is fitted on, at most (a random sample of larger data).
 PCA_SAMPLE_CELLS = 50_000
 _FILES = {"config": "config.json", "state": "preprocess_state.json", "weights": "encoder.pt",
           "history": "history.json", "reference": "reference_centroids.npy", "cell_types": "cell_types.npz"}
@@ -154,8 +154,8 @@ class ContrastiveSC:
 
         ``top_genes`` are the ``pca_genes`` first of the dispersion ranking that chose the
         encoder's genes, so they are among them and their columns are already scaled in ``x``
-        (an array, or an out-of-core matrix of which at most :data:`PCA_SAMPLE_CELLS` random
-        cells are read).
+        (an array or an out-of-core matrix). Above :data:`PCA_SAMPLE_CELLS` cells, the PCA and the
+        blocks' scales are fitted on that many random cells, whatever holds them.
         """
         import torch
         from sklearn.decomposition import PCA
@@ -164,9 +164,12 @@ class ContrastiveSC:
 
         column_of = {g: i for i, g in enumerate(self.state.genes)}
         index = np.array([column_of[g] for g in top_genes if g in column_of], dtype=np.int64)
-        if not isinstance(x, np.ndarray):
+        if len(x) > PCA_SAMPLE_CELLS:  # the rule depends on the number of cells, never on the container
             rng = np.random.default_rng(self.config.train.seed)
-            x = x.take_rows(np.sort(rng.choice(len(x), min(len(x), PCA_SAMPLE_CELLS), replace=False)))
+            rows = np.sort(rng.choice(len(x), PCA_SAMPLE_CELLS, replace=False))
+            x = x.take_rows(rows) if hasattr(x, "take_rows") else x[rows]
+        elif not isinstance(x, np.ndarray):  # an on-disk matrix this small is read whole
+            x = x[:]
         n_components = min(self.config.encoder.pca_components, len(index), x.shape[0] - 1)
         pca = PCA(n_components=n_components, random_state=self.config.train.seed).fit(x[:, index])
         blocks = (encode(self.encoder, x), pca.transform(x[:, index]))
@@ -231,8 +234,16 @@ class ContrastiveSC:
         return gene_coverage(adata.var_names, self.state)
 
     def preprocess(self, adata) -> np.ndarray:
-        """Raw counts -> the encoder's input, with the frozen training state."""
+        """Raw counts -> the encoder's input ``(cells, genes)`` float32, with the frozen training state.
+
+        A backed AnnData is read a block of cells at a time; the result is in memory either way.
+        """
         self._check_fitted()
+        if getattr(adata, "isbacked", False):
+            from .outofcore import iter_row_blocks
+
+            blocks = [transform(block, adata.var_names, self.state) for _, _, block in iter_row_blocks(adata.X)]
+            return np.concatenate(blocks) if blocks else np.zeros((0, self.state.n_genes), dtype=np.float32)
         return transform(adata.X, adata.var_names, self.state)
 
     def transform(self, adata) -> np.ndarray:

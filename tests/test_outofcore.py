@@ -134,3 +134,51 @@ def test_backed_fit_of_the_fused_preset_equals_memory(synthetic, tmp_path):
     assert from_file.encoder.pca_index.tolist() == in_memory.encoder.pca_index.tolist()
     np.testing.assert_allclose(from_file.transform(backed), in_memory.transform(synthetic), atol=1e-4)
     backed.file.close()
+
+
+@pytest.fixture
+def both_containers(synthetic, tmp_path):
+    """The same cells in memory and as a backed ``.h5ad``."""
+    path = tmp_path / "cells.h5ad"
+    synthetic.write_h5ad(path)
+    backed = ad.read_h5ad(path, backed="r")
+    yield {"memory": synthetic, "backed": backed}
+    backed.file.close()
+
+
+@pytest.mark.parametrize("container", ["memory", "backed"])
+def test_the_model_api_works_alike_on_either_container(both_containers, tiny_config, container):
+    # fit, preprocess, transform and embed accept backed and in-memory AnnData, with the same results.
+    adata, memory = both_containers[container], both_containers["memory"]
+    model = ContrastiveSC(tiny_config).fit(adata)
+    reference = ContrastiveSC(tiny_config).fit(memory)
+    x = model.preprocess(adata)
+    assert x.dtype == np.float32 and x.shape == (memory.n_obs, model.state.n_genes)
+    np.testing.assert_allclose(x, reference.preprocess(memory), atol=1e-6)
+    np.testing.assert_allclose(model.transform(adata), reference.transform(memory), atol=1e-5)
+    model.embed(adata)
+    np.testing.assert_allclose(adata.obsm["X_contrastive"], reference.transform(memory), atol=1e-5)
+
+
+def test_the_pca_sample_depends_on_the_number_of_cells_not_the_container(synthetic, tmp_path, monkeypatch):
+    # Above PCA_SAMPLE_CELLS cells the PCA block is fitted on a sample, in memory as on disk.
+    import contrastive_sc.model as model_module
+    from contrastive_sc.config import get_preset
+
+    monkeypatch.setattr(model_module, "PCA_SAMPLE_CELLS", 120)
+    config = get_preset("fused").replace(n_genes=100, pca_genes=50, pca_components=8, epochs=2, batch_size=64,
+                                         n_clusters=3)
+    path = tmp_path / "cells.h5ad"
+    synthetic.write_h5ad(path)
+    backed = ad.read_h5ad(path, backed="r")
+    from_file = ContrastiveSC(config).fit(backed)
+    in_memory = ContrastiveSC(config).fit(synthetic)
+    np.testing.assert_allclose(from_file.encoder.pca_components.numpy(), in_memory.encoder.pca_components.numpy(),
+                               atol=1e-4)
+    np.testing.assert_allclose(from_file.transform(backed), in_memory.transform(synthetic), atol=1e-4)
+    everything = ContrastiveSC(config.replace(seed=0))
+    monkeypatch.setattr(model_module, "PCA_SAMPLE_CELLS", 10_000)
+    everything.fit(synthetic)
+    # a sample of 120 of the 300 cells gives another PCA than all of them
+    assert not np.allclose(everything.encoder.pca_mean.numpy(), in_memory.encoder.pca_mean.numpy(), atol=1e-4)
+    backed.file.close()

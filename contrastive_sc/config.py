@@ -73,6 +73,10 @@ class EncoderConfig:
     encoder_weight
         Root-mean-square norm of the encoder block relative to the PCA block's (1: equal weight);
         below 1 the encoder's output is a smaller correction beside the principal components.
+    readout
+        What the trained encoder hands on as its embedding: ``"output"`` (the paper: the
+        L2-normalised last layer the loss is computed on), ``"unnormalised"`` (that layer before
+        the normalisation) or ``"hidden"`` (the first hidden layer after BatchNorm + ReLU).
     """
 
     layers: tuple[int, ...] = (200, 40, 60)
@@ -80,6 +84,7 @@ class EncoderConfig:
     pca_components: int = 0
     pca_genes: int = 500
     encoder_weight: float = 1.0
+    readout: str = "output"
 
     def __post_init__(self) -> None:
         if not self.layers or any(int(w) < 1 for w in self.layers):
@@ -90,6 +95,12 @@ class EncoderConfig:
             raise ValueError(msg)
         if not self.encoder_weight > 0:
             msg = f"encoder_weight must be > 0, got {self.encoder_weight}"
+            raise ValueError(msg)
+        if self.readout not in ("output", "unnormalised", "hidden"):
+            msg = f"readout must be 'output', 'unnormalised' or 'hidden', got {self.readout!r}"
+            raise ValueError(msg)
+        if self.readout == "hidden" and len(self.layers) < 2:
+            msg = f"readout 'hidden' needs at least one hidden layer; layers are {list(self.layers)}"
             raise ValueError(msg)
 
 

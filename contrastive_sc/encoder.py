@@ -9,6 +9,14 @@ from torch import nn
 from .augment import MaskedViews
 
 
+#: What a trained encoder hands on as the embedding. The loss is always computed on ``"output"``,
+#: the L2-normalised last layer (the paper's embedding). ``"unnormalised"`` is that layer before
+#: the normalisation, ``"hidden"`` the first hidden layer after BatchNorm + ReLU (SimCLR's
+#: representation before its projection head). On the sphere the loss's uniformity spreads a large
+#: cell type over as much room as a small one; before it, the sizes of the differences survive.
+READOUTS = ("output", "unnormalised", "hidden")
+
+
 class ContrastiveEncoder(nn.Module):
     """MLP ``n_inputs -> layers[0] -> ... -> layers[-1]``, output on the unit sphere.
 
@@ -20,6 +28,8 @@ class ContrastiveEncoder(nn.Module):
         Hidden and output sizes; the paper uses ``(200, 40, 60)``.
     batch_norm
         Put ``BatchNorm1d`` before each hidden ReLU (the paper does).
+    readout
+        What :meth:`forward` returns, one of :data:`READOUTS`; training sets ``"output"``.
 
     Notes
     -----
@@ -30,30 +40,57 @@ class ContrastiveEncoder(nn.Module):
     whose first Linear layer costs only their kept entries.
     """
 
-    def __init__(self, n_inputs: int, layers: tuple[int, ...] = (200, 40, 60), batch_norm: bool = True) -> None:
+    def __init__(self, n_inputs: int, layers: tuple[int, ...] = (200, 40, 60), batch_norm: bool = True,
+                 readout: str = "output") -> None:
         super().__init__()
         sizes = [int(n_inputs), *map(int, layers)]
         self.linears = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
         hidden = sizes[1:-1]
         self.norms = nn.ModuleList(nn.BatchNorm1d(w) if batch_norm else nn.Identity() for w in hidden)
         self.n_inputs = int(n_inputs)
-        self.n_outputs = sizes[-1]
+        self._sizes = sizes
+        self.readout = readout
+
+    @property
+    def readout(self) -> str:
+        """What the module returns: one of :data:`READOUTS` (training always uses ``"output"``)."""
+        return self._readout
+
+    @readout.setter
+    def readout(self, value: str) -> None:
+        if value not in READOUTS:
+            msg = f"readout must be one of {READOUTS}, got {value!r}"
+            raise ValueError(msg)
+        if value == "hidden" and len(self._sizes) < 3:
+            msg = f"readout 'hidden' needs a hidden layer; the layers are {self._sizes[1:]}"
+            raise ValueError(msg)
+        self._readout = value
+
+    @property
+    def n_outputs(self) -> int:
+        """Width of what :meth:`forward` returns under the current :attr:`readout`."""
+        return self._sizes[1] if self.readout == "hidden" else self._sizes[-1]
 
     def forward(self, x: torch.Tensor | MaskedViews, n_views: int = 1) -> torch.Tensor:
         """Embed ``(n_views * batch, n_inputs)`` rows (a tensor, or sparse training views).
 
-        Returns ``(n_views * batch, n_outputs)``, one unit-norm row per input row.
+        Returns ``(n_views * batch, n_outputs)``: with readout ``"output"`` one unit-norm row per
+        input row, with ``"unnormalised"`` the same before the normalisation, with ``"hidden"``
+        the first hidden layer's activations.
         """
         layers = iter(self.linears)
         first = next(layers)
         h = x.linear(first) if isinstance(x, MaskedViews) else first(x)
-        for norm, linear in zip(self.norms, layers):
+        for depth, (norm, linear) in enumerate(zip(self.norms, layers)):
             if n_views > 1 and self.training and isinstance(norm, nn.BatchNorm1d):
                 h = torch.cat([norm(chunk) for chunk in h.chunk(n_views)])
             else:
                 h = norm(h)
-            h = linear(F.relu(h))
-        return F.normalize(h, dim=1)
+            h = F.relu(h)
+            if depth == 0 and self.readout == "hidden":
+                return h
+            h = linear(h)
+        return h if self.readout == "unnormalised" else F.normalize(h, dim=1)
 
 
 class FusedEmbedder(nn.Module):

@@ -113,6 +113,7 @@ class ContrastiveSC:
         x = transform(adata.X, adata.var_names, self.state)
         self.encoder, self.history = fit_encoder(x, self.config.encoder, self.config.train,
                                                  progress=progress, on_epoch=on_epoch)
+        self.encoder.readout = self.config.encoder.readout
         if self.config.encoder.pca_components:
             top = fit_preprocess(adata.X, adata.var_names, n_genes=self.config.encoder.pca_genes,
                                  min_cells=pre.min_cells, hvg_flavor=pre.hvg_flavor).genes
@@ -332,7 +333,8 @@ class ContrastiveSC:
         self.state.to_json(path / _FILES["state"])
         # Self-describing: the architecture travels with the weights, not only in config.json.
         checkpoint = {"n_inputs": self.encoder.n_inputs, "layers": list(self.config.encoder.layers),
-                      "batch_norm": bool(self.config.encoder.batch_norm), "state_dict": self.encoder.state_dict()}
+                      "batch_norm": bool(self.config.encoder.batch_norm), "readout": self.config.encoder.readout,
+                      "state_dict": self.encoder.state_dict()}
         if self.config.encoder.pca_components:
             checkpoint["pca_shape"] = list(self.encoder.pca_components.shape)  # (components, genes read)
         torch.save(checkpoint, path / _FILES["weights"])
@@ -369,7 +371,13 @@ class ContrastiveSC:
             msg = (f"{str(path)!r}: {_FILES['weights']} holds layers {list(layers)} but {_FILES['config']} says "
                    f"{list(config.encoder.layers)}; the folder mixes two models")
             raise ValueError(msg)
-        encoder = ContrastiveEncoder(checkpoint["n_inputs"], layers, checkpoint.get("batch_norm", config.encoder.batch_norm))
+        readout = checkpoint.get("readout", "output")
+        if readout != config.encoder.readout:
+            msg = (f"{str(path)!r}: {_FILES['weights']} was saved with readout {readout!r} but {_FILES['config']} "
+                   f"says {config.encoder.readout!r}; the folder mixes two models")
+            raise ValueError(msg)
+        encoder = ContrastiveEncoder(checkpoint["n_inputs"], layers, checkpoint.get("batch_norm", config.encoder.batch_norm),
+                                     readout)
         if "pca_shape" in checkpoint:
             n_components, n_pca_genes = checkpoint["pca_shape"]
             encoder = FusedEmbedder.empty(encoder, n_pca_genes, n_components)

@@ -369,6 +369,7 @@ def fit_backed(model, adata, *, progress: bool = False, on_epoch=None, reference
         log.info("preprocessed %d cells x %d genes to %s", x.shape[0], x.shape[1], x.path)
         model.encoder, model.history = fit_encoder(x, model.config.encoder, model.config.train,
                                                    progress=progress, on_epoch=on_epoch)
+        model.encoder.readout = model.config.encoder.readout
         if model.config.encoder.pca_components:
             top = fit_preprocess_chunked(adata.X, adata.var_names, n_genes=model.config.encoder.pca_genes,
                                          min_cells=pre.min_cells, hvg_flavor=pre.hvg_flavor, chunk_size=chunk_size).genes

@@ -94,3 +94,27 @@ def test_masked_first_layer_equals_dense():
     assert torch.allclose(sparse, dense, atol=1e-6)
     for a, b in zip(sparse_grads, dense_grads):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_readouts_are_the_output_before_normalisation_and_the_first_hidden_layer():
+    import pytest
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    encoder = ContrastiveEncoder(30, (16, 8, 5)).eval()
+    x = torch.randn(12, 30)
+    normalised = encoder(x)
+    encoder.readout = "unnormalised"
+    raw = encoder(x)
+    assert encoder.n_outputs == 5
+    torch.testing.assert_close(F.normalize(raw, dim=1), normalised)
+    assert not torch.allclose(raw.norm(dim=1), torch.ones(12))
+    encoder.readout = "hidden"
+    hidden = encoder(x)
+    assert hidden.shape == (12, 16) and encoder.n_outputs == 16 and (hidden >= 0).all()
+    expected = F.relu(encoder.norms[0](encoder.linears[0](x)))
+    torch.testing.assert_close(hidden, expected)
+    with pytest.raises(ValueError, match="readout must be one of"):
+        encoder.readout = "last"
+    with pytest.raises(ValueError, match="needs a hidden layer"):
+        ContrastiveEncoder(30, (5,), readout="hidden")

@@ -104,3 +104,21 @@ def test_empty_module_loads_a_saved_state(fused):
     empty.load_state_dict(fused.encoder.state_dict())
     x = torch.randn(5, fused.encoder.n_inputs)
     torch.testing.assert_close(empty.eval()(x), fused.encoder.eval()(x))
+
+
+@pytest.mark.parametrize("readout", ["unnormalised", "hidden"])
+def test_a_fused_model_with_another_readout_saves_loads_and_exports(synthetic, tmp_path, readout):
+    from contrastive_sc.onnx_io import OnnxEncoder, export_onnx
+
+    config = get_preset("fused").replace(n_genes=100, pca_genes=50, pca_components=8, epochs=2, batch_size=64,
+                                         n_clusters=3, readout=readout)
+    model = ContrastiveSC(config).fit(synthetic)
+    z = model.transform(synthetic)
+    width = 200 if readout == "hidden" else 60
+    assert z.shape == (synthetic.n_obs, width + 8)
+    assert model.reference_centroids.shape[1] == width + 8
+    loaded = ContrastiveSC.load(model.save(tmp_path / "m"))
+    assert loaded.encoder.encoder.readout == readout
+    np.testing.assert_allclose(loaded.transform(synthetic), z, atol=1e-6)
+    path = export_onnx(loaded.encoder, tmp_path / "enc.onnx")
+    np.testing.assert_allclose(OnnxEncoder(path)(loaded.preprocess(synthetic)), z, atol=1e-4)

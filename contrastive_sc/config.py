@@ -257,6 +257,11 @@ def _pcres_variant(name: str, **train) -> Callable[[], ContrastiveConfig]:
     return build
 
 
+def _with_readout(name: str, readout: str) -> ContrastiveConfig:
+    base = _pcres_variant(name, cluster_head=20)()
+    return dataclasses.replace(base, encoder=dataclasses.replace(base.encoder, readout=readout))
+
+
 PRESETS = {
     "fused": _fused,
     "paper": _paper,
@@ -270,6 +275,9 @@ PRESETS = {
         _pcres_variant("pcres-half")(), encoder=dataclasses.replace(_pcres().encoder, encoder_weight=0.5)),
     "pcres-5k": lambda: dataclasses.replace(  # the encoder reads 5000 genes; PCA still the top 2000
         _pcres_variant("pcres-5k")(), preprocess=dataclasses.replace(_pcres().preprocess, n_genes=5000)),
+    # pcres-cc read out before the output's L2 normalisation, or at the first hidden layer
+    "pcres-cc-unnorm": lambda: _with_readout("pcres-cc-unnorm", "unnormalised"),
+    "pcres-cc-hidden": lambda: _with_readout("pcres-cc-hidden", "hidden"),
 }
 #: The preset used when none is named.
 DEFAULT_PRESET = "fused"

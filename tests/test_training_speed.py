@@ -1,0 +1,35 @@
+import pytest
+import torch
+
+from contrastive_sc.training_speed import floor_rows, format_rows, peak_gflops, training_flops
+
+
+def test_flops_by_hand():
+    # 5 cells in batches of 2: (0, 2), (2, 4); the last batch of one cell is skipped.
+    # Each step: 4 rows x 2 x (3 x 2) for the layer, 2 x 4 x 4 x 2 for the similarities = 48 + 64.
+    assert training_flops(5, 3, (2,), 2) == 3 * 2 * (48 + 64)
+    assert training_flops(5, 3, (2,), 2, epochs=4, backward_factor=1) == 4 * 2 * (48 + 64)
+
+
+def test_flops_of_the_paper_preset_on_worm_neuron():
+    # the figure the README quotes: 6.75 GFLOP an epoch
+    per_epoch = training_flops(4186, 500, (200, 40, 60), 200)
+    layers = 2 * 4186 * 2 * (500 * 200 + 200 * 40 + 40 * 60)
+    similarities = 20 * 2 * 400**2 * 60 + 2 * 372**2 * 60
+    assert per_epoch == 3 * (layers + similarities)
+    assert per_epoch / 1e9 == pytest.approx(6.747, abs=1e-3)
+
+
+def test_rows_and_ratios():
+    rows = floor_rows(10e9, 5.0, [4.0, 3.0, 3.5], [7.0, 6.0, 9.0])
+    assert [r["row"] for r in rows] == ["dense FLOP floor", "paper training", "default (fused) training"]
+    assert rows[0]["seconds"] == pytest.approx(2.0)
+    assert rows[1]["ratio"] == pytest.approx(1.5) and rows[2]["ratio"] == pytest.approx(2.0)
+    table = format_rows(rows)
+    assert "| paper training | 3.00 | 1.50 |" in table and "10.0 GFLOP at 5.0 GFLOP/s" in table
+
+
+def test_peak_measure_restores_threads():
+    before = torch.get_num_threads()
+    assert peak_gflops(size=64, repeats=2) > 0
+    assert torch.get_num_threads() == before

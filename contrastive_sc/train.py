@@ -118,7 +118,8 @@ def fit_encoder(x: np.ndarray, encoder_config: EncoderConfig, train_config: Trai
                 loss = criterion(z)
                 if head is not None:
                     loss = loss + cluster_loss(head(z))
-                optimizer.zero_grad(set_to_none=True)
+                for parameter in parameters:  # optimizer.zero_grad(set_to_none=True) without its profiling hooks
+                    parameter.grad = None
                 loss.backward()
                 optimizer.step()
                 losses.append(loss.detach())  # stays on device: no sync per step

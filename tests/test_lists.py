@@ -93,3 +93,24 @@ def test_mlproject_parameters_are_passed_to_the_cli_option_of_that_name_with_its
     passed = {token.strip("{}") for token in command.split() if token.startswith("{")}
     differ = sorted(passed ^ set(spec["parameters"]))
     assert not differ, f"{entry}: command and parameters differ: {differ}"
+
+
+def test_readme_params_table_lists_predict_params_with_their_defaults():
+    from dataclasses import fields
+
+    from contrastive_sc.inference import PredictParams
+
+    text = (REPO / "README.md").read_text()
+    table = text[text.index("| param | default | meaning |"):].split("\n\n")[0].splitlines()[2:]
+    documented = {}
+    for row in table:
+        names, default = (cell.strip() for cell in row.strip("|").split("|")[:2])
+        for name in names.split(","):
+            documented[name.strip().strip("`")] = default.strip("`")
+    declared = {f.name: f.default for f in fields(PredictParams)}
+    assert set(documented) == set(declared)
+    for name, default in declared.items():
+        if default is None:
+            assert documented[name].startswith("the model's"), name
+        else:
+            assert documented[name] == (str(default).lower() if isinstance(default, bool) else str(default)), name

@@ -150,10 +150,6 @@ _ANNOTATORS = {"contrastive": _contrastive, "pca-knn": _pca_knn, "celltypist": _
 def summarise(results: pd.DataFrame) -> pd.DataFrame:
     """Mean ± sd over seeds per method."""
     scores = ["macro_f1_known", "held_out_unassigned", "known_unassigned", "seconds"]
-    grouped = results.groupby("method", sort=False)[scores]
-    mean, sd = grouped.mean(), grouped.std(ddof=0).fillna(0)
-    table = pd.DataFrame(index=mean.index)
-    for col in scores:
-        digits = 1 if col == "seconds" else 3
-        table[col] = [f"{m:.{digits}f} ± {s:.{digits}f}" for m, s in zip(mean[col], sd[col])]
-    return table.reset_index()
+    from .evaluation import mean_sd_text
+
+    return mean_sd_text(results, ["method"], {col: 1 if col == "seconds" else 3 for col in scores})

@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +22,8 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .config import PRESETS, get_preset
+from .evaluation import cluster_and_score, mean_sd_text
 from .io import default_label_key, read
-from .metrics import score_clustering
 
 COLUMNS = ["dataset", "method", "seed", "ari", "nmi", "silhouette", "calinski_harabasz", "n_clusters",
            "seconds", "train_seconds"]
@@ -96,15 +97,14 @@ def benchmark_adata(adata, methods: Iterable[str], seeds: Iterable[int], *, labe
         cache: dict[str, _Embedded] = {}
         for method in methods:
             embedded = _embedding(adata, method, seed, overrides or {}, cache)
-            # The embedding is timed once, inside _embed; here only this method's clustering is, so
-            # a method's seconds are its own embedding plus its clustering whether or not another
-            # method of the same source computed that embedding first.
-            started = time.perf_counter()
-            labels = _cluster(embedded, method, seed, n_classes)
-            cluster_seconds = time.perf_counter() - started
-            scores = score_clustering(embedded.embedding, labels, truth, seed=seed)
+            # The embedding is timed once, inside _embed; cluster_and_score times only this method's
+            # clustering, so a method's seconds are its own embedding plus its clustering whether or
+            # not another method of the same source computed that embedding first.
+            (clustering,) = cluster_and_score(embedded.embedding, [method], truth, seed=seed,
+                                              clusterer=partial(_cluster, embedded, seed=seed, n_classes=n_classes))
+            scores = clustering.scores
             row = {"dataset": name, "method": method, "seed": seed, **scores,
-                   "seconds": embedded.seconds + cluster_seconds, "train_seconds": embedded.train_seconds}
+                   "seconds": embedded.seconds + scores["seconds"], "train_seconds": embedded.train_seconds}
             rows.append(row)
             if on_row is not None:
                 on_row(row)
@@ -122,13 +122,8 @@ def _warm_up(methods: list[str]) -> None:
 def summarise(results: pd.DataFrame) -> pd.DataFrame:
     """Mean +- sd over seeds of every score, per dataset and method."""
     scores = ["ari", "nmi", "silhouette", "n_clusters", "seconds", "train_seconds"]
-    grouped = results.groupby(["dataset", "method"], sort=False)[scores]
-    mean, sd = grouped.mean(), grouped.std(ddof=0)
-    table = pd.DataFrame(index=mean.index)
-    for col in scores:
-        digits = 1 if col in ("n_clusters", "seconds", "train_seconds") else 3
-        table[col] = [f"{m:.{digits}f} ± {s:.{digits}f}" for m, s in zip(mean[col], sd[col].fillna(0))]
-    return table.reset_index()
+    digits = {col: 1 if col in ("n_clusters", "seconds", "train_seconds") else 3 for col in scores}
+    return mean_sd_text(results, ["dataset", "method"], digits)
 
 
 def _embedding(adata, method: str, seed: int, overrides: dict, cache: dict[str, _Embedded]) -> _Embedded:

@@ -19,7 +19,7 @@ import click
 from .annotation_benchmark import METHODS as ANNOTATION_METHODS
 from .benchmark import available_methods
 from .cluster import METHODS as CLUSTER_METHODS
-from .config import DEFAULT_PRESET, PRESETS
+from .config import DEFAULT_PRESET, PRESETS, ContrastiveConfig
 from .experiments import EXPERIMENT_NAMES
 from .inference import METHODS as PREDICT_METHODS
 
@@ -281,102 +281,6 @@ def _experiment_option(func):
     return click.option("--experiment", default="contrastive-sc", help="MLflow experiment name.")(func)
 
 
-def _hyperparameter_options(func):
-    """Every setting of a preset, as an optional override (None keeps the preset's value)."""
-    options = [
-        click.option(
-            "--preset", default=DEFAULT_PRESET, type=_PRESET_CHOICE, help="Named preset to start from: fused or paper."
-        ),
-        click.option(
-            "--n-genes", default=None, type=_PresetDefault(_NGenes()), help="Genes kept: a number, 'auto' or 'all'."
-        ),
-        click.option(
-            "--min-cells", default=None, type=_PresetDefault(click.IntRange(min=0)), help="Drop genes seen in fewer cells."
-        ),
-        click.option(
-            "--clip", default=None, type=_PresetDefault(click.FloatRange(min=0, min_open=True)), help="Clip scaled values."
-        ),
-        click.option("--layers", default=None, type=_PresetDefault(_IntList()), help="Encoder sizes, e.g. 200,40,60."),
-        click.option(
-            "--pca-components",
-            default=None,
-            type=_PresetDefault(click.IntRange(min=0)),
-            help="Principal components embedded beside the encoder (0: none) [fused: 50].",
-        ),
-        click.option(
-            "--pca-genes", default=None, type=_PresetDefault(click.IntRange(min=2)), help="Genes the PCA block reads."
-        ),
-        click.option(
-            "--input-dropout",
-            default=None,
-            type=_PresetDefault(click.FloatRange(0, 1, max_open=True)),
-            help="Fraction of genes masked per view.",
-        ),
-        click.option(
-            "--noise-std", default=None, type=_PresetDefault(click.FloatRange(min=0)), help="Gaussian noise on views."
-        ),
-        click.option(
-            "--temperature", default=None, type=_PresetDefault(click.FloatRange(min=0, min_open=True)), help="NT-Xent T."
-        ),
-        click.option(
-            "--lr", default=None, type=_PresetDefault(click.FloatRange(min=0, min_open=True)), help="Adam learning rate."
-        ),
-        click.option(
-            "--lr-cosine-epochs",
-            default=None,
-            type=_PresetDefault(click.IntRange(min=1)),
-            help="Cosine schedule period in epochs [paper: 500, as the authors' code].",
-        ),
-        click.option(
-            "--lr-schedule", default=None, type=_PresetDefault(click.Choice(["cosine", "constant"])), help="LR schedule."
-        ),
-        click.option("--epochs", default=None, type=_PresetDefault(click.IntRange(min=1)), help="Training epochs."),
-        click.option("--batch-size", default=None, type=_PresetDefault(click.IntRange(min=2)), help="Cells per batch."),
-        click.option("--seed", default=None, type=_PresetDefault(click.IntRange(min=0)), help="Random seed."),
-        click.option(
-            "--device", default=None, type=_PresetDefault(click.Choice(["auto", "cpu", "cuda"])), help="Training device."
-        ),
-        click.option(
-            "--n-clusters",
-            default=None,
-            type=_PresetDefault(click.IntRange(min=1)),
-            help="k for KMeans [default: number of labels when --label-key is given].",
-        ),
-        click.option(
-            "--resolution", default=None, type=_PresetDefault(click.FloatRange(min=0, min_open=True)), help="Leiden."
-        ),
-        click.option(
-            "--n-neighbors", default=None, type=_PresetDefault(click.IntRange(min=2)), help="kNN graph size for Leiden."
-        ),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
-
-
-_HYPERPARAMETERS = (
-    "n_genes",
-    "min_cells",
-    "clip",
-    "layers",
-    "pca_components",
-    "pca_genes",
-    "input_dropout",
-    "noise_std",
-    "temperature",
-    "lr",
-    "lr_schedule",
-    "lr_cosine_epochs",
-    "epochs",
-    "batch_size",
-    "seed",
-    "device",
-    "n_clusters",
-    "resolution",
-    "n_neighbors",
-)
-
-
 class _IntList(click.ParamType):
     """Comma-separated positive whole numbers (``_`` allowed as a digit separator)."""
 
@@ -395,6 +299,62 @@ class _IntList(click.ParamType):
         if not sizes or min(sizes) < 1:
             self.fail(f"expected positive {self.noun}, got {value!r}", param, ctx)
         return sizes
+
+
+#: How each config setting is typed and described on the command line, by field name. The
+#: options themselves (``--n-genes`` for ``n_genes``, default ``None``: keep the preset's value)
+#: and :data:`_HYPERPARAMETERS` are built from the config dataclasses' fields in their order;
+#: tests/test_lists.py fails when a field is in neither this table nor :data:`_NOT_ON_CLI`.
+_HYPERPARAMETER_TYPES = {
+    "n_genes": (_NGenes(), "Genes kept: a number, 'auto' or 'all'."),
+    "min_cells": (click.IntRange(min=0), "Drop genes seen in fewer cells."),
+    "clip": (click.FloatRange(min=0, min_open=True), "Clip scaled values."),
+    "layers": (_IntList(), "Encoder sizes, e.g. 200,40,60."),
+    "pca_components": (click.IntRange(min=0),
+                       "Principal components embedded beside the encoder (0: none) [fused: 50]."),
+    "pca_genes": (click.IntRange(min=2), "Genes the PCA block reads."),
+    "input_dropout": (click.FloatRange(0, 1, max_open=True), "Fraction of genes masked per view."),
+    "noise_std": (click.FloatRange(min=0), "Gaussian noise on views."),
+    "temperature": (click.FloatRange(min=0, min_open=True), "NT-Xent T."),
+    "lr": (click.FloatRange(min=0, min_open=True), "Adam learning rate."),
+    "lr_schedule": (click.Choice(["cosine", "constant"]), "LR schedule."),
+    "lr_cosine_epochs": (click.IntRange(min=1), "Cosine schedule period in epochs [paper: 500, as the authors' code]."),
+    "epochs": (click.IntRange(min=1), "Training epochs."),
+    "batch_size": (click.IntRange(min=2), "Cells per batch."),
+    "seed": (click.IntRange(min=0), "Random seed."),
+    "device": (click.Choice(["auto", "cpu", "cuda"]), "Training device."),
+    "n_clusters": (click.IntRange(min=1), "k for KMeans [default: number of labels when --label-key is given]."),
+    "resolution": (click.FloatRange(min=0, min_open=True), "Leiden."),
+    "n_neighbors": (click.IntRange(min=2), "kNN graph size for Leiden."),
+}
+#: Config fields with no option of their own: ``methods`` is ``train --cluster``; the others are
+#: set by presets (and ``sweep --grid``) only.
+_NOT_ON_CLI = frozenset({"hvg_flavor", "batch_norm", "encoder_weight", "positive_neighbours", "cluster_head", "methods"})
+
+
+def _config_fields() -> list[str]:
+    """Every setting of :class:`~contrastive_sc.config.ContrastiveConfig`, in field order."""
+    return [name for name in ContrastiveConfig().to_params() if name != "preset"]
+
+
+#: The settings ``train`` overrides, one option each (see :data:`_HYPERPARAMETER_TYPES`).
+_HYPERPARAMETERS = tuple(name for name in _config_fields() if name in _HYPERPARAMETER_TYPES)
+
+
+def _hyperparameter_options(func):
+    """Every setting of a preset, as an optional override (None keeps the preset's value)."""
+    options = [
+        click.option(
+            "--preset", default=DEFAULT_PRESET, type=_PRESET_CHOICE, help="Named preset to start from: fused or paper."
+        )
+    ]
+    for name in _HYPERPARAMETERS:
+        kind, text = _HYPERPARAMETER_TYPES[name]
+        options.append(click.option(f"--{name.replace('_', '-')}", default=None, type=_PresetDefault(kind),
+                                    help=text))
+    for option in reversed(options):
+        func = option(func)
+    return func
 
 
 def _build_config(preset: str, values: dict):

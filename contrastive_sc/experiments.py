@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from .config import ContrastiveConfig
+from .evaluation import as_metrics, cluster_and_score, mean_sd
 
 
 def parse_grid(text: str) -> dict[str, list]:
@@ -58,59 +59,36 @@ def run_sweep(adata, base: ContrastiveConfig, grid: dict[str, list], seeds: Iter
 
     Returns the summary: one row per grid point, mean and sd of each score over seeds.
     """
-    import mlflow
-
-    from .tracking import train_run
+    from . import tracking
 
     points = grid_points(grid)
     seeds = list(seeds)
     for point in points:  # fail before training anything if a value is invalid
         base.replace(**point)
     rows = []
-    with mlflow.start_run(run_name=run_name) as parent:
-        # Prefixed keys: under `mlflow run` the entry point's own parameters (grid, seeds, preset)
-        # are already logged as given, and a logged parameter cannot change value.
-        mlflow.log_params({"sweep.grid": repr(grid), "sweep.seeds": ",".join(map(str, seeds)),
-                           "sweep.preset": base.preset, "sweep.n_points": len(points)})
+    params = {"sweep.grid": repr(grid), "sweep.seeds": ",".join(map(str, seeds)), "sweep.preset": base.preset,
+              "sweep.n_points": len(points)}
+    with tracking.parent_run(run_name, params) as parent:
         for point in points:
             for seed in seeds:
                 config = base.replace(**point, seed=seed)
                 name = ",".join(f"{k}={v}" for k, v in point.items()) or "base"
-                result = train_run(adata, config, label_key=label_key, methods=methods, run_name=f"{name} seed={seed}",
-                                   nested=True, log_model=False, map_plot=False)
+                result = tracking.train_run(adata, config, label_key=label_key, methods=methods,
+                                            run_name=f"{name} seed={seed}", nested=True, log_model=False,
+                                            map_plot=False)
                 rows.append({**{k: str(v) for k, v in point.items()}, "seed": seed, "run_id": result["run_id"],
                              **{k: v for k, v in result["metrics"].items()}})
         results = pd.DataFrame(rows)
         summary = summarise_runs(results, list(grid))
-        log_table(summary, "sweep_summary")
-        log_table(results, "sweep_runs")
-        mlflow.set_tag("parent_run_id", parent.info.run_id)
+        tracking.log_table(summary, "sweep_summary")
+        tracking.log_table(results, "sweep_runs")
+        tracking.set_tags({"parent_run_id": parent.info.run_id})
     return summary
 
 
 def summarise_runs(results: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     """Mean and sd over seeds of each numeric metric, per combination of ``keys``."""
-    metric_cols = [c for c in results.columns if c not in (*keys, "seed", "run_id")
-                   and pd.api.types.is_numeric_dtype(results[c])]
-    if not keys:
-        results = results.assign(_all="all")
-        keys = ["_all"]
-    grouped = results.groupby(keys, sort=False)[metric_cols]
-    summary = grouped.mean().add_suffix("_mean").join(grouped.std(ddof=0).add_suffix("_sd"))
-    return summary.reset_index()
-
-
-def log_table(table: pd.DataFrame, name: str) -> None:
-    """Log a table to the active run as CSV and markdown."""
-    import mlflow
-
-    with tempfile.TemporaryDirectory() as tmp:
-        csv = Path(tmp) / f"{name}.csv"
-        table.to_csv(csv, index=False)
-        md = Path(tmp) / f"{name}.md"
-        md.write_text(table.to_markdown(index=False, floatfmt=".4f"))
-        mlflow.log_artifact(str(csv))
-        mlflow.log_artifact(str(md))
+    return mean_sd(results, keys)
 
 
 # ------------------------------------------------------------------------------ the paper's experiments
@@ -161,29 +139,26 @@ def run_experiment(name: str, datasets: list | None = None, *, seeds: Iterable[i
     -------
     The summary table that is also logged (CSV and markdown) with a PNG figure.
     """
-    import mlflow
+    from . import tracking
 
     if name not in EXPERIMENT_NAMES:
         msg = f"unknown experiment {name!r}; expected one of {list(EXPERIMENT_NAMES)}"
         raise ValueError(msg)
     seeds = list(seeds)
     overrides = overrides or {}
-    with mlflow.start_run(run_name=f"experiment:{name}"):
-        mlflow.set_tags({"experiment": name, "kind": "paper-experiment"})
-        # Prefixed keys: under `mlflow run` the entry point's own parameters (name, seeds, data, ...)
-        # are already logged as given, and a logged parameter cannot change value.
-        mlflow.log_params({"experiment.name": name, "experiment.seeds": ",".join(map(str, seeds)),
-                           "experiment.overrides": repr(overrides), "experiment.quick": quick})
+    params = {"experiment.name": name, "experiment.seeds": ",".join(map(str, seeds)),
+              "experiment.overrides": repr(overrides), "experiment.quick": quick}
+    with tracking.parent_run(f"experiment:{name}", params, tags={"experiment": name, "kind": "paper-experiment"}):
         if name in ("simulated", "scalability"):
             rows = _SIMULATED[name](seeds, overrides, settings, quick)
         else:
             adatas = _load_all(datasets)
-            mlflow.log_param("experiment.datasets", ",".join(_name(a) for a in adatas))
+            tracking.log_params({"experiment.datasets": ",".join(_name(a) for a in adatas)})
             rows = _REAL[name](adatas, seeds, overrides, settings)
         results = pd.DataFrame(rows)
         summary = _summarise_experiment(name, results)
-        log_table(results, f"{name}_runs")
-        log_table(summary, f"{name}_summary")
+        tracking.log_table(results, f"{name}_runs")
+        tracking.log_table(summary, f"{name}_summary")
         _log_figure(name, summary)
     return summary
 
@@ -213,34 +188,25 @@ def _truth(adata) -> np.ndarray:
 
 
 def _train_and_score(adata, config, truth, methods=("kmeans",)) -> tuple[dict, np.ndarray]:
-    """Fit, embed, cluster and score; log one nested run. Returns (metrics, embedding)."""
+    """Fit, embed, cluster and score. Returns (metrics, embedding)."""
     import time
 
-    from .cluster import cluster_labels
-    from .metrics import score_clustering
     from .model import ContrastiveSC
 
     started = time.perf_counter()
     model = ContrastiveSC(config).fit(adata, reference=False)
     embedding = model.transform(adata)
     metrics = {"train_seconds": model.history.seconds, "fit_seconds": time.perf_counter() - started}
-    k = len(np.unique(truth))
-    for method in methods:
-        started = time.perf_counter()
-        labels = cluster_labels(embedding, method, n_clusters=k, seed=config.train.seed,
-                                resolution=config.cluster.resolution)
-        scores = score_clustering(embedding, labels, truth, seed=config.train.seed)
-        scores["seconds"] = time.perf_counter() - started
-        metrics |= {f"{method}_{key}": value for key, value in scores.items()}
-    return metrics, embedding
+    clusterings = cluster_and_score(embedding, methods, truth, n_clusters=len(np.unique(truth)),
+                                    resolution=config.cluster.resolution, n_neighbors=config.cluster.n_neighbors,
+                                    seed=config.train.seed)
+    return metrics | as_metrics(clusterings), embedding
 
 
 def _log_nested(run_name: str, params: dict, metrics: dict) -> None:
-    import mlflow
+    from .tracking import log_nested_run
 
-    with mlflow.start_run(run_name=run_name, nested=True):
-        mlflow.log_params({k: str(v) for k, v in params.items()})
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if np.isfinite(v)})
+    log_nested_run(run_name, params, metrics)
 
 
 def _one_parameter(name: str):
@@ -398,21 +364,16 @@ _FIGURE_METRIC = {"algorithms": "ari", "stability": "ari", "simulated": "ari", "
 
 
 def _summarise_experiment(name: str, results: pd.DataFrame) -> pd.DataFrame:
-    keys = ["dataset", "setting"]
-    numeric = [c for c in results.columns if c not in (*keys, "seed", "sample", "method", "grid")
-               and pd.api.types.is_numeric_dtype(results[c])]
-    grouped = results.groupby(keys, sort=False)[numeric]
-    summary = grouped.mean().add_suffix("_mean").join(grouped.std(ddof=0).add_suffix("_sd"))
+    summary = mean_sd(results, ["dataset", "setting"])
     if name == "stability":
         for score in ("ari", "nmi", "silhouette", "calinski_harabasz"):
             if f"{score}_mean" in summary:
                 summary[f"{score}_cv"] = summary[f"{score}_sd"] / summary[f"{score}_mean"].abs()
-    return summary.reset_index()
+    return summary
 
 
 def _log_figure(name: str, summary: pd.DataFrame) -> None:
-    import mlflow
-
+    from . import tracking
     from .plots import experiment_figure
 
     metric = _FIGURE_METRIC.get(name, "kmeans_ari")
@@ -421,4 +382,4 @@ def _log_figure(name: str, summary: pd.DataFrame) -> None:
     kind = "bar" if name in ("algorithms", "stability", "architecture", "simulated") else "line"
     with tempfile.TemporaryDirectory() as tmp:
         path = experiment_figure(summary, metric, Path(tmp) / f"{name}.png", title=name, kind=kind)
-        mlflow.log_artifact(str(path))
+        tracking.log_artifact(path)

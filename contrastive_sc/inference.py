@@ -136,6 +136,29 @@ class PredictParams:
             raise ValueError(msg)
         return out
 
+    @classmethod
+    def schema(cls, trained: dict) -> list[tuple[str, str, object]]:
+        """``(name, MLflow type, default)`` per field, in field order: the served model's params schema.
+
+        A field whose default is ``None`` (use the model's own value) takes its default from
+        ``trained`` (e.g. the Leiden ``resolution`` the model was trained with), and is left out
+        when ``trained`` has none for it either (``min_confidence`` of a model without labels).
+        """
+        specs = []
+        for spec in fields(cls):
+            default = spec.default if spec.default is not None else trained.get(spec.name)
+            if default is None:
+                continue
+            # Annotations are strings here (``from __future__ import annotations``): "float | None".
+            python_type = str(spec.type).split("|")[0].strip()
+            specs.append((spec.name, _MLFLOW_TYPES[python_type], _PYTHON_TYPES[python_type](default)))
+        return specs
+
+
+#: MLflow param types of :class:`PredictParams`'s field types.
+_MLFLOW_TYPES = {"str": "string", "int": "long", "float": "double", "bool": "boolean"}
+_PYTHON_TYPES = {"str": str, "int": int, "float": float, "bool": bool}
+
 
 def max_cells_per_request() -> int:
     """The per-request cell limit: ``CONTRASTIVE_SC_MAX_CELLS``, else :data:`DEFAULT_MAX_CELLS`."""

@@ -117,10 +117,10 @@ def run_size(data_path: str | Path, n_cells: int, n_genes: int, *, n_genes_kept:
     row keeps the stages done and its ``status`` names the stage interrupted.
     """
     import anndata as ad
-    from sklearn.metrics import adjusted_rand_score
 
     from .cluster import cluster_labels
     from .config import get_preset
+    from .evaluation import cluster_and_score
     from .onnx_io import OnnxEncoder, export_onnx
     from .outofcore import fit_preprocess_chunked, preprocess_to_disk
     from .train import fit_encoder
@@ -162,18 +162,16 @@ def run_size(data_path: str | Path, n_cells: int, n_genes: int, *, n_genes_kept:
                 embedding = np.concatenate([session(x[i:i + block]) for i in range(0, n_cells, block)])
             row["embed_cells_per_s"] = round(n_cells / timer.seconds, 1)
 
-        stage = "kmeans"
-        with _Stage(row, stage).measure():
-            labels = cluster_labels(embedding, "kmeans", n_clusters=n_groups, seed=seed)
-        row["kmeans_ari"] = round(adjusted_rand_score(truth, labels), 4)
-        row["peak_mb"] = max(row[f"{s}_peak_mb"] for s in ("preprocess", "train", "embed", "kmeans"))
+        def measured(method: str) -> np.ndarray:  # each clustering is a stage of its own (seconds, peak memory)
+            with _Stage(row, method).measure():
+                return cluster_labels(embedding, method, n_clusters=n_groups, resolution=config.cluster.resolution,
+                                      n_neighbors=config.cluster.n_neighbors, seed=seed)
 
-        if leiden:
-            stage = "leiden"
-            with _Stage(row, stage).measure():
-                labels = cluster_labels(embedding, "leiden", resolution=config.cluster.resolution,
-                                        n_neighbors=config.cluster.n_neighbors, seed=seed)
-            row["leiden_ari"] = round(adjusted_rand_score(truth, labels), 4)
+        for stage in ("kmeans", "leiden") if leiden else ("kmeans",):
+            (clustering,) = cluster_and_score(embedding, [stage], truth, seed=seed, clusterer=measured)
+            row[f"{stage}_ari"] = round(clustering.scores["ari"], 4)
+            if stage == "kmeans":
+                row["peak_mb"] = max(row[f"{s}_peak_mb"] for s in ("preprocess", "train", "embed", "kmeans"))
         adata.file.close()
     except KeyboardInterrupt:
         row["status"] = f"interrupted at {stage}"

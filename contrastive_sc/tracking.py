@@ -1,4 +1,5 @@
-"""The one place that starts MLflow runs and logs to them.
+"""The one place that starts MLflow runs and logs to them (training runs, and the parent and nested
+runs of sweeps and experiments).
 
 Tracking defaults to an explicit SQLite store, ``sqlite:///<cwd>/mlflow.db``;
 ``MLFLOW_TRACKING_URI`` or an explicit URI (a remote tracking server, say) overrides it.
@@ -141,8 +142,8 @@ def train_run(adata, config, *, label_key: str | None = None, batch_key: str | N
     """
     import mlflow
 
-    from .cluster import cluster_labels
-    from .metrics import batch_mixing, score_clustering
+    from .evaluation import as_metrics, cluster_and_score
+    from .metrics import batch_mixing
     from .model import ContrastiveSC
 
     truth = np.asarray(adata.obs[label_key]) if label_key else None
@@ -172,15 +173,11 @@ def train_run(adata, config, *, label_key: str | None = None, batch_key: str | N
         embedding = model.transform(adata)
         metrics = {"fit_seconds": fit_seconds, "train_seconds": model.history.seconds,
                    "cells_per_second": model.history.cells_per_second, "n_genes_used": model.state.n_genes}
-        tables = {}
-        for method in methods:
-            started = time.perf_counter()
-            labels = cluster_labels(embedding, method, n_clusters=n_clusters, resolution=config.cluster.resolution,
-                                    n_neighbors=config.cluster.n_neighbors, seed=config.train.seed)
-            scores = score_clustering(embedding, labels, truth, seed=config.train.seed)
-            scores["seconds"] = time.perf_counter() - started
-            metrics.update({f"{method}_{key}": value for key, value in scores.items()})
-            tables[method] = labels
+        clusterings = cluster_and_score(embedding, methods, truth, n_clusters=n_clusters,
+                                        resolution=config.cluster.resolution, n_neighbors=config.cluster.n_neighbors,
+                                        seed=config.train.seed)
+        metrics.update(as_metrics(clusterings))
+        tables = {c.method: c.labels for c in clusterings}
         if batches is not None:
             metrics["batch_mixing"] = batch_mixing(embedding, batches)
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if np.isfinite(v)})
@@ -194,6 +191,65 @@ def train_run(adata, config, *, label_key: str | None = None, batch_key: str | N
             mlflow.set_tag("model_uri", model_uri)
         mlflow.set_tag("dataset", dataset_name)
         return {"run_id": run.info.run_id, "metrics": metrics, "model_uri": model_uri}
+
+
+@contextlib.contextmanager
+def parent_run(run_name: str, params: dict, tags: dict | None = None):
+    """A run grouping nested ones (a sweep, an experiment), with its tags and params; yields the run.
+
+    Give ``params`` prefixed keys (``sweep.grid``): under ``mlflow run`` the entry point's own
+    parameters are already logged under the plain names, and a logged param cannot change.
+    """
+    import mlflow
+
+    with mlflow.start_run(run_name=run_name) as run:
+        if tags:
+            mlflow.set_tags(tags)
+        mlflow.log_params(params)
+        yield run
+
+
+def log_params(params: dict) -> None:
+    """Log params to the active run."""
+    import mlflow
+
+    mlflow.log_params(params)
+
+
+def set_tags(tags: dict) -> None:
+    """Set tags on the active run."""
+    import mlflow
+
+    mlflow.set_tags(tags)
+
+
+def log_nested_run(run_name: str, params: dict, metrics: dict) -> None:
+    """A finished nested run of the active run: params as strings, the finite metrics."""
+    import mlflow
+
+    with mlflow.start_run(run_name=run_name, nested=True):
+        mlflow.log_params({k: str(v) for k, v in params.items()})
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if np.isfinite(v)})
+
+
+def log_table(table, name: str) -> None:
+    """Log a table to the active run as ``<name>.csv`` and ``<name>.md``."""
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as tmp:
+        csv = Path(tmp) / f"{name}.csv"
+        table.to_csv(csv, index=False)
+        md = Path(tmp) / f"{name}.md"
+        md.write_text(table.to_markdown(index=False, floatfmt=".4f"))
+        mlflow.log_artifact(str(csv))
+        mlflow.log_artifact(str(md))
+
+
+def log_artifact(path: str | Path) -> None:
+    """Log a file to the active run."""
+    import mlflow
+
+    mlflow.log_artifact(str(path))
 
 
 @contextlib.contextmanager
@@ -291,17 +347,11 @@ def _log_model(folder: Path, model, embedding) -> str:
     from .inference import PredictParams, package_model
 
     artifacts = package_model(model, folder)
-    defaults = PredictParams()
-    params = ParamSchema([
-        ParamSpec("method", "string", defaults.method),
-        ParamSpec("n_clusters", "long", defaults.n_clusters),
-        # Leiden defaults to the settings the model was trained and scored with.
-        ParamSpec("resolution", "double", float(model.config.cluster.resolution)),
-        ParamSpec("n_neighbors", "long", int(model.config.cluster.n_neighbors)),
-        ParamSpec("seed", "long", defaults.seed),
-        ParamSpec("return_embedding", "boolean", defaults.return_embedding),
-        ParamSpec("min_coverage", "double", defaults.min_coverage),
-    ] + ([ParamSpec("min_confidence", "double", model.cell_types.min_confidence)] if model.cell_types else []))
+    # PredictParams's fields, typed and defaulted as it declares them; Leiden's settings default
+    # to those the model was trained and scored with, min_confidence to the model's own (if any).
+    trained = {"resolution": model.config.cluster.resolution, "n_neighbors": model.config.cluster.n_neighbors,
+               "min_confidence": model.cell_types.min_confidence if model.cell_types else None}
+    params = ParamSchema([ParamSpec(name, kind, default) for name, kind, default in PredictParams.schema(trained)])
     dims = int(model.encoder.n_outputs)
     annotated = [ColSpec("string", "cell_type"), ColSpec("double", "confidence")] if model.cell_types else []
     outputs = Schema([ColSpec("string", "cell"), ColSpec("long", "cluster"), ColSpec("double", "gene_coverage")]

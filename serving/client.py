@@ -56,7 +56,12 @@ def request_format(params: dict, fmt: str = "auto") -> str:
     ``reference`` with the embedding); measured with ``contrastive-sc speed-benchmark``, the long
     parquet form (one row per non-zero count) is the fastest request. Other params need JSON.
     """
-    defaults = {"method": "reference", "n_clusters": 0, "return_embedding": True}
+    from dataclasses import fields
+
+    from contrastive_sc.inference import PredictParams
+
+    # The defaults a body without params gets; those left to the model (None) are not known here.
+    defaults = {f.name: f.default for f in fields(PredictParams) if f.default is not None}
     plain = set(params) <= set(defaults) and all(params.get(k, v) == v for k, v in defaults.items())
     if fmt == "auto":
         return "parquet-long" if plain else "json"

@@ -22,16 +22,26 @@ def labelled_h5(tmp_path, synthetic):
 def test_every_method_produces_a_row(labelled_h5):
     methods = ["paper-kmeans", "paper-auto", "paper-leiden", "pca2-kmeans", "pca50-kmeans", "scanpy-kmeans",
                "scanpy-leiden", "reference-paper-kmeans"]
-    results = run_benchmark([labelled_h5], methods, seeds=[0], overrides={"n_genes": 100, "epochs": 2})
+    # Three well separated groups; 10 epochs cost no more than 2 here (warm-up and scanpy dominate)
+    # and let both trainings find them: ARI 1.0 for every KMeans method, about 0.7 for the graph
+    # methods that split a group (k found, not given).
+    results = run_benchmark([labelled_h5], methods, seeds=[0], overrides={"n_genes": 100, "epochs": 10})
     assert list(results.columns) == COLUMNS
     assert list(results["method"]) == methods
     assert (results["dataset"] == "tiny").all()
-    assert results["ari"].between(-1, 1).all() and (results["seconds"] > 0).all()
-    kmeans_rows = results[results["method"].str.endswith("kmeans")]
-    assert (kmeans_rows["n_clusters"] == 3).all()
-    assert results.loc[results["method"] == "paper-kmeans", "train_seconds"].iloc[0] > 0
+    by_method = results.set_index("method")
+    kmeans = [m for m in methods if m.endswith("kmeans")]
+    assert (by_method.loc[kmeans, "n_clusters"] == 3).all()
+    assert (by_method.loc[kmeans, "ari"] > 0.9).all(), by_method["ari"]
+    assert by_method.loc["scanpy-leiden", "ari"] > 0.9 and (by_method.loc[["paper-auto", "paper-leiden"], "ari"] > 0.5).all()
+    # Seconds: one training shared by the paper-* methods, counted in each one's seconds; none for PCA.
+    assert by_method.loc[["paper-kmeans", "paper-auto", "paper-leiden"], "train_seconds"].nunique() == 1
+    trained = ["paper-kmeans", "paper-auto", "paper-leiden", "reference-paper-kmeans"]
+    assert (by_method.loc[trained, "train_seconds"] > 0).all()
+    assert (by_method.loc[trained, "seconds"] > by_method.loc[trained, "train_seconds"]).all()
+    assert (by_method.drop(index=trained)["train_seconds"] == 0).all() and (results["seconds"] > 0).all()
     table = summarise(results)
-    assert "±" in table.loc[0, "ari"]
+    assert table.loc[table["method"] == "pca50-kmeans", "ari"].item() == "1.000 ± 0.000"
 
 
 def test_cli_writes_csv_and_table(labelled_h5, tmp_path):
@@ -43,6 +53,7 @@ def test_cli_writes_csv_and_table(labelled_h5, tmp_path):
     frame = pd.read_csv(out)
     assert len(frame) == 2 * 2 * 2
     assert set(frame["seed"]) == {0, 1}
+    assert (frame.loc[frame["method"] == "pca50-kmeans", "ari"] > 0.9).all()  # 3 well separated groups
     assert "paper-kmeans" in result.output and "±" in result.output
 
 

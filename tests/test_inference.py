@@ -88,6 +88,20 @@ def test_defaults():
     assert params.method == "reference" and params.min_coverage == 0.5 and params.return_embedding
 
 
+def test_params_schema_is_predict_params_fields_with_the_trained_defaults():
+    trained = {"resolution": 0.5, "n_neighbors": 30, "min_confidence": 0.25}
+    assert PredictParams.schema(trained) == [
+        ("method", "string", "reference"), ("n_clusters", "long", 0), ("resolution", "double", 0.5),
+        ("n_neighbors", "long", 30), ("seed", "long", 0), ("return_embedding", "boolean", True),
+        ("min_coverage", "double", 0.5), ("min_confidence", "double", 0.25)]
+    assert [name for name, _, _ in PredictParams.schema(trained)] == [f for f in PredictParams.__dataclass_fields__]
+    # A model trained without labels has no min_confidence to default to, and takes none.
+    unlabelled = PredictParams.schema(trained | {"min_confidence": None})
+    assert [name for name, _, _ in unlabelled] == [n for n in PredictParams.__dataclass_fields__ if n != "min_confidence"]
+    # Every default in the schema is a value PredictParams accepts.
+    PredictParams.from_dict({name: default for name, _, default in PredictParams.schema(trained)})
+
+
 def test_serving_path_never_imports_torch(tmp_path, _trained_session):
     import subprocess
     import sys

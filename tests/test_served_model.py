@@ -31,6 +31,12 @@ def test_signature_has_params_and_outputs_and_no_input_schema(logged):
     signature = Model.load(logged).signature
     assert signature.inputs is None  # gene columns are checked by the model (see tracking._log_model)
     assert sorted(p.name for p in signature.params.params) == PredictParams.known()
+    # Types and defaults are PredictParams's (Leiden's and min_confidence's come from the model).
+    declared = {name: (kind, default) for name, kind, default in
+                PredictParams.schema({"resolution": None, "n_neighbors": None, "min_confidence": None})}
+    logged = {p.name: (p.dtype.name, p.default) for p in signature.params.params}
+    assert {name: logged[name] for name in declared} == declared
+    assert logged["resolution"][0] == "double" and logged["n_neighbors"][0] == "long"
     outputs = {c.name: (c.type.name, c.required) for c in signature.outputs.inputs}
     assert outputs["cell"] == ("string", True) and outputs["cluster"] == ("long", True)
     assert outputs["gene_coverage"] == ("double", True) and outputs["emb_59"] == ("float", False)

@@ -160,7 +160,7 @@ def test_the_model_api_works_alike_on_either_container(both_containers, tiny_con
     np.testing.assert_allclose(adata.obsm["X_contrastive"], reference.transform(memory), atol=1e-5)
 
 
-def test_the_pca_sample_depends_on_the_number_of_cells_not_the_container(synthetic, tmp_path, monkeypatch):
+def test_the_pca_sample_depends_on_the_number_of_cells_not_the_container(both_containers, monkeypatch):
     # Above PCA_SAMPLE_CELLS cells the PCA block is fitted on a sample, in memory as on disk.
     import contrastive_sc.model as model_module
     from contrastive_sc.config import get_preset
@@ -168,9 +168,7 @@ def test_the_pca_sample_depends_on_the_number_of_cells_not_the_container(synthet
     monkeypatch.setattr(model_module, "PCA_SAMPLE_CELLS", 120)
     config = get_preset("fused").replace(n_genes=100, pca_genes=50, pca_components=8, epochs=2, batch_size=64,
                                          n_clusters=3)
-    path = tmp_path / "cells.h5ad"
-    synthetic.write_h5ad(path)
-    backed = ad.read_h5ad(path, backed="r")
+    synthetic, backed = both_containers["memory"], both_containers["backed"]
     from_file = ContrastiveSC(config).fit(backed)
     in_memory = ContrastiveSC(config).fit(synthetic)
     np.testing.assert_allclose(from_file.encoder.pca_components.numpy(), in_memory.encoder.pca_components.numpy(),
@@ -181,4 +179,3 @@ def test_the_pca_sample_depends_on_the_number_of_cells_not_the_container(synthet
     everything.fit(synthetic)
     # a sample of 120 of the 300 cells gives another PCA than all of them
     assert not np.allclose(everything.encoder.pca_mean.numpy(), in_memory.encoder.pca_mean.numpy(), atol=1e-4)
-    backed.file.close()

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import AUTO_GENE_COUNTS, DEFAULT_PRESET, ContrastiveConfig, get_preset
-from .preprocess import GeneCoverage, PreprocessState, fit_preprocess, gene_coverage, transform
+from .preprocess import GeneCoverage, PreprocessState, gene_coverage
 from .train import TrainingHistory, encode, fit_encoder
 
 log = logging.getLogger(__name__)
@@ -103,23 +103,21 @@ class ContrastiveSC:
         if pre.n_genes == "auto":
             self._fit_auto_genes(adata, progress=progress, on_epoch=on_epoch, reference=reference)
             return
-        if getattr(adata, "isbacked", False):  # a backed .h5ad is read a block of cells at a time
-            from .outofcore import fit_backed
+        from .outofcore import fit_state, preprocessed_rows
 
-            fit_backed(self, adata, progress=progress, on_epoch=on_epoch, reference=reference)
-            return
-        self.state = fit_preprocess(adata.X, adata.var_names, n_genes=pre.n_genes, min_cells=pre.min_cells,
-                                    hvg_flavor=pre.hvg_flavor, clip=pre.clip)
-        x = transform(adata.X, adata.var_names, self.state)
-        self.encoder, self.history = fit_encoder(x, self.config.encoder, self.config.train,
-                                                 progress=progress, on_epoch=on_epoch)
-        self.encoder.readout = self.config.encoder.readout
-        if self.config.encoder.pca_components:
-            top = fit_preprocess(adata.X, adata.var_names, n_genes=self.config.encoder.pca_genes,
-                                 min_cells=pre.min_cells, hvg_flavor=pre.hvg_flavor).genes
-            self.encoder = self._fuse_with_pca(top, x)
-        if reference:
-            self._fit_reference(encode(self.encoder, x))
+        def fit(n_genes, clip=None):
+            return fit_state(adata, n_genes=n_genes, min_cells=pre.min_cells, hvg_flavor=pre.hvg_flavor, clip=clip)
+
+        self.state = fit(pre.n_genes, pre.clip)
+        # one pipeline whatever holds the cells: x is an array, or a matrix on disk for a backed file
+        with preprocessed_rows(adata, self.state) as x:
+            self.encoder, self.history = fit_encoder(x, self.config.encoder, self.config.train,
+                                                     progress=progress, on_epoch=on_epoch)
+            self.encoder.readout = self.config.encoder.readout
+            if self.config.encoder.pca_components:
+                self.encoder = self._fuse_with_pca(fit(self.config.encoder.pca_genes).genes, x)
+            if reference:
+                self._fit_reference(encode(self.encoder, x))
 
     def check_data(self, adata) -> None:
         """Refuse, before any training, settings that cannot work on ``adata``'s size.
@@ -145,10 +143,11 @@ class ContrastiveSC:
             msg = f"the data has {n_genes} gene(s); at least 2 are needed"
             raise ValueError(msg)
         from .io import validate_counts
+        from .outofcore import first_cells
 
         # Normalised or log values would train silently and serve nonsense: refuse them here, with
         # the readers' message (a backed matrix is checked on its first block).
-        validate_counts(adata[: min(n_cells, 20_000)] if getattr(adata, "isbacked", False) else adata)
+        validate_counts(first_cells(adata, 20_000))
 
     def _fuse_with_pca(self, top_genes, x):
         """Put the principal components of the most dispersed input genes beside the encoder.
@@ -239,22 +238,17 @@ class ContrastiveSC:
 
         A backed AnnData is read a block of cells at a time; the result is in memory either way.
         """
-        self._check_fitted()
-        if getattr(adata, "isbacked", False):
-            from .outofcore import iter_row_blocks
+        from .outofcore import preprocess_cells
 
-            blocks = [transform(block, adata.var_names, self.state) for _, _, block in iter_row_blocks(adata.X)]
-            return np.concatenate(blocks) if blocks else np.zeros((0, self.state.n_genes), dtype=np.float32)
-        return transform(adata.X, adata.var_names, self.state)
+        self._check_fitted()
+        return preprocess_cells(adata, self.state)
 
     def transform(self, adata) -> np.ndarray:
         """Embedding of every cell, ``(cells, embedding_dim)`` float32 (a backed AnnData is read in blocks)."""
-        if getattr(adata, "isbacked", False):
-            from .outofcore import embed_chunked
+        from .outofcore import embed_cells
 
-            self._check_fitted()
-            return embed_chunked(self.encoder, adata.X, adata.var_names, self.state)
-        return encode(self.encoder, self.preprocess(adata))
+        self._check_fitted()
+        return embed_cells(self.encoder, adata, self.state)
 
     def embed(self, adata, *, key_added: str = EMBEDDING_KEY, copy: bool = False):
         """Write the embedding to ``adata.obsm[key_added]`` (scanpy style).

@@ -23,6 +23,7 @@ import mmap
 import os
 import tempfile
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -353,27 +354,61 @@ def _write_npy_header(out, shape: tuple[int, int]) -> None:
     np.lib.format.write_array_header_1_0(out, header)
 
 
-# ---------------------------------------------------------------------------- the model's path
-def fit_backed(model, adata, *, progress: bool = False, on_epoch=None, reference: bool = True,
-               chunk_size: int = DEFAULT_CHUNK_SIZE, directory: str | Path | None = None):
-    """:meth:`ContrastiveSC.fit` for a backed AnnData: chunked preprocessing, training from disk.
+# ---------------------------------------------------------------------------- cell sources
+# The one place that tells a backed AnnData from one in memory: the model asks these functions
+# for a preprocessing fit, the preprocessed rows and the embedding, and runs one pipeline on them.
+def is_backed(adata) -> bool:
+    """Whether ``adata`` is a backed AnnData whose counts stay on disk."""
+    return bool(getattr(adata, "isbacked", False))
 
-    The preprocessed matrix lives in a temporary file (in ``directory``) for the time of the fit.
+
+def fit_state(adata, *, n_genes: int | str, min_cells: int, hvg_flavor: str,
+              clip: float | None = None) -> PreprocessState:
+    """The preprocessing state of ``adata``'s counts: scanpy's in memory, block sums for a backed file.
+
+    Both give the same genes and statistics (``tests/test_outofcore.py``); scanpy's stays the
+    in-memory path so that its results match scanpy's to the last digit.
     """
-    from .train import encode, fit_encoder
+    if is_backed(adata):
+        return fit_preprocess_chunked(adata.X, adata.var_names, n_genes=n_genes, min_cells=min_cells,
+                                      hvg_flavor=hvg_flavor, clip=clip)
+    from .preprocess import fit_preprocess
 
-    pre = model.config.preprocess
-    model.state = fit_preprocess_chunked(adata.X, adata.var_names, n_genes=pre.n_genes, min_cells=pre.min_cells,
-                                         hvg_flavor=pre.hvg_flavor, clip=pre.clip, chunk_size=chunk_size)
-    with preprocess_to_disk(adata.X, adata.var_names, model.state, directory=directory, chunk_size=chunk_size) as x:
+    return fit_preprocess(adata.X, adata.var_names, n_genes=n_genes, min_cells=min_cells, hvg_flavor=hvg_flavor,
+                          clip=clip)
+
+
+@contextmanager
+def preprocessed_rows(adata, state: PreprocessState, *, directory: str | Path | None = None) -> Iterator:
+    """The encoder's input for every cell, for the time of a fit.
+
+    An array in memory; for a backed AnnData a :class:`DiskMatrix` in a temporary file (in
+    ``directory``), deleted afterwards. Both have ``shape``, ``len`` and row slices, which is all
+    training, the PCA block and the reference clusters read.
+    """
+    if not is_backed(adata):
+        yield transform(adata.X, adata.var_names, state)
+        return
+    with preprocess_to_disk(adata.X, adata.var_names, state, directory=directory) as x:
         log.info("preprocessed %d cells x %d genes to %s", x.shape[0], x.shape[1], x.path)
-        model.encoder, model.history = fit_encoder(x, model.config.encoder, model.config.train,
-                                                   progress=progress, on_epoch=on_epoch)
-        model.encoder.readout = model.config.encoder.readout
-        if model.config.encoder.pca_components:
-            top = fit_preprocess_chunked(adata.X, adata.var_names, n_genes=model.config.encoder.pca_genes,
-                                         min_cells=pre.min_cells, hvg_flavor=pre.hvg_flavor, chunk_size=chunk_size).genes
-            model.encoder = model._fuse_with_pca(top, x)
-        if reference:
-            model._fit_reference(encode(model.encoder, x))
-    return model
+        yield x
+
+
+def preprocess_cells(adata, state: PreprocessState) -> np.ndarray:
+    """The encoder's input ``(cells, genes)`` float32 in memory, a backed file read a block at a time."""
+    if not is_backed(adata):
+        return transform(adata.X, adata.var_names, state)
+    blocks = [transform(block, adata.var_names, state) for _, _, block in iter_row_blocks(adata.X)]
+    return np.concatenate(blocks) if blocks else np.zeros((0, state.n_genes), dtype=np.float32)
+
+
+def embed_cells(encoder, adata, state: PreprocessState) -> np.ndarray:
+    """The embedding of every cell; a backed file never holds more than a block of preprocessed rows."""
+    if is_backed(adata):
+        return embed_chunked(encoder, adata.X, adata.var_names, state)
+    return _embedder(encoder)(transform(adata.X, adata.var_names, state))
+
+
+def first_cells(adata, n_cells: int):
+    """``adata``'s first ``n_cells`` cells when backed (enough for a check), else ``adata`` itself."""
+    return adata[: min(adata.n_obs, n_cells)] if is_backed(adata) else adata

@@ -139,7 +139,9 @@ def counts_view(adata: ad.AnnData, layer: str | None = None) -> ad.AnnData:
     """
     if layer is None:
         return adata
-    if getattr(adata, "isbacked", False):
+    from .outofcore import is_backed
+
+    if is_backed(adata):
         msg = "layer= is not supported for a backed AnnData; write the counts to X of the .h5ad instead"
         raise ValueError(msg)
     if layer == RAW_LAYER:

@@ -12,6 +12,11 @@ matrix, is never densified as a whole:
   mini-batches a window at a time;
 * :func:`embed_chunked` and :func:`write_embedding` embed a block at a time.
 
+It is also the one module that tells a backed AnnData from one in memory (:func:`is_backed`):
+:class:`~contrastive_sc.model.ContrastiveSC` runs a single fit and embedding pipeline over what
+:func:`fit_state`, :func:`preprocessed_rows`, :func:`preprocess_cells` and :func:`embed_cells`
+give it for either container.
+
 Memory grows with the block size, the batch size and the genes kept; what grows with the cells
 is a few numbers per cell (library sizes, the epoch's permutation) and the embedding itself.
 """

@@ -114,3 +114,15 @@ def test_readme_params_table_lists_predict_params_with_their_defaults():
             assert documented[name].startswith("the model's"), name
         else:
             assert documented[name] == (str(default).lower() if isinstance(default, bool) else str(default)), name
+
+
+def test_embed_options_default_to_predict_params():
+    from dataclasses import fields
+
+    from contrastive_sc.inference import METHODS, PredictParams
+
+    declared = {f.name: f.default for f in fields(PredictParams)}
+    options = _options(cli.embed)
+    for name in ("method", "n_clusters", "resolution"):
+        assert options[name].default == declared[name], name
+    assert list(options["method"].type.choices) == list(METHODS)

@@ -168,7 +168,7 @@ def train_run(adata, config, *, label_key: str | None = None, batch_key: str | N
         started = time.perf_counter()
         model = ContrastiveSC(config).fit(
             adata, label_key=label_key, progress=progress,
-            on_epoch=lambda epoch, loss: mlflow.log_metric("loss", loss, step=epoch))
+            on_epoch=_log_epoch_loss)
         fit_seconds = time.perf_counter() - started
         embedding = model.transform(adata)
         metrics = {"fit_seconds": fit_seconds, "train_seconds": model.history.seconds,
@@ -372,3 +372,16 @@ def _log_model(folder: Path, model, embedding) -> str:
         pip_requirements=serving_requirements(),
     )
     return info.model_uri
+
+
+def _log_epoch_loss(epoch: int, loss: float) -> None:
+    # Live progress: a reader of the same SQLite store (the MLflow UI, a script polling runs) can
+    # hold it for a moment; wait for it a few times, and never let a missed point stop the training.
+    import mlflow
+
+    from .registry import _retry
+
+    try:
+        _retry(mlflow.log_metric, "loss", loss, step=epoch)
+    except Exception as error:  # the run's final metrics are still written when training ends
+        log.warning("epoch %d loss not logged (%s); training goes on", epoch, str(error).splitlines()[0])

@@ -691,6 +691,18 @@ def speed_benchmark(data, model_uri, n_cells, request_cells, clients, requests_p
     click.echo(f"\nwrote {out}")
 
 
+@main.command("training-speed")
+@click.option("--data", required=True, help="Raw counts to train on (the README measures worm neuron).")
+@click.option("--repeats", default=3, type=click.IntRange(min=1), help="Fits per preset; the best is kept.")
+@_friendly_errors
+def training_speed(data, repeats) -> None:
+    """Training seconds of the paper and default presets against the dense FLOP floor of the paper's training."""
+    from .io import read
+    from .training_speed import format_rows, training_floor
+
+    click.echo(format_rows(training_floor(read(data), repeats=repeats, verbose=False)))
+
+
 def _has_tabulate() -> bool:
     try:
         import tabulate  # noqa: F401

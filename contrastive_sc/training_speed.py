@@ -167,19 +167,3 @@ def training_floor(adata, *, repeats: int = 3, peak: float | None = None, verbos
     if verbose:
         print(format_rows(rows))
     return rows
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    import argparse
-
-    from .io import read
-
-    parser = argparse.ArgumentParser(prog="python -m contrastive_sc.training_speed", description=__doc__.split("\n")[0])
-    parser.add_argument("--data", required=True, help="raw counts file (e.g. worm_neuron_cell.h5)")
-    parser.add_argument("--repeats", type=int, default=3, help="fits per preset; the best is kept")
-    args = parser.parse_args(argv)
-    training_floor(read(args.data), repeats=args.repeats)
-
-
-if __name__ == "__main__":
-    main()

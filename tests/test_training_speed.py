@@ -49,3 +49,14 @@ def test_training_seconds_on_tiny_counts(monkeypatch):
     counts = np.random.default_rng(0).poisson(1.0, size=(60, 40)).astype(np.float32)
     wall, cpu, n_genes = training_seconds(anndata.AnnData(counts), "paper", repeats=2)
     assert len(wall) == len(cpu) == 2 and min(wall) > 0 and min(cpu) > 0 and n_genes == 20
+
+
+def test_the_training_speed_command_parses_and_names_a_missing_file(tmp_path):
+    from click.testing import CliRunner
+
+    from contrastive_sc.cli import main
+
+    runner = CliRunner()
+    assert runner.invoke(main, ["training-speed", "--help"]).exit_code == 0
+    result = runner.invoke(main, ["training-speed", "--data", str(tmp_path / "nothing.h5"), "--repeats", "1"])
+    assert result.exit_code == 2 and "nothing.h5" in result.output

@@ -535,7 +535,7 @@ def markdown(table: pd.DataFrame) -> str:
         lines += ["", "| Leiden | cells | seconds | kNN graph s | cells/s | clusters |", "|---|---:|---:|---:|---:|---:|"]
         for row in leiden:
             lines.append(f"| {row['path'].split(',')[0]} | {row['cells']:,} | {row['seconds']:.2f} | "
-                         f"{row['graph_seconds']:.2f} | {row['cells_per_s']:,.0f} | {row['clusters']} |")
+                         f"{row['graph_seconds']:.2f} | {row['cells_per_s']:,.0f} | {int(row['clusters'])} |")
     lines += ["", "| ratio | value | target | met |", "|---|---:|---|---|"]
     for row in table.attrs.get("ratios", pd.DataFrame()).to_dict("records"):
         met = "" if row["met"] is None or pd.isna(row["met"]) else "yes" if row["met"] else "no"

@@ -38,6 +38,8 @@ CONCURRENCY_TARGET = 2.0
 LEIDEN_TARGET = 1 / 3
 #: Cells of the Leiden rows: the model's embedding of the timed cells, extended to these sizes.
 LEIDEN_CELLS = (10_000, 100_000)
+#: Seconds after which a Leiden implementation is not timed again (the best of the runs is kept).
+LEIDEN_REPEAT_SECONDS = 30.0
 #: Request formats timed: wide (one column per gene) and long (``cell, gene, count`` rows of non-zero counts).
 FORMATS = ("json", "csv", "parquet", "json-long", "csv-long", "parquet-long")
 #: Content types of the request bodies MLflow's scoring server reads (CSV and parquet carry no params).
@@ -300,25 +302,27 @@ def leidenalg_labels(embedding: np.ndarray, *, resolution: float = 1.0, n_neighb
 
 
 def time_leiden(embedding: np.ndarray, sizes=LEIDEN_CELLS, *, resolution: float = 1.0, n_neighbors: int = 15,
-                seed: int = 0, on_row=None) -> list[dict]:
-    """Leiden now (igraph) and before (leidenalg) on the same cells, each size timed once.
+                seed: int = 0, repeats: int = 3, on_row=None) -> list[dict]:
+    """Leiden now (igraph) and before (leidenalg) on the same cells, alternately.
 
-    ``embedding`` is extended to each size by :func:`embedding_at_size`. Each row's ``seconds``
-    are the whole call (kNN graph included), ``graph_seconds`` the graph alone (built once more,
+    ``embedding`` is extended to each size by :func:`embedding_at_size`. Each implementation is
+    timed up to ``repeats`` times, but not again once it has taken :data:`LEIDEN_REPEAT_SECONDS`
+    (so once at 100,000 cells). Each row's ``seconds`` are the best whole call (kNN graph
+    included), ``graph_seconds`` the graph alone (built once more,
     beforehand, which also compiles pynndescent above 50,000 cells), ``clusters`` the communities
     found and ``leiden_ari`` the adjusted Rand index between the two labelings of that size.
     """
     rows = []
     for n_cells in sizes:
         x = embedding_at_size(embedding, int(n_cells), seed=seed)
-        for row in _time_leiden_once(x, resolution=resolution, n_neighbors=n_neighbors, seed=seed):
+        for row in _time_leiden_once(x, resolution=resolution, n_neighbors=n_neighbors, seed=seed, repeats=repeats):
             rows.append(row)
             if on_row is not None:
                 on_row(row)
     return rows
 
 
-def _time_leiden_once(x: np.ndarray, *, resolution: float, n_neighbors: int, seed: int) -> list[dict]:
+def _time_leiden_once(x: np.ndarray, *, resolution: float, n_neighbors: int, seed: int, repeats: int) -> list[dict]:
     from sklearn.metrics import adjusted_rand_score
 
     from .cluster import APPROXIMATE_NEIGHBORS_CELLS, cluster_labels, knn_graph
@@ -330,16 +334,23 @@ def _time_leiden_once(x: np.ndarray, *, resolution: float, n_neighbors: int, see
         NNDescent(x[:2048], n_neighbors=n_neighbors + 1, random_state=0, n_jobs=-1)
     graph_seconds = _best_seconds(lambda: knn_graph(x, n_neighbors), 1)
     options = {"resolution": resolution, "n_neighbors": n_neighbors, "seed": seed}
-    rows, labels = [], {}
-    for name, func in (("igraph", lambda: cluster_labels(x, "leiden", **options)),
-                       ("leidenalg", lambda: leidenalg_labels(x, **options))):
-        started = time.perf_counter()
-        labels[name] = func()
-        rows.append({"path": _leiden_path(name, len(x)), "cells": len(x), "requests": 1,
-                     "seconds": time.perf_counter() - started, "graph_seconds": graph_seconds,
-                     "clusters": len(np.unique(labels[name]))})
+    implementations = {"igraph": lambda: cluster_labels(x, "leiden", **options),
+                       "leidenalg": lambda: leidenalg_labels(x, **options)}
+    labels, best, spent = {}, dict.fromkeys(implementations, np.inf), dict.fromkeys(implementations, 0.0)
+    # Alternated, so that a change in the machine's load falls on both; a repeat (the best kept)
+    # only while an implementation has taken under LEIDEN_REPEAT_SECONDS in all.
+    for attempt in range(max(1, repeats)):
+        for name, func in implementations.items():
+            if attempt and spent[name] >= LEIDEN_REPEAT_SECONDS:
+                continue
+            started = time.perf_counter()
+            labels[name] = func()
+            seconds = time.perf_counter() - started
+            best[name], spent[name] = min(best[name], seconds), spent[name] + seconds
     ari = float(adjusted_rand_score(labels["leidenalg"], labels["igraph"]))
-    return [row | {"leiden_ari": ari} for row in rows]
+    return [{"path": _leiden_path(name, len(x)), "cells": len(x), "requests": 1, "seconds": best[name],
+             "graph_seconds": graph_seconds, "clusters": len(np.unique(labels[name])), "leiden_ari": ari}
+            for name in implementations]
 
 
 def _leiden_path(implementation: str, n_cells: int) -> str:
@@ -469,7 +480,7 @@ def run_speed_benchmark(data: str, *, model_uri: str | None = None, n_cells: int
                  "p95_ms": 1000 * float(np.percentile(times, 95))})
 
         if leiden_cells:
-            time_leiden(_embedding(local_model, counts), leiden_cells, seed=seed, on_row=add)
+            time_leiden(_embedding(local_model, counts), leiden_cells, seed=seed, repeats=repeats, on_row=add)
 
     table = pd.DataFrame(rows)
     table["cells_per_s"] = table["cells"] / table["seconds"]

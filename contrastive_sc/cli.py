@@ -644,6 +644,12 @@ def scale_benchmark(cells, genes, n_genes_kept, epochs, groups, seed, skip_scanp
     click.echo(f"\nappended {len(rows)} row(s) to {out}")
 
 
+def _leiden_cells(ctx, param, value):
+    if str(value).strip() in ("", "0"):
+        return ()
+    return _CELL_COUNTS.convert(value, param, ctx)
+
+
 @main.command("speed-benchmark")
 @click.option("--data", required=True, help="Counts file (cells are taken from its start) or 'simulated'.")
 @click.option("--model-uri", default=None, callback=_none_if_empty,
@@ -657,17 +663,21 @@ def scale_benchmark(cells, genes, n_genes_kept, epochs, groups, seed, skip_scanp
               help="onnxruntime threads per worker [default: cores // workers].")
 @click.option("--epochs", default=2, type=click.IntRange(min=1), help="Epochs of the trained model.")
 @click.option("--n-genes", default=2000, type=click.IntRange(min=2), help="Genes of the trained model.")
+@click.option("--leiden-cells", default="10000,100000", callback=_leiden_cells,
+              help="Sizes of the Leiden rows (igraph against leidenalg on the model's embedding extended to "
+                   "these many cells); 0 or '' skips them.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="CSV with one row per path.")
 @_overwrite_option
 @_tracking_options
 @_friendly_errors
 def speed_benchmark(data, model_uri, n_cells, request_cells, clients, requests_per_client, workers, threads, epochs,
-                    n_genes, out, overwrite, tracking_uri) -> None:
+                    n_genes, leiden_cells, out, overwrite, tracking_uri) -> None:
     """Cells/s of the bare ONNX encoder, in-process predict and a real served model (JSON, CSV, parquet, N clients).
 
     The server (`mlflow models serve` on 127.0.0.1) is started and stopped by the command; without
     --model-uri a model is trained into a temporary MLflow store. Quote the ratios: every path is
-    timed in the same run, on the same cells.
+    timed in the same run, on the same cells. Leiden follows, after the server has stopped: igraph
+    (now) against leidenalg (before) on the model's embedding extended to --leiden-cells cells.
     """
     from .outputs import check_output
     from .speed import markdown, run_speed_benchmark
@@ -679,7 +689,7 @@ def speed_benchmark(data, model_uri, n_cells, request_cells, clients, requests_p
         tracking.setup(tracking_uri)
     table = run_speed_benchmark(data, model_uri=model_uri, n_cells=n_cells, request_cells=request_cells,
                                 clients=clients, requests_per_client=requests_per_client, workers=workers,
-                                threads=threads, epochs=epochs, n_genes=n_genes,
+                                threads=threads, epochs=epochs, n_genes=n_genes, leiden_cells=leiden_cells,
                                 on_row=lambda row: click.echo(f"timed {row['path']}", err=True))
     click.echo(markdown(table))
     click.echo(f"server {table.attrs['server']} stopped", err=True)

@@ -4,7 +4,8 @@
 ``mlflow models serve`` on 127.0.0.1 that it stops again, and times the same cells through each
 path. The machine may be shared, so the numbers that matter are the ratios between paths timed in
 the same run (:data:`IN_PROCESS_TARGET`, :data:`HTTP_TARGET`, :data:`CONCURRENCY_TARGET`), not
-the absolute cells/s.
+the absolute cells/s. Leiden is timed there too, as it runs now (igraph) and as it ran before
+(leidenalg), on the model's embedding extended to :data:`LEIDEN_CELLS` (:func:`time_leiden`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,12 @@ IN_PROCESS_TARGET = 0.10
 HTTP_TARGET = 0.25
 #: The concurrency target: p95 latency of the concurrent clients under this multiple of one request's.
 CONCURRENCY_TARGET = 2.0
+#: The Leiden target: igraph's ``community_leiden`` in at most this share of leidenalg's seconds (issue 16).
+LEIDEN_TARGET = 1 / 3
+#: Cells of the Leiden rows: the model's embedding of the timed cells, extended to these sizes.
+LEIDEN_CELLS = (10_000, 100_000)
+#: Seconds after which a Leiden implementation is not timed again (the best of the runs is kept).
+LEIDEN_REPEAT_SECONDS = 30.0
 #: Request formats timed: wide (one column per gene) and long (``cell, gene, count`` rows of non-zero counts).
 FORMATS = ("json", "csv", "parquet", "json-long", "csv-long", "parquet-long")
 #: Content types of the request bodies MLflow's scoring server reads (CSV and parquet carry no params).
@@ -248,10 +255,122 @@ def _time_in_process(local_model: str, counts: pd.DataFrame, chunks: list[pd.Dat
     return rows
 
 
+def embedding_at_size(embedding: np.ndarray, n_cells: int, *, n_neighbors: int = 10, seed: int = 0) -> np.ndarray:
+    """``n_cells`` rows in the space of ``embedding``: its own rows, then points drawn uniformly on
+    the segment between a random row and one of that row's ``n_neighbors`` nearest rows.
+
+    Stands in for the embedding of more cells of the same kinds (the speed benchmark embeds a
+    few thousand): the new points lie where the real cells are, so the kNN graph and its
+    communities look like a larger sample's rather than like noise.
+    """
+    from sklearn.neighbors import NearestNeighbors
+
+    x = np.asarray(embedding, dtype=np.float32)
+    if n_cells <= len(x):
+        return x[:n_cells].copy()
+    if len(x) < 2:
+        msg = f"extending an embedding needs at least 2 rows, got {len(x)}"
+        raise ValueError(msg)
+    k = min(n_neighbors, len(x) - 1)
+    neighbours = NearestNeighbors(n_neighbors=k).fit(x).kneighbors(return_distance=False)
+    rng = np.random.default_rng(seed)
+    extra = n_cells - len(x)
+    source = rng.integers(len(x), size=extra)
+    target = neighbours[source, rng.integers(k, size=extra)]
+    along = rng.random(extra, dtype=np.float32)[:, None]
+    return np.concatenate([x, x[source] + along * (x[target] - x[source])])
+
+
+def leidenalg_labels(embedding: np.ndarray, *, resolution: float = 1.0, n_neighbors: int = 15,
+                     seed: int = 0) -> np.ndarray:
+    """Leiden as :func:`~contrastive_sc.cluster.cluster_labels` ran it before igraph's ``community_leiden``.
+
+    leidenalg's ``RBConfigurationVertexPartition`` (modularity with a resolution) on the same kNN
+    graph, until no cell moves up to :data:`~contrastive_sc.cluster.LEIDEN_CONVERGE_CELLS` cells and
+    two iterations above: the benchmark's "before" and the tests' reference.
+    """
+    import leidenalg
+
+    from .cluster import LEIDEN_CONVERGE_CELLS, knn_graph
+
+    embedding = np.asarray(embedding, dtype=np.float32)
+    n_iterations = -1 if len(embedding) <= LEIDEN_CONVERGE_CELLS else 2
+    partition = leidenalg.find_partition(knn_graph(embedding, n_neighbors), leidenalg.RBConfigurationVertexPartition,
+                                         resolution_parameter=float(resolution), seed=int(seed),
+                                         n_iterations=n_iterations)
+    return np.asarray(partition.membership, dtype=np.int64)
+
+
+def time_leiden(embedding: np.ndarray, sizes=LEIDEN_CELLS, *, resolution: float = 1.0, n_neighbors: int = 15,
+                seed: int = 0, repeats: int = 3, on_row=None) -> list[dict]:
+    """Leiden now (igraph) and before (leidenalg) on the same cells, alternately.
+
+    ``embedding`` is extended to each size by :func:`embedding_at_size`. Each implementation is
+    timed up to ``repeats`` times, but not again once it has taken :data:`LEIDEN_REPEAT_SECONDS`
+    (so once at 100,000 cells). Each row's ``seconds`` are the best whole call (kNN graph
+    included), ``graph_seconds`` the graph alone (built once more,
+    beforehand, which also compiles pynndescent above 50,000 cells), ``clusters`` the communities
+    found and ``leiden_ari`` the adjusted Rand index between the two labelings of that size.
+    """
+    rows = []
+    for n_cells in sizes:
+        x = embedding_at_size(embedding, int(n_cells), seed=seed)
+        for row in _time_leiden_once(x, resolution=resolution, n_neighbors=n_neighbors, seed=seed, repeats=repeats):
+            rows.append(row)
+            if on_row is not None:
+                on_row(row)
+    return rows
+
+
+def _time_leiden_once(x: np.ndarray, *, resolution: float, n_neighbors: int, seed: int, repeats: int) -> list[dict]:
+    from sklearn.metrics import adjusted_rand_score
+
+    from .cluster import APPROXIMATE_NEIGHBORS_CELLS, cluster_labels, knn_graph
+
+    knn_graph(x[:2048], n_neighbors)  # imports
+    if len(x) > APPROXIMATE_NEIGHBORS_CELLS:  # pynndescent's numba compilation, 1-2 minutes in a new process
+        from pynndescent import NNDescent
+
+        NNDescent(x[:2048], n_neighbors=n_neighbors + 1, random_state=0, n_jobs=-1)
+    graph_seconds = _best_seconds(lambda: knn_graph(x, n_neighbors), 1)
+    options = {"resolution": resolution, "n_neighbors": n_neighbors, "seed": seed}
+    implementations = {"igraph": lambda: cluster_labels(x, "leiden", **options),
+                       "leidenalg": lambda: leidenalg_labels(x, **options)}
+    labels, best, spent = {}, dict.fromkeys(implementations, np.inf), dict.fromkeys(implementations, 0.0)
+    # Alternated, so that a change in the machine's load falls on both; a repeat (the best kept)
+    # only while an implementation has taken under LEIDEN_REPEAT_SECONDS in all.
+    for attempt in range(max(1, repeats)):
+        for name, func in implementations.items():
+            if attempt and spent[name] >= LEIDEN_REPEAT_SECONDS:
+                continue
+            started = time.perf_counter()
+            labels[name] = func()
+            seconds = time.perf_counter() - started
+            best[name], spent[name] = min(best[name], seconds), spent[name] + seconds
+    ari = float(adjusted_rand_score(labels["leidenalg"], labels["igraph"]))
+    return [{"path": _leiden_path(name, len(x)), "cells": len(x), "requests": 1, "seconds": best[name],
+             "graph_seconds": graph_seconds, "clusters": len(np.unique(labels[name])), "leiden_ari": ari}
+            for name in implementations]
+
+
+def _leiden_path(implementation: str, n_cells: int) -> str:
+    return f"Leiden {implementation}, {n_cells:,} cells"
+
+
+def _embedding(local_model: str, counts: pd.DataFrame) -> np.ndarray:
+    """The served model's embedding of ``counts`` (what its ``leiden`` method would cluster)."""
+    import mlflow
+
+    from .preprocess import transform
+
+    inner = mlflow.pyfunc.load_model(local_model).unwrap_python_model().model
+    return inner.encoder(transform(counts.to_numpy(), counts.columns, inner.state))
+
+
 def run_speed_benchmark(data: str, *, model_uri: str | None = None, n_cells: int = 4000, request_cells: int = 500,
                         clients: int = 8, requests_per_client: int = 4, workers: int = 1, threads: int | None = None,
                         epochs: int = 2, n_genes: int = 2000, repeats: int = 3, seed: int = 0,
-                        formats=FORMATS, concurrent_format: str | None = None,
+                        formats=FORMATS, concurrent_format: str | None = None, leiden_cells=LEIDEN_CELLS,
                         on_row=None) -> pd.DataFrame:
     """Time one model's cells through every serving path; one row per path.
 
@@ -275,10 +394,13 @@ def run_speed_benchmark(data: str, *, model_uri: str | None = None, n_cells: int
         Timings of the in-process paths and of each 1-client HTTP pass; the best is kept.
     concurrent_format
         Body format of the concurrency test; ``None``: the fastest 1-client format.
+    leiden_cells
+        Sizes of the Leiden rows (:func:`time_leiden`, after the server is stopped); empty: none.
 
     Returns
     -------
-    Columns ``path, cells, requests, seconds, cells_per_s, p50_ms, p95_ms`` and, in ``attrs``,
+    Columns ``path, cells, requests, seconds, cells_per_s, p50_ms, p95_ms`` (the Leiden rows add
+    ``graph_seconds, clusters, leiden_ari``) and, in ``attrs``,
     ``ratios`` (the target ratios, see :func:`ratios`), ``load`` and ``settings``.
     """
     import mlflow
@@ -357,6 +479,9 @@ def run_speed_benchmark(data: str, *, model_uri: str | None = None, n_cells: int
                  "seconds": wall, "p50_ms": 1000 * float(np.median(times)),
                  "p95_ms": 1000 * float(np.percentile(times, 95))})
 
+        if leiden_cells:
+            time_leiden(_embedding(local_model, counts), leiden_cells, seed=seed, repeats=repeats, on_row=add)
+
     table = pd.DataFrame(rows)
     table["cells_per_s"] = table["cells"] / table["seconds"]
     table.attrs["ratios"] = ratios(table, fmt, clients)
@@ -370,7 +495,8 @@ def run_speed_benchmark(data: str, *, model_uri: str | None = None, n_cells: int
 
 def ratios(table: pd.DataFrame, concurrent_format: str, clients: int) -> pd.DataFrame:
     """The target ratios of ``table``: in-process over encoder, each 1-client HTTP path over in-process
-    500-cell calls (cells/s), and the concurrent p95 latency over the single-request p50."""
+    500-cell calls (cells/s), the concurrent p95 latency over the single-request p50, and at each
+    Leiden size igraph's seconds over leidenalg's (with the two labelings' ARI, which has no target)."""
     speed = dict(zip(table["path"], table["cells_per_s"]))
     out = []
     encoder, whole, chunked = "onnxruntime encoder", "in-process predict", "in-process predict, 500-cell calls"
@@ -384,6 +510,17 @@ def ratios(table: pd.DataFrame, concurrent_format: str, clients: int) -> pd.Data
             value = speed[path] / speed[chunked]
             out.append({"ratio": f"{path} / in-process 500", "value": value, "target": f">= {HTTP_TARGET:g}",
                         "met": value >= HTTP_TARGET})
+    for row in table.to_dict("records"):
+        if not str(row["path"]).startswith("Leiden igraph, "):
+            continue
+        before = table[table["path"] == _leiden_path("leidenalg", row["cells"])]
+        if len(before):
+            value = row["seconds"] / float(before["seconds"].iloc[0])
+            out.append({"ratio": f"Leiden igraph / leidenalg seconds, {row['cells']:,} cells", "value": value,
+                        "target": f"<= {LEIDEN_TARGET:.2f}", "met": value <= LEIDEN_TARGET})
+        if not pd.isna(row.get("leiden_ari", np.nan)):  # agreement, reported without a target
+            out.append({"ratio": f"Leiden ARI igraph vs leidenalg, {row['cells']:,} cells",
+                        "value": row["leiden_ari"], "target": "", "met": None})
     by_path = table.set_index("path")
     single = f"HTTP {concurrent_format}"
     if single in by_path.index and many in by_path.index:
@@ -395,15 +532,25 @@ def ratios(table: pd.DataFrame, concurrent_format: str, clients: int) -> pd.Data
 
 def markdown(table: pd.DataFrame) -> str:
     """The timings and the ratios as two markdown tables."""
+    records = table.to_dict("records")
+    leiden = [row for row in records if str(row["path"]).startswith("Leiden ")]
     lines = ["| path | cells | requests | cells/s | p50 ms | p95 ms |", "|---|---:|---:|---:|---:|---:|"]
-    for row in table.to_dict("records"):
+    for row in records:
+        if str(row["path"]).startswith("Leiden "):
+            continue
         p50, p95 = row.get("p50_ms"), row.get("p95_ms")
         lines.append(f"| {row['path']} | {row['cells']} | {row['requests']} | {row['cells_per_s']:,.0f} | "
                      f"{'' if p50 is None or pd.isna(p50) else f'{p50:.0f}'} | "
                      f"{'' if p95 is None or pd.isna(p95) else f'{p95:.0f}'} |")
+    if leiden:
+        lines += ["", "| Leiden | cells | seconds | kNN graph s | cells/s | clusters |", "|---|---:|---:|---:|---:|---:|"]
+        for row in leiden:
+            lines.append(f"| {row['path'].split(',')[0]} | {row['cells']:,} | {row['seconds']:.2f} | "
+                         f"{row['graph_seconds']:.2f} | {row['cells_per_s']:,.0f} | {int(row['clusters'])} |")
     lines += ["", "| ratio | value | target | met |", "|---|---:|---|---|"]
     for row in table.attrs.get("ratios", pd.DataFrame()).to_dict("records"):
-        lines.append(f"| {row['ratio']} | {row['value']:.3f} | {row['target']} | {'yes' if row['met'] else 'no'} |")
+        met = "" if row["met"] is None or pd.isna(row["met"]) else "yes" if row["met"] else "no"
+        lines.append(f"| {row['ratio']} | {row['value']:.3f} | {row['target']} | {met} |")
     settings = table.attrs.get("settings", {})
     lines += ["", f"load average at start {table.attrs.get('load', float('nan')):.2f} on {settings.get('cores')} "
               f"core(s); server workers {settings.get('workers')}, onnxruntime threads per worker "

@@ -89,13 +89,9 @@ def test_anndata_interface(blobs):
 
 def _leidenalg_labels(x, resolution, n_neighbors=15, seed=0):
     """The previous implementation: leidenalg's modularity with resolution on the same graph."""
-    import leidenalg
+    from contrastive_sc.speed import leidenalg_labels
 
-    from contrastive_sc.cluster import knn_graph
-
-    partition = leidenalg.find_partition(knn_graph(x, n_neighbors), leidenalg.RBConfigurationVertexPartition,
-                                         resolution_parameter=resolution, seed=seed, n_iterations=-1)
-    return np.asarray(partition.membership)
+    return leidenalg_labels(x, resolution=resolution, n_neighbors=n_neighbors, seed=seed)
 
 
 def test_igraph_leiden_agrees_with_leidenalg():

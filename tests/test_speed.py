@@ -177,6 +177,56 @@ def test_ratios_name_targets():
     assert "| HTTP csv / in-process 500 | 0.200 | >= 0.25 | no |" in markdown(table)
 
 
+def test_embedding_at_size_keeps_the_cells_and_stays_between_them():
+    from contrastive_sc.speed import embedding_at_size
+
+    x = np.random.default_rng(0).normal(size=(50, 4)).astype(np.float32)
+    grown = embedding_at_size(x, 500, seed=1)
+    assert grown.shape == (500, 4) and grown.dtype == np.float32
+    np.testing.assert_array_equal(grown[:50], x)
+    assert (grown.min(axis=0) >= x.min(axis=0) - 1e-6).all() and (grown.max(axis=0) <= x.max(axis=0) + 1e-6).all()
+    np.testing.assert_array_equal(embedding_at_size(x, 20), x[:20])
+
+
+def test_leiden_rows_time_igraph_against_leidenalg():
+    from sklearn.datasets import make_blobs
+
+    from contrastive_sc.speed import markdown, ratios, time_leiden
+
+    x, _ = make_blobs(n_samples=[150, 150, 100, 100], n_features=10, cluster_std=0.5, random_state=3)
+    seen = []
+    table = pd.DataFrame(time_leiden(x.astype(np.float32), (2000,), resolution=0.3, on_row=seen.append))
+    paths = ["Leiden igraph, 2,000 cells", "Leiden leidenalg, 2,000 cells"]
+    assert list(table["path"]) == paths == [row["path"] for row in seen]
+    assert (table["cells"] == 2000).all() and (table["seconds"] > 0).all() and (table["graph_seconds"] > 0).all()
+    assert (table["clusters"] == 4).all() and (table["leiden_ari"] > 0.9).all()
+    table["cells_per_s"] = table["cells"] / table["seconds"]
+    table.attrs["ratios"] = got = ratios(table, "csv", 8)
+    values = dict(zip(got["ratio"], got["value"]))
+    seconds = dict(zip(table["path"], table["seconds"]))
+    expected = seconds["Leiden igraph, 2,000 cells"] / seconds["Leiden leidenalg, 2,000 cells"]
+    assert values["Leiden igraph / leidenalg seconds, 2,000 cells"] == pytest.approx(expected)
+    assert values["Leiden ARI igraph vs leidenalg, 2,000 cells"] == table["leiden_ari"].iloc[0]
+    text = markdown(table)
+    assert "| Leiden igraph | 2,000 |" in text and "| Leiden leidenalg | 2,000 |" in text
+    assert f"| Leiden igraph / leidenalg seconds, 2,000 cells | {expected:.3f} | <= 0.33 | " in text
+    ari = table["leiden_ari"].iloc[0]
+    assert f"| Leiden ARI igraph vs leidenalg, 2,000 cells | {ari:.3f} |  |  |" in text
+
+
+def test_leiden_ratio_from_seconds():
+    from contrastive_sc.speed import markdown, ratios
+
+    table = pd.DataFrame({"path": ["Leiden igraph, 10,000 cells", "Leiden leidenalg, 10,000 cells"],
+                          "cells": [10000, 10000], "requests": [1, 1], "seconds": [2.0, 8.0],
+                          "graph_seconds": [1.0, 1.0], "clusters": [12, 11], "leiden_ari": [0.93, 0.93]})
+    table["cells_per_s"] = table["cells"] / table["seconds"]
+    table.attrs["ratios"] = got = ratios(table, "csv", 8)
+    assert list(got["value"]) == [0.25, 0.93] and list(got["met"]) == [True, None]
+    assert "| Leiden igraph / leidenalg seconds, 10,000 cells | 0.250 | <= 0.33 | yes |" in markdown(table)
+    assert "| Leiden leidenalg | 10,000 | 8.00 | 1.00 | 1,250 | 11 |" in markdown(table)
+
+
 def test_long_form_answers_as_the_wide_form(packaged, frame):
     from contrastive_sc.speed import long_form
 
@@ -245,7 +295,8 @@ def test_speed_benchmark_command_serves_and_stops(store_with_runs, synthetic, tm
     synthetic.write_h5ad(data)
     out = tmp_path / "speed.csv"
     args = ["speed-benchmark", "--data", str(data), "--model-uri", runs[0]["model_uri"], "--cells", "60",
-            "--request-cells", "30", "--clients", "2", "--requests-per-client", "1", "--out", str(out)]
+            "--request-cells", "30", "--clients", "2", "--requests-per-client", "1", "--leiden-cells", "200",
+            "--out", str(out)]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     table = pd.read_csv(out)
@@ -255,7 +306,9 @@ def test_speed_benchmark_command_serves_and_stops(store_with_runs, synthetic, tm
             "HTTP json, no embedding"} <= paths
     concurrent = table[table["method"].str.endswith("2 clients")]
     assert len(concurrent) == 1 and concurrent["requests"].iloc[0] == 2
+    assert {"Leiden igraph, 200 cells", "Leiden leidenalg, 200 cells"} <= paths
     assert "in-process predict / encoder" in result.output and "single-request p50 latency" in result.output
+    assert "Leiden igraph / leidenalg seconds, 200 cells" in result.output
     url = re.search(r"server (http://127\.0\.0\.1:\d+) stopped", result.output).group(1)
     with pytest.raises(OSError):  # nothing answers there any more
         urllib.request.urlopen(f"{url}/ping", timeout=2)

@@ -242,8 +242,10 @@ def benchmark(data, more_data, label_key, methods, seeds, n_genes, epochs, out, 
 @click.option("--seeds", default=3, type=click.IntRange(min=1), help="Seeds 0..N-1.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
               help="CSV cache, one row per dataset x method x seed; appended to, and read back on the next call.")
+@click.option("--any-code", is_flag=True,
+              help="Reuse cached rows run by other versions of this package (default: rerun them).")
 @_friendly_errors
-def select(data, more_data, label_key, candidates, baselines, seeds, out) -> None:
+def select(data, more_data, label_key, candidates, baselines, seeds, out, any_code) -> None:
     """Leave-one-dataset-out choice among candidate methods: per dataset, the candidate best on the others.
 
     Usage: contrastive-sc select --data A.h5 B.h5ad C.h5 --candidates paper-kmeans,fused-kmeans --seeds 3 --out lodo.csv
@@ -259,7 +261,7 @@ def select(data, more_data, label_key, candidates, baselines, seeds, out) -> Non
                    f"k={row['n_clusters']} {row['seconds']:.1f}s", err=True)
 
     methods = list(dict.fromkeys([*candidates, *baselines]))
-    results = run_missing(paths, methods, range(seeds), out, label_key=label_key, on_row=show)
+    results = run_missing(paths, methods, range(seeds), out, label_key=label_key, on_row=show, any_code=any_code)
     table, lines = report(results, candidates, baselines)
     click.echo(table.to_markdown(index=False) if _has_tabulate() else table.to_string(index=False))
     click.echo("\n" + "\n".join(lines))

@@ -22,8 +22,9 @@ import pandas as pd
 from .benchmark import COLUMNS, SCANPY_CLIP, SCANPY_COMPONENTS, SCANPY_GENES, available_methods, benchmark_adata
 from .config import PRESETS, ContrastiveConfig, get_preset
 
-#: The cache's columns: the benchmark's, the number of true classes, and what the setting was.
-CACHE_COLUMNS = [*COLUMNS, "n_classes", "setting"]
+#: The cache's columns: the benchmark's, the number of true classes, what the setting was and
+#: which code ran it (:func:`code_id`).
+CACHE_COLUMNS = [*COLUMNS, "n_classes", "setting", "code"]
 #: A cluster count within this fraction of the true number of classes counts as right.
 COUNT_TOLERANCE = 0.30
 
@@ -46,12 +47,29 @@ def setting_id(method: str) -> str:
     return f"baseline:{source}"
 
 
+def code_id() -> str:
+    """Fingerprint of the package's source, so that rows run by other code are not taken for today's.
+
+    Settings alone are not enough: a change to preprocessing or training with the same settings
+    moves a preset's scores by more than the differences between candidates (measured: one
+    preset's ARI on one file and seed, 0.558 before a float32 preprocessing change, 0.539 after).
+    """
+    package = Path(__file__).resolve().parent
+    digest = hashlib.sha1()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode())
+        digest.update(path.read_bytes())
+    return "code:" + digest.hexdigest()[:12]
+
+
 def read_cache(path: str | Path) -> pd.DataFrame:
     """The cached runs in ``path`` (an empty table when the file does not exist yet)."""
     path = Path(path)
     if not path.exists():
         return pd.DataFrame(columns=CACHE_COLUMNS)
     frame = pd.read_csv(path)
+    if "code" not in frame.columns and "setting" in frame.columns:  # a cache written before rows named their code
+        frame["code"] = "code:unknown"
     missing = [c for c in CACHE_COLUMNS if c not in frame.columns]
     if missing:
         msg = f"{path} is not a selection cache: it lacks column(s) {missing}; expected {CACHE_COLUMNS}"
@@ -60,12 +78,14 @@ def read_cache(path: str | Path) -> pd.DataFrame:
 
 
 def run_missing(paths: Iterable[str | Path], methods: Sequence[str], seeds: Iterable[int], cache: str | Path, *,
-                label_key: str | None = None, on_row: Callable[[dict], None] | None = None) -> pd.DataFrame:
+                label_key: str | None = None, on_row: Callable[[dict], None] | None = None,
+                any_code: bool = False) -> pd.DataFrame:
     """Run what ``cache`` lacks of datasets x methods x seeds, append it, return all the requested rows.
 
-    A cached row counts only when its ``setting`` matches :func:`setting_id` today; rows of a
-    preset whose settings changed since are left in the file but ignored (and rerun). Each new
-    row is appended as soon as it is produced, so an interrupted run loses at most one run.
+    A cached row counts only when its ``setting`` matches :func:`setting_id` today and its
+    ``code`` matches :func:`code_id` (or ``any_code``: rows of any code version count, the later
+    one of a repeated run winning); other rows are left in the file but ignored (and rerun). Each
+    new row is appended as soon as it is produced, so an interrupted run loses at most one run.
     """
     from .benchmark import _warm_up
     from .io import default_label_key, read
@@ -79,8 +99,14 @@ def run_missing(paths: Iterable[str | Path], methods: Sequence[str], seeds: Iter
     cache = Path(cache)
     cache.parent.mkdir(parents=True, exist_ok=True)
     settings = {m: setting_id(m) for m in methods}
-    done = {(d, m, int(s)) for d, m, s, st in read_cache(cache)[["dataset", "method", "seed", "setting"]].itertuples(
-        index=False) if settings.get(m) == st}
+    code = code_id()
+    cached = read_cache(cache)
+    if cache.exists() and "code" not in pd.read_csv(cache, nrows=0).columns:
+        cached.to_csv(cache, index=False)  # an older cache gains the column before rows are appended
+    usable = cached["setting"] == cached["method"].map(settings)
+    if not any_code:
+        usable &= cached["code"] == code
+    done = {(d, m, int(s)) for d, m, s in cached.loc[usable, ["dataset", "method", "seed"]].itertuples(index=False)}
     names, warmed = [], False
     for path in paths:
         adata = read(path, label_key)
@@ -97,7 +123,7 @@ def run_missing(paths: Iterable[str | Path], methods: Sequence[str], seeds: Iter
                 warmed = True
 
             def append(row, n_classes=n_classes):
-                row = {**row, "n_classes": n_classes, "setting": settings[row["method"]]}
+                row = {**row, "n_classes": n_classes, "setting": settings[row["method"]], "code": code}
                 pd.DataFrame([row], columns=CACHE_COLUMNS).to_csv(cache, mode="a", index=False,
                                                                   header=not cache.exists() or cache.stat().st_size == 0)
                 if on_row is not None:
@@ -107,6 +133,8 @@ def run_missing(paths: Iterable[str | Path], methods: Sequence[str], seeds: Iter
     frame = read_cache(cache)
     keep = (frame["dataset"].isin(names) & frame["method"].isin(methods) & frame["seed"].isin(seeds)
             & (frame["setting"] == frame["method"].map(settings)))
+    if not any_code:
+        keep &= frame["code"] == code
     # a run repeated by two processes sharing the cache counts once (the later row)
     return frame[keep].drop_duplicates(["dataset", "method", "seed"], keep="last").reset_index(drop=True)
 
@@ -203,6 +231,10 @@ def report(results: pd.DataFrame, candidates: Sequence[str], baselines: Sequence
     lines = [f"LODO mean {metric} {choice['heldout'].mean():.3f}; in-sample best ({choice['insample_choice'].iloc[0]}) "
              f"{choice['insample'].mean():.3f}; per-dataset oracle {choice['oracle'].mean():.3f}",
              "candidates' means: " + ", ".join(f"{m} {v:.3f}" for m, v in cand_means.items())]
+    codes = results["code"].unique() if "code" in results else []
+    if len(codes) > 1:
+        lines.append(f"rows from {len(codes)} code versions ({', '.join(sorted(map(str, codes)))}): differences "
+                     "between methods run by different code mix code changes with method changes")
     if baselines:
         strongest = base.mean(axis=0).idxmax()
         wins = int((choice["heldout"].to_numpy() > base[strongest].to_numpy()).sum())

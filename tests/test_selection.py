@@ -4,7 +4,7 @@ import pytest
 from click.testing import CliRunner
 
 from contrastive_sc.cli import main
-from contrastive_sc.selection import CACHE_COLUMNS, lodo, read_cache, report, run_missing, within_tolerance
+from contrastive_sc.selection import CACHE_COLUMNS, code_id, lodo, read_cache, report, run_missing, within_tolerance
 
 
 def _table(scores: dict[str, dict[str, list[float]]], classes=5) -> pd.DataFrame:
@@ -98,6 +98,25 @@ def test_cache_runs_only_what_is_missing(two_files, tmp_path):
     seen.clear()
     run_missing(two_files, ["pca2-kmeans", "pca50-kmeans"], [0, 1], cache, on_row=seen.append)
     assert [(r["dataset"], r["method"], r["seed"]) for r in seen] == [tuple(frame.loc[0, ["dataset", "method", "seed"]])]
+
+
+def test_rows_run_by_other_code_are_rerun_unless_any_code(two_files, tmp_path):
+    cache = tmp_path / "runs.csv"
+    run_missing(two_files, ["pca2-kmeans"], [0], cache)
+    frame = read_cache(cache)
+    assert (frame["code"] == code_id()).all()
+    frame.drop(columns="code").to_csv(cache, index=False)  # a cache from before rows named their code
+    seen = []
+    reused = run_missing(two_files, ["pca2-kmeans"], [0], cache, on_row=seen.append, any_code=True)
+    assert not seen and (reused["code"] == "code:unknown").all()
+    _, lines = report(reused, ["pca2-kmeans"], [])
+    assert not any("code versions" in line for line in lines)
+    rerun = run_missing(two_files, ["pca2-kmeans"], [0], cache, on_row=seen.append)
+    assert len(seen) == 2 and (rerun["code"] == code_id()).all()
+    assert len(read_cache(cache)) == 4  # the old rows stay in the file
+    _, lines = report(read_cache(cache).drop_duplicates(["dataset", "method", "seed"], keep="first")
+                      .pipe(lambda f: pd.concat([f.iloc[:1], rerun.iloc[1:]])), ["pca2-kmeans"], [])
+    assert any("rows from 2 code versions" in line for line in lines)
 
 
 def test_read_cache_rejects_another_csv(tmp_path):

@@ -30,9 +30,9 @@ TORCH_MODEL_ARTIFACT = "torch_model"
 PYFUNC_FILE = Path(__file__).resolve().parents[1] / "models" / "contrastive_sc_model.py"
 #: What the served model needs, pinned at log time to the versions installed (see
 #: :func:`serving_requirements`). torch stays out (its pin would pull CUDA wheels on serve);
-#: pynndescent builds Leiden's kNN graph above 50,000 cells.
-SERVING_REQUIREMENTS = ["numpy", "pandas", "scipy", "scikit-learn", "onnxruntime", "leidenalg", "igraph",
-                        "pynndescent"]
+#: Leiden runs on igraph's own implementation (leidenalg is only the tests' reference) and
+#: pynndescent builds its kNN graph above 50,000 cells.
+SERVING_REQUIREMENTS = ["numpy", "pandas", "scipy", "scikit-learn", "onnxruntime", "igraph", "pynndescent"]
 
 
 def serving_requirements() -> list[str]:

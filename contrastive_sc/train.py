@@ -88,11 +88,11 @@ def fit_encoder(x: np.ndarray, encoder_config: EncoderConfig, train_config: Trai
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     sparse = device.type == "cpu" and cfg.input_dropout >= SPARSE_MASK_RATE
-    if not isinstance(x, np.ndarray) and hasattr(x, "take_rows"):
-        batches = _disk_batches(x, cfg, device, sparse)
-    else:
+    on_disk = not isinstance(x, np.ndarray) and hasattr(x, "take_rows")
+    if not on_disk:
         x = np.ascontiguousarray(x, dtype=np.float32)
-        batches = _masked_batches(x, cfg) if sparse else _dense_batches(x, cfg, device)
+    # one generator of row batches for any container; a dense in-memory run keeps its data on the device
+    batches = _dense_batches(x, cfg, device) if not (on_disk or sparse) else _row_batches(x, cfg, device, sparse)
     encoder = ContrastiveEncoder(x.shape[1], encoder_config.layers, encoder_config.batch_norm).to(device)
     history = TrainingHistory(device=str(device))
     criterion = NTXentLoss(cfg.temperature)
@@ -162,27 +162,6 @@ def _dense_batches(x: np.ndarray, cfg: TrainConfig, device: torch.device) -> Cal
     return epoch
 
 
-def _masked_batches(x: np.ndarray, cfg: TrainConfig) -> Callable[[], Iterator[MaskedViews]]:
-    # CPU epochs of sparse views, drawn with numpy (whose generators are faster than torch's on a CPU).
-    scaled = x * np.float32(1.0 / (1.0 - cfg.input_dropout))  # dropout's rescaling, once for all epochs
-    rng = np.random.default_rng(cfg.seed)
-    bounds = _batch_bounds(len(x), min(cfg.batch_size, len(x)))
-
-    partners = _partner_drawer(x, cfg)
-
-    def epoch() -> Iterator[MaskedViews]:
-        order = rng.permutation(len(x))
-        for start, stop in bounds:
-            rows = order[start:stop]
-            if partners is None:
-                yield MaskedViews.sample(scaled[rows], rng, mask_rate=cfg.input_dropout, noise_std=cfg.noise_std)
-            else:  # one view of each cell, then one of a neighbour of each: the same stacked layout
-                yield MaskedViews.sample(np.concatenate([scaled[rows], scaled[partners(rows)]]), rng, n_views=1,
-                                         mask_rate=cfg.input_dropout, noise_std=cfg.noise_std)
-
-    return epoch
-
-
 def _partner_drawer(x: np.ndarray, cfg: TrainConfig) -> Callable[[np.ndarray], np.ndarray] | None:
     # Neighbour positives (objectives.py): a function giving each batch row's partner, or None.
     if not cfg.positive_neighbours:
@@ -198,14 +177,19 @@ def _partner_drawer(x: np.ndarray, cfg: TrainConfig) -> Callable[[np.ndarray], n
 DISK_WINDOW_BYTES = 64 * 2**20
 
 
-def _disk_batches(x, cfg: TrainConfig, device: torch.device, sparse: bool) -> Callable[[], Iterator]:
-    # Epochs over a matrix that stays on disk. The epoch's permutation is read a window of
-    # batches at a time (one sorted gather) and cut into batches, so memory is one window
-    # whatever the number of cells. The permutation and the draws are those of _masked_batches:
-    # on the CPU an on-disk matrix trains the same encoder as the array it holds.
-    if cfg.positive_neighbours:
+def _row_batches(x, cfg: TrainConfig, device: torch.device, sparse: bool) -> Callable[[], Iterator]:
+    # Epochs over preprocessed rows: an array in memory, or a matrix on disk read by
+    # ``take_rows``. The epoch's permutation is gathered a window of batches at a time (for a disk
+    # matrix, one sorted read) and cut into batches, so memory is one window whatever the number
+    # of cells; the draws (numpy's permutation and masks) are the same for either, so an on-disk
+    # matrix trains the same encoder as the array it holds. On the CPU the views are sparse
+    # MaskedViews; otherwise dense views of each batch (an array that fits on the device trains
+    # from _dense_batches instead).
+    in_memory = isinstance(x, np.ndarray)
+    if cfg.positive_neighbours and not in_memory:
         msg = "positive_neighbours needs the input in memory; it is not available for on-disk (backed) training"
         raise ValueError(msg)
+    take = x.__getitem__ if in_memory else x.take_rows
     n_cells, n_genes = x.shape
     rng = np.random.default_rng(cfg.seed)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -213,20 +197,26 @@ def _disk_batches(x, cfg: TrainConfig, device: torch.device, sparse: bool) -> Ca
     bounds = _batch_bounds(n_cells, batch_size)
     per_window = max(1, DISK_WINDOW_BYTES // (batch_size * n_genes * 4))
     rescale = np.float32(1.0 / (1.0 - cfg.input_dropout))
+    partners = _partner_drawer(x, cfg) if in_memory else None
+
+    def views(batch: np.ndarray, rows: np.ndarray):
+        n_views = 2
+        if partners is not None:  # one view of each cell, then one of a neighbour of each: the same stacked layout
+            batch, n_views = np.concatenate([batch, take(partners(rows))]), 1
+        if sparse:
+            return MaskedViews.sample(batch * rescale, rng, n_views=n_views, mask_rate=cfg.input_dropout,
+                                      noise_std=cfg.noise_std)
+        return make_views(torch.as_tensor(batch, device=device), n_views=n_views, mask_rate=cfg.input_dropout,
+                          noise_std=cfg.noise_std, generator=generator)
 
     def epoch() -> Iterator:
         order = rng.permutation(n_cells)
         for first in range(0, len(bounds), per_window):
             window = bounds[first:first + per_window]
             offset = window[0][0]
-            rows = x.take_rows(order[offset:window[-1][1]])
+            rows = take(order[offset:window[-1][1]])
             for start, stop in window:
-                batch = rows[start - offset:stop - offset]
-                if sparse:
-                    yield MaskedViews.sample(batch * rescale, rng, mask_rate=cfg.input_dropout, noise_std=cfg.noise_std)
-                else:
-                    yield make_views(torch.as_tensor(batch, device=device), mask_rate=cfg.input_dropout,
-                                     noise_std=cfg.noise_std, generator=generator)
+                yield views(rows[start - offset:stop - offset], order[start:stop])
 
     return epoch
 

@@ -9,7 +9,7 @@ from contrastive_sc.train import (
     SPARSE_MASK_RATE,
     _batch_bounds,
     _dense_batches,
-    _masked_batches,
+    _row_batches,
     _single_threaded,
     _transposed_weight,
     cosine_lr,
@@ -118,7 +118,7 @@ def test_training_equals_a_plain_loop(x, input_dropout):
     torch.manual_seed(cfg.seed)
     sparse = input_dropout >= SPARSE_MASK_RATE
     encoder = ContrastiveEncoder(x.shape[1], (16, 8)).train()
-    batches = _masked_batches(x, cfg) if sparse else _dense_batches(x, cfg, torch.device("cpu"))
+    batches = _row_batches(x, cfg, torch.device("cpu"), True) if sparse else _dense_batches(x, cfg, torch.device("cpu"))
     criterion, losses = NTXentLoss(cfg.temperature), []
     with _single_threaded(True), _transposed_weight(encoder.linears[0], sparse):
         optimizer = torch.optim.Adam(encoder.parameters(), lr=cfg.lr, fused=True)

@@ -163,12 +163,18 @@ class OnnxEncoder:
         return "cuda" if self.providers and self.providers[0] == "CUDAExecutionProvider" else "cpu"
 
     def __call__(self, x: np.ndarray, batch_size: int = 65536) -> np.ndarray:
-        """Embed preprocessed rows ``(cells, n_inputs)`` -> ``(cells, dims)`` float32."""
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        if x.ndim != 2 or x.shape[1] != self.n_inputs:
-            msg = f"expected input of shape (cells, {self.n_inputs}), got {x.shape}"
+        """Embed preprocessed rows ``(cells, n_inputs)`` -> ``(cells, dims)`` float32.
+
+        ``x`` is an array or anything with ``shape`` and row slices (an on-disk
+        :class:`~contrastive_sc.outofcore.DiskMatrix`): only one batch is in memory at a time.
+        """
+        if not hasattr(x, "shape") or not hasattr(x, "__getitem__"):
+            x = np.asarray(x)
+        if len(x.shape) != 2 or x.shape[1] != self.n_inputs:
+            msg = f"expected input of shape (cells, {self.n_inputs}), got {tuple(x.shape)}"
             raise ValueError(msg)
-        parts = [self.session.run([OUTPUT_NAME], {INPUT_NAME: x[i:i + batch_size]})[0]
+        parts = [self.session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(x[i:i + batch_size],
+                                                                                   dtype=np.float32)})[0]
                  for i in range(0, x.shape[0], batch_size)]
         return np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
 

@@ -61,3 +61,14 @@ def test_parity_on_real_data(tmp_path):
     rows = model.preprocess(adata)
     path = export_onnx(model.encoder, tmp_path / "pbmc.onnx", check=rows)
     assert parity(model.encoder, path, rows) <= PARITY_ATOL
+
+
+def test_the_session_embeds_an_on_disk_matrix_a_batch_at_a_time(trained, synthetic, tmp_path):
+    from contrastive_sc.outofcore import preprocess_to_disk
+
+    session = OnnxEncoder(export_onnx(trained.encoder, tmp_path / "enc.onnx"), provider="cpu")
+    expected = session(trained.preprocess(synthetic))
+    with preprocess_to_disk(synthetic.X, synthetic.var_names, trained.state, directory=tmp_path) as on_disk:
+        np.testing.assert_allclose(session(on_disk, batch_size=64), expected, atol=1e-6)
+    with pytest.raises(ValueError, match=r"expected input of shape \(cells, 100\), got \(3, 7\)"):
+        session(np.zeros((3, 7), dtype=np.float32))

@@ -10,14 +10,14 @@ import importlib
 
 # Light modules are bound eagerly: `cluster` is both a module and a function, and an eager
 # import makes the function win (a lazily loaded submodule would shadow it).
-from .cluster import cluster, cluster_labels
-from .config import ContrastiveConfig, get_preset
-from .metrics import score_clustering
+from .analysis.cluster import cluster, cluster_labels
+from .analysis.metrics import score_clustering
+from .method.config import ContrastiveConfig, get_preset
 
 __version__ = "0.1.0"
 
 # Heavy entry points (torch, anndata) load on first use.
-_EXPORTS = {"ContrastiveSC": "model", "read": "io"}
+_EXPORTS = {"ContrastiveSC": "method.model", "read": "method.io"}
 
 __all__ = ["ContrastiveConfig", "ContrastiveSC", "__version__", "cluster", "cluster_labels", "get_preset", "read",
            "score_clustering"]

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import click
 
-from .annotation_benchmark import METHODS as ANNOTATION_METHODS
-from .benchmark import available_methods
-from .cluster import METHODS as CLUSTER_METHODS
-from .config import DEFAULT_PRESET, PRESETS, ContrastiveConfig
-from .experiments import EXPERIMENT_NAMES
-from .inference import METHODS as PREDICT_METHODS
+from .analysis.cluster import METHODS as CLUSTER_METHODS
+from .benchmarks.annotation_benchmark import METHODS as ANNOTATION_METHODS
+from .benchmarks.benchmark import available_methods
+from .benchmarks.experiments import EXPERIMENT_NAMES
+from .method.config import DEFAULT_PRESET, PRESETS, ContrastiveConfig
+from .serve.inference import METHODS as PREDICT_METHODS
 
 _PRESET_CHOICE = click.Choice(sorted(PRESETS))
 
@@ -209,8 +209,8 @@ def benchmark(data, more_data, label_key, methods, seeds, n_genes, epochs, out, 
 
     Usage: contrastive-sc benchmark --data A.h5 B.h5ad --methods paper-kmeans,pca50-kmeans --seeds 3 --out r.csv
     """
-    from .benchmark import run_benchmark, summarise
-    from .outputs import check_output
+    from .benchmarks.benchmark import run_benchmark, summarise
+    from .mlops.outputs import check_output
 
     check_output(out, "csv", overwrite=overwrite)
 
@@ -250,7 +250,7 @@ def select(data, more_data, label_key, candidates, baselines, seeds, out, any_co
 
     Usage: contrastive-sc select --data A.h5 B.h5ad C.h5 --candidates paper-kmeans,fused-kmeans --seeds 3 --out lodo.csv
     """
-    from .selection import report, run_missing
+    from .benchmarks.selection import report, run_missing
 
     paths = [data, *more_data]
     if len(paths) < 2:
@@ -331,11 +331,12 @@ _HYPERPARAMETER_TYPES = {
 }
 #: Config fields with no option of their own: ``methods`` is ``train --cluster``; the others are
 #: set by presets (and ``sweep --grid``) only.
-_NOT_ON_CLI = frozenset({"hvg_flavor", "batch_norm", "encoder_weight", "readout", "positive_neighbours", "cluster_head", "methods"})
+_NOT_ON_CLI = frozenset({"hvg_flavor", "batch_norm", "encoder_weight", "readout", "positive_neighbours", "cluster_head",
+                         "methods"})
 
 
 def _config_fields() -> list[str]:
-    """Every setting of :class:`~contrastive_sc.config.ContrastiveConfig`, in field order."""
+    """Every setting of :class:`~contrastive_sc.method.config.ContrastiveConfig`, in field order."""
     return [name for name in ContrastiveConfig().to_params() if name != "preset"]
 
 
@@ -360,7 +361,7 @@ def _hyperparameter_options(func):
 
 
 def _build_config(preset: str, values: dict):
-    from .config import get_preset
+    from .method.config import get_preset
 
     return get_preset(preset).replace(**{k: values.get(k) for k in _HYPERPARAMETERS})
 
@@ -384,8 +385,8 @@ def _build_config(preset: str, values: dict):
 def train(data, label_key, batch_key, layer, methods, preset, experiment, run_name, no_map, tracking_uri,
           **values) -> None:
     """Train one model and log it (params, loss, metrics, artifacts, pyfunc model) to MLflow."""
-    from . import tracking
-    from .io import default_label_key, load
+    from .method.io import default_label_key, load
+    from .mlops import tracking
 
     config = _build_config(preset, values)
     adata = load(data, label_key, layer=layer)
@@ -419,9 +420,9 @@ def train(data, label_key, batch_key, layer, methods, preset, experiment, run_na
 @_friendly_errors
 def sweep(data, label_key, grid, seeds, methods, preset, epochs, experiment, tracking_uri) -> None:
     """Train a grid of settings x seeds as nested runs under one parent run with a summary table."""
-    from . import tracking
-    from .experiments import parse_grid, run_sweep
-    from .io import default_label_key, load
+    from .benchmarks.experiments import parse_grid, run_sweep
+    from .method.io import default_label_key, load
+    from .mlops import tracking
 
     adata = load(data, label_key)
     label_key = label_key or default_label_key(adata)
@@ -445,7 +446,7 @@ def sweep(data, label_key, grid, seeds, methods, preset, epochs, experiment, tra
 @_friendly_errors
 def register(name, metric, run_id, experiment, tracking_uri) -> None:
     """Register the best run's model of an experiment (or --run-id's) and alias it @challenger."""
-    from . import registry, tracking
+    from .mlops import registry, tracking
 
     tracking.setup(tracking_uri)
     if run_id:
@@ -478,7 +479,7 @@ def promote(name, version, eval_data, label_key, tracking_uri) -> None:
     Concurrent promotions of one registry are serialised by a lock file (beside a SQLite
     database); a refusal is a normal outcome and exits 0.
     """
-    from . import registry, tracking
+    from .mlops import registry, tracking
 
     if label_key and not eval_data:
         raise click.UsageError("--label-key applies to --eval-data; pass --eval-data FILE too")
@@ -492,7 +493,7 @@ def promote(name, version, eval_data, label_key, tracking_uri) -> None:
 @_friendly_errors
 def rollback(name, tracking_uri) -> None:
     """Give @champion back to the version the last promotion replaced."""
-    from . import registry, tracking
+    from .mlops import registry, tracking
 
     tracking.setup(tracking_uri)
     click.echo(registry.rollback(name).message)
@@ -510,9 +511,9 @@ def rollback(name, tracking_uri) -> None:
 @_friendly_errors
 def export_onnx(model_uri, out, data, provider, overwrite, tracking_uri) -> None:
     """Export a registered model's encoder to ONNX, check parity with torch, report the provider."""
-    from . import tracking
-    from .exporting import export_registered
-    from .outputs import check_output
+    from .mlops import tracking
+    from .mlops.exporting import export_registered
+    from .mlops.outputs import check_output
 
     check_output(out, "onnx", overwrite=overwrite)
 
@@ -540,9 +541,9 @@ def export_onnx(model_uri, out, data, provider, overwrite, tracking_uri) -> None
 @_friendly_errors
 def embed(model_uri, data, out, method, n_clusters, resolution, label_key, layer, overwrite, tracking_uri) -> None:
     """Embed and cluster a dataset with a registered model; write an .h5ad with a UMAP and marker genes."""
-    from . import tracking
-    from .exporting import embed_with_registered
-    from .outputs import check_output
+    from .mlops import tracking
+    from .mlops.exporting import embed_with_registered
+    from .mlops.outputs import check_output
 
     check_output(out, "h5ad", overwrite=overwrite)
 
@@ -570,8 +571,8 @@ def embed(model_uri, data, out, method, n_clusters, resolution, label_key, layer
 @_friendly_errors
 def experiment(name, data, more_data, seeds, epochs, n_genes, experiment, tracking_uri) -> None:
     """Run one of the paper's experiments as a parent run with nested runs, a table and a figure."""
-    from . import tracking
-    from .experiments import run_experiment
+    from .benchmarks.experiments import run_experiment
+    from .mlops import tracking
 
     tracking.setup(tracking_uri, experiment)
     paths = [p for p in (data, *more_data) if p]
@@ -597,9 +598,9 @@ def experiment(name, data, more_data, seeds, epochs, n_genes, experiment, tracki
 def annotation_benchmark(data, label_key, batch_key, train_batch, test_batch, held_out, methods, seeds, preset, out,
                          overwrite) -> None:
     """Train on one batch with a type held out, annotate another: macro F1 and unassigned shares per method."""
-    from .annotation_benchmark import run_annotation_benchmark, summarise
-    from .io import read
-    from .outputs import check_output
+    from .benchmarks.annotation_benchmark import run_annotation_benchmark, summarise
+    from .method.io import read
+    from .mlops.outputs import check_output
 
     check_output(out, "csv", overwrite=overwrite)
     results = run_annotation_benchmark(
@@ -634,7 +635,7 @@ def scale_benchmark(cells, genes, n_genes_kept, epochs, groups, seed, skip_scanp
     without loading it whole; scanpy's PCA -> neighbors -> Leiden runs beside it. Ctrl-C ends the
     current size gracefully (its partial row is written).
     """
-    from .scale import markdown_table, run_scale_benchmark
+    from .benchmarks.scale import markdown_table, run_scale_benchmark
 
     def show(row):
         click.echo(f"{row['n_cells']} cells: train {row.get('train_seconds', float('nan'))} s, "
@@ -681,12 +682,12 @@ def speed_benchmark(data, model_uri, n_cells, request_cells, clients, requests_p
     timed in the same run, on the same cells. Leiden follows, after the server has stopped: igraph
     (now) against leidenalg (before) on the model's embedding extended to --leiden-cells cells.
     """
-    from .outputs import check_output
-    from .speed import markdown, run_speed_benchmark
+    from .benchmarks.speed import markdown, run_speed_benchmark
+    from .mlops.outputs import check_output
 
     out = check_output(out, "csv", overwrite=overwrite)
     if model_uri is not None:
-        from . import tracking
+        from .mlops import tracking
 
         tracking.setup(tracking_uri)
     table = run_speed_benchmark(data, model_uri=model_uri, n_cells=n_cells, request_cells=request_cells,
@@ -709,8 +710,8 @@ def speed_benchmark(data, model_uri, n_cells, request_cells, clients, requests_p
 @_friendly_errors
 def training_speed(data, repeats) -> None:
     """Training seconds of the paper and default presets against the dense FLOP floor of the paper's training."""
-    from .io import read
-    from .training_speed import format_rows, training_floor
+    from .benchmarks.training_speed import format_rows, training_floor
+    from .method.io import read
 
     click.echo(format_rows(training_floor(read(data), repeats=repeats, verbose=False)))
 

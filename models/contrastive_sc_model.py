@@ -1,7 +1,7 @@
 """The embed-then-cluster MLflow pyfunc, defined from code (nothing is pickled).
 
 Logged by every training run with ``python_model=<this file>``, the package as
-``code_paths`` and the artifacts written by ``contrastive_sc.inference.package_model``.
+``code_paths`` and the artifacts written by ``contrastive_sc.serve.inference.package_model``.
 It runs on onnxruntime and never imports torch.
 
 What a caller sees from ``mlflow models serve``:
@@ -41,7 +41,7 @@ def refuse_unknown_params() -> bool:
     the names missing from the signature's params schema with a log warning (and all params when
     the signature has none): ``{"n_cluster": 8}`` would be answered 200 with other clusters.
     This wraps that function, in the process serving this model only, so that a params dict
-    naming anything outside a schema made of :class:`~contrastive_sc.inference.PredictParams`'s
+    naming anything outside a schema made of :class:`~contrastive_sc.serve.inference.PredictParams`'s
     fields raises the 400 the caller needs; other models' schemas are left to MLflow's rule.
 
     Returns
@@ -51,7 +51,7 @@ def refuse_unknown_params() -> bool:
     """
     import mlflow.pyfunc as pyfunc_module
 
-    from contrastive_sc.inference import PredictParams
+    from contrastive_sc.serve.inference import PredictParams
 
     original = getattr(pyfunc_module, "_enforce_params_schema", None)
     if original is None:
@@ -153,7 +153,7 @@ class EmbedThenClusterModel(PythonModel):
     """Raw counts (gene columns) -> frozen preprocessing -> ONNX encoder -> clusters."""
 
     def load_context(self, context) -> None:
-        from contrastive_sc.inference import EmbedThenCluster
+        from contrastive_sc.serve.inference import EmbedThenCluster
 
         try:
             self.model = EmbedThenCluster(dict(context.artifacts))

@@ -58,7 +58,7 @@ def request_format(params: dict, fmt: str = "auto") -> str:
     """
     from dataclasses import fields
 
-    from contrastive_sc.inference import PredictParams
+    from contrastive_sc.serve.inference import PredictParams
 
     # The defaults a body without params gets; those left to the model (None) are not known here.
     defaults = {f.name: f.default for f in fields(PredictParams) if f.default is not None}
@@ -89,7 +89,7 @@ def cluster_dataset(url: str, counts: pd.DataFrame, params: dict, chunk_size: in
     """
     if params.get("method", "reference") != "reference":
         chunk_size = len(counts)  # kmeans/auto/leiden must see all cells at once
-    from contrastive_sc.speed import request_body
+    from contrastive_sc.benchmarks.speed import request_body
 
     fmt = request_format(params, fmt)
     parts = []
@@ -112,7 +112,7 @@ def model_genes(model_uri: str | None = None, genes_file: str | None = None) -> 
     if genes_file is None and model_uri is None:
         return None
     if genes_file is None:
-        from contrastive_sc.registry import download_run_artifacts
+        from contrastive_sc.mlops.registry import download_run_artifacts
 
         genes_file = download_run_artifacts(model_uri, "preprocess_state.json")
     text = Path(genes_file).read_text()
@@ -133,7 +133,7 @@ def select_genes(counts: pd.DataFrame, genes: list[str] | None) -> pd.DataFrame:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from contrastive_sc.inference import METHODS  # the served model's methods, one list
+    from contrastive_sc.serve.inference import METHODS  # the served model's methods, one list
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", default="http://127.0.0.1:5001")
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     genes.add_argument("--genes", default=None, help="send only these genes: preprocess_state.json or one per line")
     args = parser.parse_args(argv)
 
-    from contrastive_sc.io import load
+    from contrastive_sc.method.io import load
 
     adata = load(args.data)
     if args.max_cells:

@@ -22,8 +22,8 @@ def main() -> None:
     parser.add_argument("--out-dir", default="serving/examples")
     args = parser.parse_args()
 
-    from contrastive_sc.io import load
-    from contrastive_sc.registry import load_served_model
+    from contrastive_sc.method.io import load
+    from contrastive_sc.mlops.registry import load_served_model
 
     served = load_served_model(args.model_uri)
     counts = load(args.data)[: args.cells].to_df().astype(int)

@@ -38,7 +38,7 @@ def _isolate_mlflow_environment():
 
 @pytest.fixture(scope="session")
 def _synthetic_session():
-    from contrastive_sc.simulate import simulate_splat
+    from contrastive_sc.benchmarks.simulate import simulate_splat
 
     sim = simulate_splat(n_cells=300, n_genes=400, group_prob=(0.4, 0.3, 0.3), de_fac_scale=0.6,
                          dropout_type="none", seed=7)
@@ -56,7 +56,7 @@ def synthetic(_synthetic_session):
 @pytest.fixture(scope="session")
 def tiny_config():
     """Paper preset shrunk for speed: 100 genes, 3 epochs, batches of 64."""
-    from contrastive_sc.config import get_preset
+    from contrastive_sc.method.config import get_preset
 
     return get_preset("paper").replace(n_genes=100, epochs=3, batch_size=64, n_clusters=3)
 
@@ -77,7 +77,7 @@ def trained(_trained_session):
 @pytest.fixture(scope="module")
 def packaged(_trained_session, tmp_path_factory):
     """``trained`` packaged as the served model (ONNX encoder on the CPU provider)."""
-    from contrastive_sc.inference import EmbedThenCluster, package_model
+    from contrastive_sc.serve.inference import EmbedThenCluster, package_model
 
     folder = tmp_path_factory.mktemp("packaged")
     package_model(_trained_session, folder)
@@ -132,7 +132,7 @@ def _store_with_runs(_template_store, _synthetic_session, tiny_config, tmp_path_
 
     import mlflow
 
-    from contrastive_sc import tracking
+    from contrastive_sc.mlops import tracking
 
     folder = tmp_path_factory.mktemp("store_with_runs")
     shutil.copyfile(_template_store, folder / "mlflow.db")

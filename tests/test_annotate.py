@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from contrastive_sc import ContrastiveSC
-from contrastive_sc.annotate import UNASSIGNED, CellTypeReference
+from contrastive_sc.analysis.annotate import UNASSIGNED, CellTypeReference
 
 
 @pytest.fixture(scope="module")

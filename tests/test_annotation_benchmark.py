@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from contrastive_sc.annotation_benchmark import score_annotation, split_by_batch
+from contrastive_sc.benchmarks.annotation_benchmark import score_annotation, split_by_batch
 from contrastive_sc.cli import main
 
 

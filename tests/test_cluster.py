@@ -3,7 +3,7 @@ import pytest
 from sklearn.datasets import make_blobs
 from sklearn.metrics import adjusted_rand_score
 
-from contrastive_sc.cluster import METHODS, NEEDS_K, cluster, cluster_labels, estimate_n_clusters
+from contrastive_sc.analysis.cluster import METHODS, NEEDS_K, cluster, cluster_labels, estimate_n_clusters
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,8 @@ def test_large_graph_path_stops_after_two_iterations_and_still_recovers_blobs(bl
     # Above LEIDEN_CONVERGE_CELLS Leiden runs two iterations; pretend 100 cells is "large".
     import importlib
 
-    cluster_module = importlib.import_module("contrastive_sc.cluster")  # the package exports a function of that name
+    # the package exports a function of that name
+    cluster_module = importlib.import_module("contrastive_sc.analysis.cluster")
 
     converged = cluster_labels(blobs[0], "leiden", resolution=0.3, seed=0)
     monkeypatch.setattr(cluster_module, "LEIDEN_CONVERGE_CELLS", 100)
@@ -89,7 +90,7 @@ def test_anndata_interface(blobs):
 
 def _leidenalg_labels(x, resolution, n_neighbors=15, seed=0):
     """The previous implementation: leidenalg's modularity with resolution on the same graph."""
-    from contrastive_sc.speed import leidenalg_labels
+    from contrastive_sc.benchmarks.speed import leidenalg_labels
 
     return leidenalg_labels(x, resolution=resolution, n_neighbors=n_neighbors, seed=seed)
 
@@ -109,7 +110,7 @@ def test_leiden_is_reproducible_for_a_seed(blobs):
 
 
 def test_weighted_graph_is_the_fuzzy_union_of_the_unweighted_one(blobs):
-    from contrastive_sc.cluster import knn_graph
+    from contrastive_sc.analysis.cluster import knn_graph
 
     x = blobs[0]
     plain, weighted = knn_graph(x, 10), knn_graph(x, 10, weighted=True)
@@ -129,7 +130,7 @@ def test_weighted_graph_matches_umap():
     from sklearn.neighbors import NearestNeighbors
     from umap.umap_ import fuzzy_simplicial_set
 
-    from contrastive_sc.cluster import knn_graph
+    from contrastive_sc.analysis.cluster import knn_graph
 
     x, _ = make_blobs(n_samples=400, centers=4, n_features=12, random_state=5)
     adjacency = knn_graph(x, 12, weighted=True).get_adjacency_sparse(attribute="weight")
@@ -146,7 +147,7 @@ def test_approximate_neighbours_path(blobs, monkeypatch):
     # (its numba compilation costs a minute on a busy two-core machine)
     import importlib
 
-    cluster_module = importlib.import_module("contrastive_sc.cluster")
+    cluster_module = importlib.import_module("contrastive_sc.analysis.cluster")
     x = np.concatenate([blobs[0], blobs[0][:5]])  # duplicates may push a cell out of its own list
     exact = cluster_module.knn_graph(x, 15)
     monkeypatch.setattr(cluster_module, "APPROXIMATE_NEIGHBORS_CELLS", 100)

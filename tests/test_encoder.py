@@ -1,8 +1,8 @@
 import numpy as np
 import torch
 
-from contrastive_sc.augment import MaskedViews, make_views
-from contrastive_sc.encoder import ContrastiveEncoder
+from contrastive_sc.method.augment import MaskedViews, make_views
+from contrastive_sc.method.encoder import ContrastiveEncoder
 
 
 def test_shapes_and_unit_norm():

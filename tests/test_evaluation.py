@@ -4,8 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from contrastive_sc.evaluation import as_metrics, cluster_and_score, mean_sd, mean_sd_text
-from contrastive_sc.metrics import score_clustering
+from contrastive_sc.analysis.evaluation import as_metrics, cluster_and_score, mean_sd, mean_sd_text
+from contrastive_sc.analysis.metrics import score_clustering
 
 
 @pytest.fixture

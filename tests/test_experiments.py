@@ -3,7 +3,7 @@
 import pytest
 from mlflow import MlflowClient
 
-from contrastive_sc.experiments import EXPERIMENT_NAMES, run_experiment
+from contrastive_sc.benchmarks.experiments import EXPERIMENT_NAMES, run_experiment
 
 pytestmark = pytest.mark.slow
 
@@ -16,7 +16,7 @@ SMALL = {
 
 @pytest.mark.parametrize("name", EXPERIMENT_NAMES)
 def test_experiment_logs_parent_children_table_and_figure(name, tracking_uri, synthetic):
-    from contrastive_sc.tracking import setup
+    from contrastive_sc.mlops.tracking import setup
 
     setup(tracking_uri, "experiments")
     synthetic.uns["dataset"] = {"name": "synthetic"}

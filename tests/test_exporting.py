@@ -4,7 +4,7 @@ import anndata as ad
 import numpy as np
 import pytest
 
-from contrastive_sc.exporting import embed_with_registered, export_registered
+from contrastive_sc.mlops.exporting import embed_with_registered, export_registered
 
 pytestmark = pytest.mark.slow  # loads logged models from an MLflow store
 
@@ -17,10 +17,10 @@ def cells(synthetic, tmp_path):
 
 
 def test_export_matches_torch_on_random_rows_and_the_datas_cells(store_with_runs, cells, tmp_path, synthetic):
-    from contrastive_sc.model import ContrastiveSC
-    from contrastive_sc.onnx_io import OnnxEncoder
-    from contrastive_sc.registry import download_run_artifacts
-    from contrastive_sc.tracking import TORCH_MODEL_ARTIFACT
+    from contrastive_sc.method.model import ContrastiveSC
+    from contrastive_sc.mlops.registry import download_run_artifacts
+    from contrastive_sc.mlops.tracking import TORCH_MODEL_ARTIFACT
+    from contrastive_sc.serve.onnx_io import OnnxEncoder
 
     _, runs = store_with_runs
     uri = f"runs:/{runs[0]['run_id']}/model"
@@ -35,7 +35,7 @@ def test_export_matches_torch_on_random_rows_and_the_datas_cells(store_with_runs
 
 
 def test_embed_writes_embedding_umap_clusters_markers_and_cell_types(store_with_runs, cells, tmp_path):
-    from contrastive_sc.registry import load_served_model
+    from contrastive_sc.mlops.registry import load_served_model
 
     _, runs = store_with_runs
     uri = f"runs:/{runs[0]['run_id']}/model"

@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from contrastive_sc import ContrastiveSC
-from contrastive_sc.cluster import cluster_labels, nearest_centroid
-from contrastive_sc.config import DEFAULT_PRESET, get_preset
-from contrastive_sc.inference import EmbedThenCluster, package_model
-from contrastive_sc.metrics import score_clustering
-from contrastive_sc.preprocess import fit_preprocess
+from contrastive_sc.analysis.cluster import cluster_labels, nearest_centroid
+from contrastive_sc.analysis.metrics import score_clustering
+from contrastive_sc.method.config import DEFAULT_PRESET, get_preset
+from contrastive_sc.method.preprocess import fit_preprocess
+from contrastive_sc.serve.inference import EmbedThenCluster, package_model
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,7 @@ def test_nearest_centroid_is_the_euclidean_argmin(rng):
 
 
 def test_empty_module_loads_a_saved_state(fused):
-    from contrastive_sc.encoder import ContrastiveEncoder, FusedEmbedder
+    from contrastive_sc.method.encoder import ContrastiveEncoder, FusedEmbedder
 
     encoder = ContrastiveEncoder(fused.encoder.n_inputs)
     empty = FusedEmbedder.empty(encoder, *reversed(fused.encoder.pca_components.shape))
@@ -108,7 +108,7 @@ def test_empty_module_loads_a_saved_state(fused):
 
 @pytest.mark.parametrize("readout", ["unnormalised", "hidden"])
 def test_a_fused_model_with_another_readout_saves_loads_and_exports(synthetic, tmp_path, readout):
-    from contrastive_sc.onnx_io import OnnxEncoder, export_onnx
+    from contrastive_sc.serve.onnx_io import OnnxEncoder, export_onnx
 
     config = get_preset("fused").replace(n_genes=100, pca_genes=50, pca_components=8, epochs=2, batch_size=64,
                                          n_clusters=3, readout=readout)

@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from contrastive_sc.inference import EmbedThenCluster, PredictParams, package_model
+from contrastive_sc.serve.inference import EmbedThenCluster, PredictParams, package_model
 
 
 @pytest.fixture
@@ -109,7 +109,7 @@ def test_serving_path_never_imports_torch(tmp_path, _trained_session):
     package_model(_trained_session, tmp_path)
     code = (
         "import sys, numpy as np\n"
-        "from contrastive_sc.inference import EmbedThenCluster\n"
+        "from contrastive_sc.serve.inference import EmbedThenCluster\n"
         f"m = EmbedThenCluster.from_dir({str(tmp_path)!r}, provider='cpu')\n"
         "m.predict(np.ones((4, m.state.n_genes)))\n"
         "print('torch' in sys.modules)\n"
@@ -169,7 +169,7 @@ def test_int_float_and_partial_gene_inputs_agree(packaged, frame):
 
 
 def test_cells_per_request_limit(_trained_session, tmp_path, frame, monkeypatch):
-    from contrastive_sc.inference import RequestTooLarge
+    from contrastive_sc.serve.inference import RequestTooLarge
 
     package_model(_trained_session, tmp_path)
     monkeypatch.setenv("CONTRASTIVE_SC_MAX_CELLS", "100")
@@ -238,7 +238,7 @@ CORRUPTIONS = {
 
 @pytest.mark.parametrize("case", list(CORRUPTIONS))
 def test_loading_refuses_artifacts_that_disagree(_trained_session, tmp_path, case):
-    from contrastive_sc.inference import ArtifactError
+    from contrastive_sc.serve.inference import ArtifactError
 
     package_model(_trained_session, tmp_path)
     corrupt, message = CORRUPTIONS[case]

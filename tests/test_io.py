@@ -8,7 +8,7 @@ import pytest
 import scipy.io
 import scipy.sparse as sp
 
-from contrastive_sc.io import read
+from contrastive_sc.method.io import read
 
 COUNTS = np.array([[1, 0, 3, 2], [0, 2, 1, 0], [4, 1, 0, 1]], dtype=np.float32)
 GENES = ["GeneA", "GeneB", "GeneC", "GeneD"]

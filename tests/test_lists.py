@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from contrastive_sc import cli
-from contrastive_sc.config import ContrastiveConfig
+from contrastive_sc.method.config import ContrastiveConfig
 
 REPO = Path(__file__).resolve().parents[1]
 MLPROJECT = yaml.safe_load((REPO / "MLproject").read_text())["entry_points"]
@@ -98,7 +98,7 @@ def test_mlproject_parameters_are_passed_to_the_cli_option_of_that_name_with_its
 def test_readme_params_table_lists_predict_params_with_their_defaults():
     from dataclasses import fields
 
-    from contrastive_sc.inference import PredictParams
+    from contrastive_sc.serve.inference import PredictParams
 
     text = (REPO / "README.md").read_text()
     table = text[text.index("| param | default | meaning |"):].split("\n\n")[0].splitlines()[2:]
@@ -119,7 +119,7 @@ def test_readme_params_table_lists_predict_params_with_their_defaults():
 def test_embed_options_default_to_predict_params():
     from dataclasses import fields
 
-    from contrastive_sc.inference import METHODS, PredictParams
+    from contrastive_sc.serve.inference import METHODS, PredictParams
 
     declared = {f.name: f.default for f in fields(PredictParams)}
     options = _options(cli.embed)

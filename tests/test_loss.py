@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from contrastive_sc.loss import NTXentLoss, _NTXentFunction
+from contrastive_sc.method.loss import NTXentLoss, _NTXentFunction
 
 
 def naive_nt_xent(z: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn import metrics
 
-from contrastive_sc.metrics import score_clustering
+from contrastive_sc.analysis.metrics import score_clustering
 
 
 def test_against_scikit_learn(rng):

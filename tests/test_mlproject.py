@@ -37,7 +37,7 @@ def tiny_h5(tmp_path, synthetic):
 
 
 def test_train_entry_point_logs_everything(tracking_uri, tmp_path, tiny_h5):
-    from contrastive_sc.tracking import ensure_experiment
+    from contrastive_sc.mlops.tracking import ensure_experiment
 
     ensure_experiment("mlproject", tracking_uri)
     done = _mlflow_run("train", {"data": tiny_h5, "epochs": 3, "n_genes": 100, "batch_size": 64, "seed": 4,

@@ -46,7 +46,7 @@ def test_reference_labels_follow_training_clusters(trained, synthetic):
 def test_reference_clusters_without_k_use_the_estimated_k(synthetic, tiny_config):
     import dataclasses
 
-    from contrastive_sc.cluster import cluster_labels, estimate_n_clusters
+    from contrastive_sc.analysis.cluster import cluster_labels, estimate_n_clusters
 
     config = dataclasses.replace(tiny_config, cluster=dataclasses.replace(tiny_config.cluster, n_clusters=None))
     model = ContrastiveSC(config).fit(synthetic)

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from contrastive_sc.describe import N_MARKERS, marker_genes, umap_coordinates
-from contrastive_sc.metrics import batch_mixing
+from contrastive_sc.analysis.describe import N_MARKERS, marker_genes, umap_coordinates
+from contrastive_sc.analysis.metrics import batch_mixing
 
 
 def test_batch_mixing_reads_zero_for_separated_and_near_one_for_mixed_batches(rng):
@@ -37,7 +37,7 @@ def test_umap_has_two_columns_per_cell(rng):
 
 @pytest.mark.slow
 def test_a_run_logs_map_markers_heatmap_and_batch_mixing(tracking_uri, synthetic, tiny_config, tmp_path):
-    from contrastive_sc import tracking
+    from contrastive_sc.mlops import tracking
 
     tracking.setup(tracking_uri, "naming")
     synthetic.obs["donor"] = np.where(np.arange(synthetic.n_obs) % 2, "d1", "d2")

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from contrastive_sc.config import get_preset
-from contrastive_sc.model import ContrastiveSC
-from contrastive_sc.objectives import ClusterHead, cluster_loss, draw_partners, neighbour_table
-from contrastive_sc.train import fit_encoder
+from contrastive_sc.method.config import get_preset
+from contrastive_sc.method.model import ContrastiveSC
+from contrastive_sc.method.objectives import ClusterHead, cluster_loss, draw_partners, neighbour_table
+from contrastive_sc.method.train import fit_encoder
 
 
 def _groups(seed=0):

@@ -5,7 +5,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from contrastive_sc.onnx_io import PARITY_ATOL, OnnxEncoder, export_onnx, parity
+from contrastive_sc.serve.onnx_io import PARITY_ATOL, OnnxEncoder, export_onnx, parity
 from tests.conftest import shared_file
 
 
@@ -64,7 +64,7 @@ def test_parity_on_real_data(tmp_path):
 
 
 def test_the_session_embeds_an_on_disk_matrix_a_batch_at_a_time(trained, synthetic, tmp_path):
-    from contrastive_sc.outofcore import preprocess_to_disk
+    from contrastive_sc.method.outofcore import preprocess_to_disk
 
     session = OnnxEncoder(export_onnx(trained.encoder, tmp_path / "enc.onnx"), provider="cpu")
     expected = session(trained.preprocess(synthetic))

@@ -7,7 +7,7 @@ import scipy.sparse as sp
 import torch
 
 from contrastive_sc import ContrastiveSC
-from contrastive_sc.outofcore import (
+from contrastive_sc.method.outofcore import (
     DiskMatrix,
     embed_chunked,
     fit_preprocess_chunked,
@@ -15,8 +15,8 @@ from contrastive_sc.outofcore import (
     seurat_top_genes,
     write_embedding,
 )
-from contrastive_sc.preprocess import fit_preprocess, transform
-from contrastive_sc.train import encode, fit_encoder
+from contrastive_sc.method.preprocess import fit_preprocess, transform
+from contrastive_sc.method.train import encode, fit_encoder
 
 
 def _assert_same_state(chunked, memory):
@@ -121,7 +121,7 @@ def test_backed_fit_and_embedding_match_memory(synthetic, tiny_config, tmp_path)
 
 
 def test_backed_fit_of_the_fused_preset_equals_memory(synthetic, tmp_path):
-    from contrastive_sc.config import get_preset
+    from contrastive_sc.method.config import get_preset
 
     config = get_preset("fused").replace(n_genes=100, pca_genes=50, pca_components=8, epochs=2, batch_size=64,
                                          n_clusters=3)
@@ -162,8 +162,8 @@ def test_the_model_api_works_alike_on_either_container(both_containers, tiny_con
 
 def test_the_pca_sample_depends_on_the_number_of_cells_not_the_container(both_containers, monkeypatch):
     # Above PCA_SAMPLE_CELLS cells the PCA block is fitted on a sample, in memory as on disk.
-    import contrastive_sc.model as model_module
-    from contrastive_sc.config import get_preset
+    import contrastive_sc.method.model as model_module
+    from contrastive_sc.method.config import get_preset
 
     monkeypatch.setattr(model_module, "PCA_SAMPLE_CELLS", 120)
     config = get_preset("fused").replace(n_genes=100, pca_genes=50, pca_components=8, epochs=2, batch_size=64,

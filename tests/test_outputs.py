@@ -2,11 +2,11 @@
 
 import pytest
 
-from contrastive_sc.outputs import check_output
+from contrastive_sc.mlops.outputs import check_output
 
 
 def test_new_path_and_earlier_outputs_are_writable(tmp_path, synthetic, trained):
-    from contrastive_sc.onnx_io import export_onnx
+    from contrastive_sc.serve.onnx_io import export_onnx
 
     assert check_output(tmp_path / "new.h5ad", "h5ad") == tmp_path / "new.h5ad"
     synthetic.uns["contrastive_reference"] = {"model_uri": "models:/m@champion"}

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from contrastive_sc.benchmark import run_benchmark
+from contrastive_sc.benchmarks.benchmark import run_benchmark
 from tests.conftest import shared_file
 
 pytestmark = [pytest.mark.realdata, pytest.mark.slow]

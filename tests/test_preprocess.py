@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from contrastive_sc.preprocess import PreprocessState, fit_preprocess, gene_coverage, transform
+from contrastive_sc.method.preprocess import PreprocessState, fit_preprocess, gene_coverage, transform
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from contrastive_sc import registry
+from contrastive_sc.mlops import registry
 
 ROUNDS = 6
 #: Promotions started at once in every round: two each of the middle and the best version.

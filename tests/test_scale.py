@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
+from contrastive_sc.benchmarks.scale import COLUMNS, NNDescentTransformer, write_simulated_h5ad
 from contrastive_sc.cli import main
-from contrastive_sc.scale import COLUMNS, NNDescentTransformer, write_simulated_h5ad
 
 pytestmark = pytest.mark.slow
 
@@ -88,7 +88,7 @@ def test_scale_benchmark_validates_flags(tmp_path):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_worker_ends_when_the_benchmark_process_is_killed():
     # Each size runs in a spawned worker; killing the benchmark must not leave it running.
-    code = "import time\nfrom contrastive_sc.scale import _in_fresh_process\n_in_fresh_process(time.sleep, 120)"
+    code = "import time\nfrom contrastive_sc.benchmarks.scale import _in_fresh_process\n_in_fresh_process(time.sleep, 120)"
     parent = subprocess.Popen([sys.executable, "-c", code])
     children_file = Path(f"/proc/{parent.pid}/task/{parent.pid}/children")
     deadline = time.monotonic() + 60

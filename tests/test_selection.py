@@ -3,8 +3,16 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
+from contrastive_sc.benchmarks.selection import (
+    CACHE_COLUMNS,
+    code_id,
+    lodo,
+    read_cache,
+    report,
+    run_missing,
+    within_tolerance,
+)
 from contrastive_sc.cli import main
-from contrastive_sc.selection import CACHE_COLUMNS, code_id, lodo, read_cache, report, run_missing, within_tolerance
 
 
 def _table(scores: dict[str, dict[str, list[float]]], classes=5) -> pd.DataFrame:

@@ -26,7 +26,7 @@ def logged(_store_with_runs, tmp_path_factory):
 def test_signature_has_params_and_outputs_and_no_input_schema(logged):
     from mlflow.models import Model
 
-    from contrastive_sc.inference import PredictParams
+    from contrastive_sc.serve.inference import PredictParams
 
     signature = Model.load(logged).signature
     assert signature.inputs is None  # gene columns are checked by the model (see tracking._log_model)
@@ -116,7 +116,7 @@ def test_a_model_trained_without_labels_names_no_types_and_refuses_unknown_param
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from contrastive_sc import tracking
+    from contrastive_sc.mlops import tracking
 
     tracking.setup(tracking_uri, "unlabelled")
     run = tracking.train_run(synthetic, tiny_config, methods=("kmeans",), map_plot=False)  # no label_key

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from contrastive_sc.cluster import cluster_labels
+from contrastive_sc.analysis.cluster import cluster_labels
 from tests.conftest import shared_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,7 +87,7 @@ class Server:
 def served(_store_with_runs, tmp_path_factory, _synthetic_session):
     import mlflow
 
-    from contrastive_sc import registry
+    from contrastive_sc.mlops import registry
 
     folder = tmp_path_factory.mktemp("served")
     db, runs = _store_with_runs
@@ -165,13 +165,13 @@ def test_tensor_form(served):
 
 def _model_genes(server):
     # The model's genes, in order, from the preprocessing state logged with its run.
-    from contrastive_sc.preprocess import PreprocessState
+    from contrastive_sc.method.preprocess import PreprocessState
 
     state = server.log.parent / "state.json"
     if not state.exists():
         import mlflow
 
-        from contrastive_sc.registry import run_of
+        from contrastive_sc.mlops.registry import run_of
 
         mlflow.set_tracking_uri(f"sqlite:///{server.log.parent / 'mlflow.db'}")
         path = mlflow.artifacts.download_artifacts(run_id=run_of("models:/served@champion"),
@@ -365,7 +365,8 @@ def test_real_dataset_over_http_matches_in_process(tmp_path, _template_store):
     import mlflow
     from sklearn.metrics import adjusted_rand_score
 
-    from contrastive_sc import get_preset, read, registry, tracking
+    from contrastive_sc import get_preset, read
+    from contrastive_sc.mlops import registry, tracking
 
     adata = read(shared_file("10X_PBMC_top2000.h5"))
     shutil.copyfile(_template_store, tmp_path / "mlflow.db")

@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from contrastive_sc.simulate import (
+from contrastive_sc.benchmarks.simulate import (
     SimulatedCounts,
     SplatParams,
     balanced_grid,

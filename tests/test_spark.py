@@ -12,7 +12,7 @@ import mlflow
 import numpy as np
 import pytest
 
-from contrastive_sc import tracking
+from contrastive_sc.mlops import tracking
 
 pytestmark = pytest.mark.slow
 

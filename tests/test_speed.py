@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from contrastive_sc.preprocess import transform
-from contrastive_sc.validation import check_count_values
+from contrastive_sc.method.preprocess import transform
+from contrastive_sc.method.validation import check_count_values
 
 MODEL_FILE = Path(__file__).resolve().parents[1] / "models" / "contrastive_sc_model.py"
 
@@ -149,7 +149,7 @@ def test_fast_json_answers_hold_mlflows_values(model_module, packaged, frame):
 def test_binary_request_bodies_read_back(frame, fmt):
     from mlflow.pyfunc import scoring_server
 
-    from contrastive_sc.speed import request_body
+    from contrastive_sc.benchmarks.speed import request_body
 
     body = request_body(frame, fmt)
     parsed = (scoring_server.parse_csv_input(io.StringIO(body.decode())) if fmt == "csv"
@@ -161,7 +161,7 @@ def test_binary_request_bodies_read_back(frame, fmt):
 
 
 def test_ratios_name_targets():
-    from contrastive_sc.speed import markdown, ratios
+    from contrastive_sc.benchmarks.speed import markdown, ratios
 
     table = pd.DataFrame({"path": ["onnxruntime encoder", "in-process predict", "in-process predict, 500-cell calls",
                                    "HTTP csv", "HTTP csv, 8 clients"],
@@ -178,7 +178,7 @@ def test_ratios_name_targets():
 
 
 def test_embedding_at_size_keeps_the_cells_and_stays_between_them():
-    from contrastive_sc.speed import embedding_at_size
+    from contrastive_sc.benchmarks.speed import embedding_at_size
 
     x = np.random.default_rng(0).normal(size=(50, 4)).astype(np.float32)
     grown = embedding_at_size(x, 500, seed=1)
@@ -191,7 +191,7 @@ def test_embedding_at_size_keeps_the_cells_and_stays_between_them():
 def test_leiden_rows_time_igraph_against_leidenalg():
     from sklearn.datasets import make_blobs
 
-    from contrastive_sc.speed import markdown, ratios, time_leiden
+    from contrastive_sc.benchmarks.speed import markdown, ratios, time_leiden
 
     x, _ = make_blobs(n_samples=[150, 150, 100, 100], n_features=10, cluster_std=0.5, random_state=3)
     seen = []
@@ -215,7 +215,7 @@ def test_leiden_rows_time_igraph_against_leidenalg():
 
 
 def test_leiden_ratio_from_seconds():
-    from contrastive_sc.speed import markdown, ratios
+    from contrastive_sc.benchmarks.speed import markdown, ratios
 
     table = pd.DataFrame({"path": ["Leiden igraph, 10,000 cells", "Leiden leidenalg, 10,000 cells"],
                           "cells": [10000, 10000], "requests": [1, 1], "seconds": [2.0, 8.0],
@@ -228,7 +228,7 @@ def test_leiden_ratio_from_seconds():
 
 
 def test_long_form_answers_as_the_wide_form(packaged, frame):
-    from contrastive_sc.speed import long_form
+    from contrastive_sc.benchmarks.speed import long_form
 
     wide = frame.iloc[:30].copy()
     wide.index = [f"cell_{i}" for i in range(len(wide))]
@@ -263,7 +263,7 @@ def test_long_form_bad_rows(packaged, rows, message):
 
 
 def test_long_form_checks_coverage_on_named_genes(packaged, frame):
-    from contrastive_sc.speed import long_form
+    from contrastive_sc.benchmarks.speed import long_form
 
     few = long_form(frame.iloc[:5][list(packaged.state.genes[:3])] + 1)
     with pytest.raises(ValueError, match="only 3 of the model's"):
@@ -271,7 +271,7 @@ def test_long_form_checks_coverage_on_named_genes(packaged, frame):
 
 
 def test_long_form_keeps_cells_without_counts():
-    from contrastive_sc.speed import long_form
+    from contrastive_sc.benchmarks.speed import long_form
 
     wide = pd.DataFrame([[0, 2, 0], [0, 0, 0], [1, 0, 0]], index=["a", "b", "c"], columns=["g1", "g2", "g3"])
     long = long_form(wide)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from contrastive_sc.experiments import grid_points, parse_grid, run_sweep
+from contrastive_sc.benchmarks.experiments import grid_points, parse_grid, run_sweep
 
 
 def test_parse_grid_reads_numbers_words_and_layer_lists():
@@ -32,7 +32,7 @@ def test_grid_points_is_the_product_in_order():
 def test_sweep_logs_a_parent_with_nested_runs_and_a_summary(tracking_uri, synthetic, tiny_config):
     from mlflow import MlflowClient
 
-    from contrastive_sc.tracking import setup
+    from contrastive_sc.mlops.tracking import setup
 
     setup(tracking_uri, "sweep")
     base = tiny_config.replace(epochs=1)
@@ -60,7 +60,7 @@ def test_sweep_logs_a_parent_with_nested_runs_and_a_summary(tracking_uri, synthe
 def test_a_bad_grid_value_fails_before_any_run(tracking_uri, synthetic, tiny_config):
     from mlflow import MlflowClient
 
-    from contrastive_sc.tracking import setup
+    from contrastive_sc.mlops.tracking import setup
 
     setup(tracking_uri, "bad-sweep")
     with pytest.raises(ValueError, match="lr must be > 0"):

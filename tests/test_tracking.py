@@ -51,7 +51,7 @@ def test_logged_model_is_the_embed_then_cluster_pyfunc(store_with_runs, syntheti
 
 
 def test_tracking_uri_default_and_override(monkeypatch, tmp_path):
-    from contrastive_sc.tracking import resolve_tracking_uri
+    from contrastive_sc.mlops.tracking import resolve_tracking_uri
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
@@ -62,7 +62,7 @@ def test_tracking_uri_default_and_override(monkeypatch, tmp_path):
 
 
 def test_experiment_artifacts_live_beside_the_database(tracking_uri, tmp_path):
-    from contrastive_sc.tracking import ensure_experiment
+    from contrastive_sc.mlops.tracking import ensure_experiment
 
     experiment_id = ensure_experiment("placed", tracking_uri)
     location = MlflowClient().get_experiment(experiment_id).artifact_location
@@ -71,7 +71,7 @@ def test_experiment_artifacts_live_beside_the_database(tracking_uri, tmp_path):
 
 
 def test_failed_training_leaves_a_failed_run_and_registers_nothing(tracking_uri, synthetic, tiny_config):
-    from contrastive_sc import registry, tracking
+    from contrastive_sc.mlops import registry, tracking
 
     tracking.setup(tracking_uri, "failing")
     broken = synthetic.copy()

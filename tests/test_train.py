@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 import torch
 
-from contrastive_sc.config import EncoderConfig, TrainConfig
-from contrastive_sc.encoder import ContrastiveEncoder
-from contrastive_sc.loss import NTXentLoss
-from contrastive_sc.train import (
+from contrastive_sc.method.config import EncoderConfig, TrainConfig
+from contrastive_sc.method.encoder import ContrastiveEncoder
+from contrastive_sc.method.loss import NTXentLoss
+from contrastive_sc.method.train import (
     SPARSE_MASK_RATE,
     _batch_bounds,
     _dense_batches,

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from contrastive_sc.training_speed import floor_rows, format_rows, peak_gflops, training_flops
+from contrastive_sc.benchmarks.training_speed import floor_rows, format_rows, peak_gflops, training_flops
 
 
 def test_flops_by_hand():
@@ -40,8 +40,8 @@ def test_training_seconds_on_tiny_counts(monkeypatch):
     import anndata
     import numpy as np
 
-    from contrastive_sc import config
-    from contrastive_sc.training_speed import training_seconds
+    from contrastive_sc.benchmarks.training_speed import training_seconds
+    from contrastive_sc.method import config
 
     paper = config.get_preset("paper")
     tiny = paper.replace(epochs=1, n_genes=20)

@@ -30,7 +30,7 @@ def export_onnx(encoder, path: str | Path, *, check: np.ndarray | None = None) -
     Parameters
     ----------
     encoder
-        A trained :class:`~contrastive_sc.encoder.ContrastiveEncoder`.
+        A trained :class:`~contrastive_sc.method.encoder.ContrastiveEncoder`.
     path
         Output ``.onnx`` file.
     check
@@ -166,7 +166,7 @@ class OnnxEncoder:
         """Embed preprocessed rows ``(cells, n_inputs)`` -> ``(cells, dims)`` float32.
 
         ``x`` is an array or anything with ``shape`` and row slices (an on-disk
-        :class:`~contrastive_sc.outofcore.DiskMatrix`): only one batch is in memory at a time.
+        :class:`~contrastive_sc.method.outofcore.DiskMatrix`): only one batch is in memory at a time.
         """
         if not hasattr(x, "shape") or not hasattr(x, "__getitem__"):
             x = np.asarray(x)

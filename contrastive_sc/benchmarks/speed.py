@@ -225,8 +225,8 @@ def _chunks(frame: pd.DataFrame, size: int) -> list[pd.DataFrame]:
 
 
 def _train_model(adata, folder: Path, *, epochs: int, n_genes: int, seed: int) -> str:
-    from . import tracking
-    from .config import get_preset
+    from ..method.config import get_preset
+    from ..mlops import tracking
 
     tracking.setup(f"sqlite:///{folder / 'mlflow.db'}", "speed-benchmark")
     config = get_preset("paper").replace(epochs=epochs, n_genes=n_genes, seed=seed)
@@ -237,7 +237,7 @@ def _time_in_process(local_model: str, counts: pd.DataFrame, chunks: list[pd.Dat
     """The bare encoder on the preprocessed cells, then the loaded pyfunc on all cells and on chunks."""
     import mlflow
 
-    from .preprocess import transform
+    from ..method.preprocess import transform
 
     pyfunc = mlflow.pyfunc.load_model(local_model)
     inner = pyfunc.unwrap_python_model().model  # the EmbedThenCluster the server runs
@@ -283,15 +283,15 @@ def embedding_at_size(embedding: np.ndarray, n_cells: int, *, n_neighbors: int =
 
 def leidenalg_labels(embedding: np.ndarray, *, resolution: float = 1.0, n_neighbors: int = 15,
                      seed: int = 0) -> np.ndarray:
-    """Leiden as :func:`~contrastive_sc.cluster.cluster_labels` ran it before igraph's ``community_leiden``.
+    """Leiden as :func:`~contrastive_sc.analysis.cluster.cluster_labels` ran it before igraph's ``community_leiden``.
 
     leidenalg's ``RBConfigurationVertexPartition`` (modularity with a resolution) on the same kNN
-    graph, until no cell moves up to :data:`~contrastive_sc.cluster.LEIDEN_CONVERGE_CELLS` cells and
+    graph, until no cell moves up to :data:`~contrastive_sc.analysis.cluster.LEIDEN_CONVERGE_CELLS` cells and
     two iterations above: the benchmark's "before" and the tests' reference.
     """
     import leidenalg
 
-    from .cluster import LEIDEN_CONVERGE_CELLS, knn_graph
+    from ..analysis.cluster import LEIDEN_CONVERGE_CELLS, knn_graph
 
     embedding = np.asarray(embedding, dtype=np.float32)
     n_iterations = -1 if len(embedding) <= LEIDEN_CONVERGE_CELLS else 2
@@ -325,7 +325,7 @@ def time_leiden(embedding: np.ndarray, sizes=LEIDEN_CELLS, *, resolution: float 
 def _time_leiden_once(x: np.ndarray, *, resolution: float, n_neighbors: int, seed: int, repeats: int) -> list[dict]:
     from sklearn.metrics import adjusted_rand_score
 
-    from .cluster import APPROXIMATE_NEIGHBORS_CELLS, cluster_labels, knn_graph
+    from ..analysis.cluster import APPROXIMATE_NEIGHBORS_CELLS, cluster_labels, knn_graph
 
     knn_graph(x[:2048], n_neighbors)  # imports
     if len(x) > APPROXIMATE_NEIGHBORS_CELLS:  # pynndescent's numba compilation, 1-2 minutes in a new process
@@ -361,7 +361,7 @@ def _embedding(local_model: str, counts: pd.DataFrame) -> np.ndarray:
     """The served model's embedding of ``counts`` (what its ``leiden`` method would cluster)."""
     import mlflow
 
-    from .preprocess import transform
+    from ..method.preprocess import transform
 
     inner = mlflow.pyfunc.load_model(local_model).unwrap_python_model().model
     return inner.encoder(transform(counts.to_numpy(), counts.columns, inner.state))
@@ -377,7 +377,7 @@ def run_speed_benchmark(data: str, *, model_uri: str | None = None, n_cells: int
     Parameters
     ----------
     data
-        Counts file (any format :func:`~contrastive_sc.io.load` reads) or ``"simulated"``.
+        Counts file (any format :func:`~contrastive_sc.method.io.load` reads) or ``"simulated"``.
     model_uri
         A logged embed-then-cluster model; ``None`` trains one on ``data`` (``epochs``,
         ``n_genes``) into a temporary MLflow store.
@@ -405,7 +405,7 @@ def run_speed_benchmark(data: str, *, model_uri: str | None = None, n_cells: int
     """
     import mlflow
 
-    from .io import load
+    from ..method.io import load
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     started_load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -423,7 +423,7 @@ def run_speed_benchmark(data: str, *, model_uri: str | None = None, n_cells: int
         if model_uri is None:
             model_uri = _train_model(adata, tmp, epochs=epochs, n_genes=min(n_genes, adata.n_vars), seed=seed)
         local_model = mlflow.artifacts.download_artifacts(model_uri, dst_path=str(tmp / "model"))
-        from .preprocess import PreprocessState
+        from ..method.preprocess import PreprocessState
 
         state = PreprocessState.from_json(Path(local_model) / "artifacts" / "preprocess_state.json")
         genes = [g for g in state.genes if g in set(map(str, adata.var_names))]

@@ -18,9 +18,9 @@ def export_registered(model_uri: str, out: str | Path, *, data: str | None = Non
     -------
     ``{"path", "max_abs_diff", "rows_checked", "providers"}``.
     """
-    from .io import load
-    from .model import ContrastiveSC
-    from .onnx_io import OnnxEncoder, export_onnx, parity
+    from ..method.io import load
+    from ..method.model import ContrastiveSC
+    from ..serve.onnx_io import OnnxEncoder, export_onnx, parity
     from .registry import download_run_artifacts
 
     model = ContrastiveSC.load(download_run_artifacts(model_uri, TORCH_MODEL_ARTIFACT))
@@ -42,11 +42,11 @@ def embed_with_registered(model_uri: str, data: str, out: str | Path, params: di
     """
     import pandas as pd
 
-    from .describe import MARKERS_KEY, UMAP_KEY, marker_genes, umap_coordinates
-    from .inference import PredictParams
-    from .io import load
-    from .metrics import score_clustering
-    from .model import CELL_TYPE_KEY, CONFIDENCE_KEY, EMBEDDING_KEY
+    from ..analysis.describe import MARKERS_KEY, UMAP_KEY, marker_genes, umap_coordinates
+    from ..analysis.metrics import score_clustering
+    from ..method.io import load
+    from ..method.model import CELL_TYPE_KEY, CONFIDENCE_KEY, EMBEDDING_KEY
+    from ..serve.inference import PredictParams
     from .registry import load_served_model
 
     served = load_served_model(model_uri)

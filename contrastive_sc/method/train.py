@@ -60,7 +60,7 @@ def fit_encoder(x: np.ndarray, encoder_config: EncoderConfig, train_config: Trai
     ----------
     x
         Preprocessed input, one row per cell: an array, or an on-disk matrix with ``shape`` and
-        ``take_rows(indices)`` (:class:`~contrastive_sc.outofcore.DiskMatrix`), from which each
+        ``take_rows(indices)`` (:class:`~contrastive_sc.method.outofcore.DiskMatrix`), from which each
         epoch's shuffled batches are read a window at a time.
     encoder_config, train_config
         Architecture and training settings.

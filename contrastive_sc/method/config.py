@@ -112,7 +112,7 @@ class TrainConfig:
     ``lr_cosine_epochs`` is the length of the cosine schedule's half period; ``None`` means
     ``epochs`` (the rate decays to ``lr / 1000`` by the last epoch).
     ``positive_neighbours`` (0: a cell's positive is its own other view) and ``cluster_head``
-    (0: no cluster-level loss) switch on the objectives of :mod:`contrastive_sc.objectives`.
+    (0: no cluster-level loss) switch on the objectives of :mod:`contrastive_sc.method.objectives`.
     """
 
     input_dropout: float = 0.9

@@ -8,7 +8,6 @@ from torch import nn
 
 from .augment import MaskedViews
 
-
 #: What a trained encoder hands on as the embedding. The loss is always computed on ``"output"``,
 #: the L2-normalised last layer (the paper's embedding). ``"unnormalised"`` is that layer before
 #: the normalisation, ``"hidden"`` the first hidden layer after BatchNorm + ReLU (SimCLR's
@@ -36,7 +35,7 @@ class ContrastiveEncoder(nn.Module):
     ``forward(x, n_views)`` accepts several views stacked along the batch axis and normalises
     each view's batch on its own: the result equals ``n_views`` separate forward passes (as
     the original code ran them) while each Linear layer runs once on the stacked batch. In
-    training, ``x`` may also be :class:`~contrastive_sc.augment.MaskedViews`, sparse views
+    training, ``x`` may also be :class:`~contrastive_sc.method.augment.MaskedViews`, sparse views
     whose first Linear layer costs only their kept entries.
     """
 

@@ -45,7 +45,7 @@ class ContrastiveSC:
     --------
     >>> model = ContrastiveSC().fit(adata)                          # doctest: +SKIP
     >>> model.embed(adata)                                          # obsm["X_contrastive"]
-    >>> contrastive_sc.cluster(adata, "kmeans", n_clusters=8)       # obs["contrastive_kmeans"]
+    >>> contrastive_sc.analysis.cluster(adata, "kmeans", n_clusters=8)       # obs["contrastive_kmeans"]
     """
 
     def __init__(self, config: ContrastiveConfig | None = None, *, preset: str = DEFAULT_PRESET, **overrides) -> None:
@@ -65,7 +65,7 @@ class ContrastiveSC:
         """Fit preprocessing and train the encoder on raw counts in ``adata.X`` (or ``layer``).
 
         Training never reads the labels. With ``label_key``, the model also keeps an annotated
-        reference (:class:`~contrastive_sc.annotate.CellTypeReference`) so that
+        reference (:class:`~contrastive_sc.analysis.annotate.CellTypeReference`) so that
         :meth:`annotate` and the served model name new cells by those labels, and call cells
         unlike every type ``"unassigned"``.
 
@@ -78,10 +78,10 @@ class ContrastiveSC:
         need the embedding switch it off.
 
         A backed AnnData (``anndata.read_h5ad(path, backed="r")``) is never loaded whole: see
-        :mod:`contrastive_sc.outofcore`.
+        :mod:`contrastive_sc.method.outofcore`.
 
         With ``n_genes="auto"`` one model is trained per gene count in
-        :data:`~contrastive_sc.config.AUTO_GENE_COUNTS` and the one whose clustering has the best
+        :data:`~contrastive_sc.method.config.AUTO_GENE_COUNTS` and the one whose clustering has the best
         silhouette is kept (no labels are used).
         """
         from .io import counts_view
@@ -92,7 +92,7 @@ class ContrastiveSC:
         self.model_id = uuid.uuid4().hex  # a new fit is a new model
         self._fit_embedding(adata, progress=progress, on_epoch=on_epoch, reference=reference)
         if labels is not None:
-            from .annotate import CellTypeReference
+            from ..analysis.annotate import CellTypeReference
 
             self.cell_types = CellTypeReference.fit(self.transform(adata), labels, label_key=label_key,
                                                     seed=self.config.train.seed)
@@ -180,7 +180,7 @@ class ContrastiveSC:
                              torch.from_numpy(pca.components_), tuple(map(torch.from_numpy, centers)), scales).eval()
 
     def _fit_auto_genes(self, adata, *, progress: bool, on_epoch, reference: bool) -> ContrastiveSC:
-        from .metrics import score_clustering
+        from ..analysis.metrics import score_clustering
 
         n_available = adata.shape[1]
         candidates = [n for n in AUTO_GENE_COUNTS if n < n_available] or [n_available]
@@ -206,7 +206,7 @@ class ContrastiveSC:
         return self
 
     def _reference_labels(self, embedding: np.ndarray) -> np.ndarray:
-        from .cluster import cluster_labels
+        from ..analysis.cluster import cluster_labels
 
         cfg = self.config.cluster
         if cfg.n_clusters:
@@ -267,7 +267,7 @@ class ContrastiveSC:
 
     def reference_labels(self, embedding: np.ndarray) -> np.ndarray:
         """Nearest training-cluster centroid (Euclidean) for each embedded cell."""
-        from .cluster import nearest_centroid
+        from ..analysis.cluster import nearest_centroid
 
         self._check_fitted()
         if self.reference_centroids is None:
@@ -384,7 +384,7 @@ class ContrastiveSC:
         if (path / _FILES["reference"]).exists():
             model.reference_centroids = np.load(path / _FILES["reference"])
         if (path / _FILES["cell_types"]).exists():
-            from .annotate import CellTypeReference
+            from ..analysis.annotate import CellTypeReference
 
             model.cell_types = CellTypeReference.load(path / _FILES["cell_types"])
         return model

@@ -21,9 +21,9 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .config import PRESETS, get_preset
-from .evaluation import cluster_and_score, mean_sd_text
-from .io import default_label_key, read
+from ..analysis.evaluation import cluster_and_score, mean_sd_text
+from ..method.config import PRESETS, get_preset
+from ..method.io import default_label_key, read
 
 COLUMNS = ["dataset", "method", "seed", "ari", "nmi", "silhouette", "calinski_harabasz", "n_clusters",
            "seconds", "train_seconds"]
@@ -52,7 +52,7 @@ def run_benchmark(paths: Iterable[str | Path], methods: Iterable[str], seeds: It
     Parameters
     ----------
     paths
-        Labelled datasets (any format :func:`contrastive_sc.io.read` accepts).
+        Labelled datasets (any format :func:`contrastive_sc.method.io.read` accepts).
     methods
         Names from :func:`available_methods`.
     seeds
@@ -135,7 +135,7 @@ def _embedding(adata, method: str, seed: int, overrides: dict, cache: dict[str, 
 
 
 def _cluster(embedded: _Embedded, method: str, seed: int, n_classes: int) -> np.ndarray:
-    from .cluster import cluster_labels
+    from ..analysis.cluster import cluster_labels
 
     source, algorithm = method.rsplit("-", 1)
     if method == "scanpy-leiden":
@@ -147,8 +147,8 @@ def _cluster(embedded: _Embedded, method: str, seed: int, n_classes: int) -> np.
 
 
 def _embed(adata, source: str, seed: int, overrides: dict) -> _Embedded:
-    from .model import ContrastiveSC
-    from .preprocess import fit_preprocess, transform
+    from ..method.model import ContrastiveSC
+    from ..method.preprocess import fit_preprocess, transform
 
     started = time.perf_counter()
     if source in PRESETS:
@@ -165,7 +165,7 @@ def _embed(adata, source: str, seed: int, overrides: dict) -> _Embedded:
     if source == "reference-paper":
         import torch
 
-        from .reference import train_reference
+        from .original_loop import train_reference
 
         cfg = get_preset("paper").replace(**overrides)
         encoder, train_seconds = train_reference(

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 import numpy as np
 import pandas as pd
 
-from .annotate import UNASSIGNED
+from ..analysis.annotate import UNASSIGNED
 
 METHODS = ("contrastive", "pca-knn", "celltypist")
 COLUMNS = ["dataset", "method", "seed", "macro_f1_known", "held_out_unassigned", "known_unassigned", "seconds"]
@@ -87,7 +87,7 @@ def run_annotation_benchmark(adata, *, label_key: str, batch_key: str, train_bat
 
 
 def _contrastive(train, test, label_key, seed, preset):
-    from .model import CELL_TYPE_KEY, ContrastiveSC
+    from ..method.model import CELL_TYPE_KEY, ContrastiveSC
 
     model = ContrastiveSC(preset=preset, seed=seed).fit(train, label_key=label_key, reference=False)
     annotated = model.annotate(test, copy=True)
@@ -150,6 +150,6 @@ _ANNOTATORS = {"contrastive": _contrastive, "pca-knn": _pca_knn, "celltypist": _
 def summarise(results: pd.DataFrame) -> pd.DataFrame:
     """Mean ± sd over seeds per method."""
     scores = ["macro_f1_known", "held_out_unassigned", "known_unassigned", "seconds"]
-    from .evaluation import mean_sd_text
+    from ..analysis.evaluation import mean_sd_text
 
     return mean_sd_text(results, ["method"], {col: 1 if col == "seconds" else 3 for col in scores})

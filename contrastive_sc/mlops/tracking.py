@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
+from .. import __version__
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ DEFAULT_EXPERIMENT = "contrastive-sc"
 MODEL_NAME_IN_RUN = "model"
 #: Run artifact folder holding the torch checkpoint (for re-export and fine inspection).
 TORCH_MODEL_ARTIFACT = "torch_model"
-PYFUNC_FILE = Path(__file__).resolve().parents[1] / "models" / "contrastive_sc_model.py"
+PYFUNC_FILE = Path(__file__).resolve().parents[2] / "models" / "contrastive_sc_model.py"
 #: What the served model needs, pinned at log time to the versions installed (see
 #: :func:`serving_requirements`). torch stays out (its pin would pull CUDA wheels on serve);
 #: Leiden runs on igraph's own implementation (leidenalg is only the tests' reference) and
@@ -142,9 +142,9 @@ def train_run(adata, config, *, label_key: str | None = None, batch_key: str | N
     """
     import mlflow
 
-    from .evaluation import as_metrics, cluster_and_score
-    from .metrics import batch_mixing
-    from .model import ContrastiveSC
+    from ..analysis.evaluation import as_metrics, cluster_and_score
+    from ..analysis.metrics import batch_mixing
+    from ..method.model import ContrastiveSC
 
     truth = np.asarray(adata.obs[label_key]) if label_key else None
     if batch_key is not None and batch_key not in adata.obs:
@@ -300,8 +300,8 @@ def _log_artifacts(folder: Path, adata, model, embedding, labels_by_method: dict
     import mlflow
     import pandas as pd
 
-    from .describe import marker_genes, umap_coordinates
-    from .plots import MAP_SAMPLE, cluster_map, contingency_heatmap, loss_curve
+    from ..analysis.describe import marker_genes, umap_coordinates
+    from ..analysis.plots import MAP_SAMPLE, cluster_map, contingency_heatmap, loss_curve
 
     (folder / "config.json").write_text(model.config.to_json())
     model.state.to_json(folder / "preprocess_state.json")
@@ -344,7 +344,7 @@ def _log_model(folder: Path, model, embedding) -> str:
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
-    from .inference import PredictParams, package_model
+    from ..serve.inference import PredictParams, package_model
 
     artifacts = package_model(model, folder)
     # PredictParams's fields, typed and defaulted as it declares them; Leiden's settings default
@@ -366,7 +366,7 @@ def _log_model(folder: Path, model, embedding) -> str:
         name=MODEL_NAME_IN_RUN,
         python_model=str(PYFUNC_FILE),
         artifacts=artifacts,
-        code_paths=[str(Path(__file__).resolve().parent)],
+        code_paths=[str(Path(__file__).resolve().parents[1])],  # the whole package
         signature=ModelSignature(inputs=None, outputs=outputs, params=params),
         input_example=(example, {"method": "reference", "return_embedding": False}),
         pip_requirements=serving_requirements(),

@@ -32,7 +32,7 @@ def simulated_dataset(spec: str = SIMULATED, seed: int = 0) -> ad.AnnData:
     ``spec`` is ``"simulated"`` (6 groups) or ``"simulated:N"`` (N groups); labels are in
     ``obs["label"]``.
     """
-    from .simulate import simulate_splat
+    from ..benchmarks.simulate import simulate_splat
 
     _, _, groups = spec.partition(":")
     try:

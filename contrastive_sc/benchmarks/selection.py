@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..method.config import PRESETS, ContrastiveConfig, get_preset
 from .benchmark import COLUMNS, SCANPY_CLIP, SCANPY_COMPONENTS, SCANPY_GENES, available_methods, benchmark_adata
-from .config import PRESETS, ContrastiveConfig, get_preset
 
 #: The cache's columns: the benchmark's, the number of true classes, what the setting was and
 #: which code ran it (:func:`code_id`).
@@ -54,7 +54,7 @@ def code_id() -> str:
     moves a preset's scores by more than the differences between candidates (measured: one
     preset's ARI on one file and seed, 0.558 before a float32 preprocessing change, 0.539 after).
     """
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parents[1]
     digest = hashlib.sha1()
     for path in sorted(package.rglob("*.py")):
         digest.update(path.relative_to(package).as_posix().encode())
@@ -87,8 +87,8 @@ def run_missing(paths: Iterable[str | Path], methods: Sequence[str], seeds: Iter
     one of a repeated run winning); other rows are left in the file but ignored (and rerun). Each
     new row is appended as soon as it is produced, so an interrupted run loses at most one run.
     """
+    from ..method.io import default_label_key, read
     from .benchmark import _warm_up
-    from .io import default_label_key, read
 
     methods = list(methods)
     unknown = sorted(set(methods) - set(available_methods()))

@@ -8,7 +8,7 @@ taken as twice forward (``backward_factor=3`` for both). BatchNorm, ReLU, the so
 optimizer are left out, so the floor is low; the CPU path's sparse masked views skip ~90 % of
 the first layer's products, so it can still beat it.
 
-Run ``python -m contrastive_sc.training_speed --data worm_neuron_cell.h5`` for the table.
+Run ``python -m contrastive_sc.benchmarks.training_speed --data worm_neuron_cell.h5`` for the table.
 """
 
 from __future__ import annotations
@@ -39,10 +39,10 @@ def training_flops(n_cells: int, n_genes: int, layers: Sequence[int], batch_size
     Returns
     -------
     ``backward_factor * epochs * (layer matmuls + similarity matmuls)``, with a multiply-add
-    counted as 2. The batches are those :func:`~contrastive_sc.train.fit_encoder` trains on
+    counted as 2. The batches are those :func:`~contrastive_sc.method.train.fit_encoder` trains on
     (a last batch of one cell is skipped).
     """
-    from .train import _batch_bounds
+    from ..method.train import _batch_bounds
 
     sizes = [int(n_genes), *map(int, layers)]
     per_row = sum(2 * a * b for a, b in zip(sizes[:-1], sizes[1:]))
@@ -77,7 +77,7 @@ def peak_gflops(size: int = 2048, repeats: int = 5, threads: int = 1) -> float:
 def training_seconds(adata, preset: str, repeats: int = 3) -> tuple[list[float], list[float], int]:
     """Time the training ``ContrastiveSC(preset=...).fit(adata)`` runs, ``repeats`` times.
 
-    The input is preprocessed once as the model does, then :func:`~contrastive_sc.train.fit_encoder`
+    The input is preprocessed once as the model does, then :func:`~contrastive_sc.method.train.fit_encoder`
     trains on it (the part ``history.seconds`` times).
 
     Returns
@@ -85,9 +85,9 @@ def training_seconds(adata, preset: str, repeats: int = 3) -> tuple[list[float],
     Wall seconds (``history.seconds``) and CPU seconds of the training thread, per fit, and the
     number of input genes.
     """
-    from .config import get_preset
-    from .preprocess import fit_preprocess, transform
-    from .train import fit_encoder
+    from ..method.config import get_preset
+    from ..method.preprocess import fit_preprocess, transform
+    from ..method.train import fit_encoder
 
     cfg = get_preset(preset)
     pre = cfg.preprocess
@@ -153,7 +153,7 @@ def training_floor(adata, *, repeats: int = 3, peak: float | None = None, verbos
     -------
     The rows of the table (see :func:`floor_rows`).
     """
-    from .config import DEFAULT_PRESET, get_preset
+    from ..method.config import DEFAULT_PRESET, get_preset
 
     measured = peak is None
     peak = peak_gflops() if measured else peak

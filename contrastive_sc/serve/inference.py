@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .preprocess import PreprocessState, gene_coverage, transform
-from .validation import MAX_COUNT, check_count_values
+from ..method.preprocess import PreprocessState, gene_coverage, transform
+from ..method.validation import MAX_COUNT, check_count_values
 
 #: Artifact names of a packaged model, as logged with the MLflow pyfunc.
 ARTIFACTS = {"encoder": "encoder.onnx", "state": "preprocess_state.json",
@@ -78,7 +78,7 @@ class PredictParams:
 
     ``method``: ``reference`` labels each cell with the nearest training-cluster centroid (stable
     from batch to batch), ``kmeans`` needs ``n_clusters``, ``auto`` is KMeans with the number of
-    clusters estimated from the batch (:func:`~contrastive_sc.cluster.estimate_n_clusters`),
+    clusters estimated from the batch (:func:`~contrastive_sc.analysis.cluster.estimate_n_clusters`),
     ``leiden`` uses ``resolution``; ``auto`` and ``leiden`` use ``n_neighbors`` (``None``: the
     values the model was trained with).
     ``min_coverage``: smallest accepted fraction of the model's genes present in the input.
@@ -342,7 +342,7 @@ class EmbedThenCluster:
         check_artifacts(self.state, self.encoder, self.centroids, self.info)
         self.cell_types = None
         if artifacts.get("cell_types"):
-            from .annotate import CellTypeReference
+            from ..analysis.annotate import CellTypeReference
 
             self.cell_types = _load_artifact(artifacts, "cell_types", CellTypeReference.load)
             if self.cell_types.embedding_dim != self.encoder.n_outputs:
@@ -470,7 +470,7 @@ class EmbedThenCluster:
         return counts, genes, cells
 
     def _cluster(self, embedding: np.ndarray, options: PredictParams) -> np.ndarray:
-        from .cluster import cluster_labels, nearest_centroid
+        from ..analysis.cluster import cluster_labels, nearest_centroid
 
         n_cells = embedding.shape[0]
         if options.method == "reference":
@@ -491,7 +491,7 @@ class EmbedThenCluster:
 
 
 def package_model(model, folder: str | Path, *, check_rows: np.ndarray | None = None) -> dict[str, str]:
-    """Write a trained :class:`~contrastive_sc.model.ContrastiveSC` as servable artifacts.
+    """Write a trained :class:`~contrastive_sc.method.model.ContrastiveSC` as servable artifacts.
 
     Returns the artifact mapping (key -> file path) expected by :class:`EmbedThenCluster`.
     """

@@ -3,17 +3,17 @@
 A backed ``.h5ad`` (``anndata.read_h5ad(path, backed="r")``), or any sparse or dense count
 matrix, is never densified as a whole:
 
-* :func:`fit_preprocess_chunked` learns the same :class:`~contrastive_sc.preprocess.PreprocessState`
-  as :func:`~contrastive_sc.preprocess.fit_preprocess` from three passes over row blocks (gene
+* :func:`fit_preprocess_chunked` learns the same :class:`~contrastive_sc.method.preprocess.PreprocessState`
+  as :func:`~contrastive_sc.method.preprocess.fit_preprocess` from three passes over row blocks (gene
   detection; library sizes and gene shares; per-gene sums of normalised and log-normalised
   values, from which scanpy's seurat dispersion ranking and the scaling statistics follow);
 * :func:`preprocess_to_disk` writes the preprocessed float32 matrix (cells x kept genes) to a
-  :class:`DiskMatrix`, from which :func:`~contrastive_sc.train.fit_encoder` reads shuffled
+  :class:`DiskMatrix`, from which :func:`~contrastive_sc.method.train.fit_encoder` reads shuffled
   mini-batches a window at a time;
 * :func:`embed_chunked` and :func:`write_embedding` embed a block at a time.
 
 It is also the one module that tells a backed AnnData from one in memory (:func:`is_backed`):
-:class:`~contrastive_sc.model.ContrastiveSC` runs a single fit and embedding pipeline over what
+:class:`~contrastive_sc.method.model.ContrastiveSC` runs a single fit and embedding pipeline over what
 :func:`fit_state`, :func:`preprocessed_rows`, :func:`preprocess_cells` and :func:`embed_cells`
 give it for either container.
 
@@ -70,7 +70,7 @@ def _as_csr32(block) -> sp.csr_matrix:
 def fit_preprocess_chunked(counts, gene_names, *, n_genes: int | str = 500, min_cells: int = 2,
                            hvg_flavor: str = "seurat", clip: float | None = None,
                            chunk_size: int = DEFAULT_CHUNK_SIZE) -> PreprocessState:
-    """:func:`~contrastive_sc.preprocess.fit_preprocess` computed from row blocks.
+    """:func:`~contrastive_sc.method.preprocess.fit_preprocess` computed from row blocks.
 
     Parameters
     ----------
@@ -276,7 +276,7 @@ class DiskMatrix:
 
 def preprocess_to_disk(counts, gene_names, state: PreprocessState, *, path: str | Path | None = None,
                        directory: str | Path | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE) -> DiskMatrix:
-    """Write :func:`~contrastive_sc.preprocess.transform` of ``counts`` to disk, a block at a time.
+    """Write :func:`~contrastive_sc.method.preprocess.transform` of ``counts`` to disk, a block at a time.
 
     Parameters
     ----------

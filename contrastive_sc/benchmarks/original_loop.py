@@ -2,7 +2,7 @@
 
 Kept only as the baseline of the training-speed comparison in the benchmark: a
 ``DataLoader`` over the numpy matrix, an ``nn.Dropout`` input layer, two forward passes per
-batch and the SupCon loss written with explicit masks. :func:`contrastive_sc.train.fit_encoder`
+batch and the SupCon loss written with explicit masks. :func:`contrastive_sc.method.train.fit_encoder`
 computes the same thing (same views, same per-view BatchNorm, same loss) with less work.
 """
 
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .train import cosine_lr
+from ..method.train import cosine_lr
 
 
 class _OriginalNet(nn.Module):

@@ -18,7 +18,7 @@ import pandas as pd
 class Clustering:
     """One method's clustering of an embedding and its scores.
 
-    ``scores`` holds :func:`~contrastive_sc.metrics.score_clustering`'s values (``n_clusters``,
+    ``scores`` holds :func:`~contrastive_sc.analysis.metrics.score_clustering`'s values (``n_clusters``,
     ``ari`` and ``nmi`` with labels, ``silhouette``, ``calinski_harabasz``) and ``seconds``, the
     time the clustering itself took (scoring excluded).
     """
@@ -38,14 +38,14 @@ def cluster_and_score(embedding: np.ndarray, methods: Iterable[str], truth=None,
     embedding
         ``(cells, dims)`` array, clustered and scored in.
     methods
-        Clustering methods (:data:`contrastive_sc.cluster.METHODS` with the default ``clusterer``).
+        Clustering methods (:data:`contrastive_sc.analysis.cluster.METHODS` with the default ``clusterer``).
     truth
         Label per cell, or ``None`` (no ARI / NMI).
     n_clusters, resolution, n_neighbors, seed
-        Passed to :func:`~contrastive_sc.cluster.cluster_labels`; ``seed`` also seeds the
+        Passed to :func:`~contrastive_sc.analysis.cluster.cluster_labels`; ``seed`` also seeds the
         silhouette's subsample.
     clusterer
-        ``method -> labels`` replacing :func:`~contrastive_sc.cluster.cluster_labels` (a
+        ``method -> labels`` replacing :func:`~contrastive_sc.analysis.cluster.cluster_labels` (a
         benchmark's own recipes); the settings above then only seed the scores.
 
     Returns

@@ -11,7 +11,7 @@ from pathlib import Path
 
 #: What each kind of output looks like, to recognise an earlier one.
 KINDS = ("h5ad", "csv", "onnx")
-#: First columns of every benchmark CSV (see :data:`contrastive_sc.benchmark.COLUMNS`).
+#: First columns of every benchmark CSV (see :data:`contrastive_sc.benchmarks.benchmark.COLUMNS`).
 _CSV_HEADER = "dataset,method,seed"
 
 
@@ -60,7 +60,7 @@ def _is_earlier_output(path: Path, kind: str) -> bool:
                 return any(key.startswith("contrastive_") for key in handle.get("uns", {}))
         import onnx
 
-        from .onnx_io import INPUT_NAME, OUTPUT_NAME
+        from ..serve.onnx_io import INPUT_NAME, OUTPUT_NAME
 
         graph = onnx.load(str(path), load_external_data=False).graph
         return [i.name for i in graph.input] == [INPUT_NAME] and [o.name for o in graph.output] == [OUTPUT_NAME]

@@ -290,7 +290,7 @@ class _Evaluation:
         import numpy as np
         import pandas as pd
 
-        from .io import default_label_key, load
+        from ..method.io import default_label_key, load
         from .tracking import dataset_digest
 
         adata = load(path, label_key)
@@ -313,7 +313,7 @@ class _Evaluation:
         self.scores: dict[str, float] = {}
 
     def score(self, name: str, version) -> float:
-        from .metrics import score_clustering
+        from ..analysis.metrics import score_clustering
 
         number = str(version.version)
         if number not in self.scores:
@@ -416,7 +416,7 @@ def download_run_artifacts(model_uri: str, artifact_path: str) -> str:
 
 
 def load_served_model(model_uri: str):
-    """The :class:`~contrastive_sc.inference.EmbedThenCluster` behind a logged pyfunc model."""
+    """The :class:`~contrastive_sc.serve.inference.EmbedThenCluster` behind a logged pyfunc model."""
     import mlflow
     from mlflow.exceptions import MlflowException
 

@@ -1,7 +1,7 @@
 """The scale benchmark: simulated datasets of growing size, trained and embedded out of core.
 
 For each size a Splat dataset is written to a backed ``.h5ad`` in blocks, then measured stage by
-stage (seconds and peak resident memory from :class:`~contrastive_sc.profiling.PeakMemory`):
+stage (seconds and peak resident memory from :class:`~contrastive_sc.benchmarks.profiling.PeakMemory`):
 chunked preprocessing to an on-disk matrix, training (the paper preset), ONNX embedding,
 KMeans and Leiden on the embedding; beside it, the same counts through scanpy's sparse
 normalise -> log1p -> PCA(50) -> neighbors -> Leiden. Each size's row is appended to the CSV as
@@ -59,7 +59,7 @@ def write_simulated_h5ad(path: str | Path, n_cells: int, n_genes: int, *, n_grou
     """Simulate a Splat dataset a block at a time into an ``.h5ad`` with CSR ``X`` (float32 counts).
 
     The groups (``obs["label"]``) share one set of gene parameters across blocks
-    (:func:`~contrastive_sc.simulate.simulate_splat_blocks`); memory is one dense block.
+    (:func:`~contrastive_sc.benchmarks.simulate.simulate_splat_blocks`); memory is one dense block.
     """
     import h5py
     import pandas as pd
@@ -118,12 +118,12 @@ def run_size(data_path: str | Path, n_cells: int, n_genes: int, *, n_genes_kept:
     """
     import anndata as ad
 
-    from .cluster import cluster_labels
-    from .config import get_preset
-    from .evaluation import cluster_and_score
-    from .onnx_io import OnnxEncoder, export_onnx
-    from .outofcore import fit_preprocess_chunked, preprocess_to_disk
-    from .train import fit_encoder
+    from ..analysis.cluster import cluster_labels
+    from ..analysis.evaluation import cluster_and_score
+    from ..method.config import get_preset
+    from ..method.outofcore import fit_preprocess_chunked, preprocess_to_disk
+    from ..method.train import fit_encoder
+    from ..serve.onnx_io import OnnxEncoder, export_onnx
 
     data_path = Path(data_path)
     workdir = data_path.parent
@@ -197,8 +197,8 @@ def run_scanpy(data_path: str | Path, *, seed: int = 0) -> dict:
 
 
 def _warm_up(config, n_genes: int, *, leiden: bool) -> None:
-    from .cluster import cluster_labels
-    from .train import fit_encoder
+    from ..analysis.cluster import cluster_labels
+    from ..method.train import fit_encoder
 
     x = np.random.default_rng(0).normal(size=(1024, n_genes)).astype(np.float32)
     fit_encoder(x, config.encoder, dataclasses.replace(config.train, epochs=1))

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .config import ContrastiveConfig
-from .evaluation import as_metrics, cluster_and_score, mean_sd
+from ..analysis.evaluation import as_metrics, cluster_and_score, mean_sd
+from ..method.config import ContrastiveConfig
 
 
 def parse_grid(text: str) -> dict[str, list]:
@@ -59,7 +59,7 @@ def run_sweep(adata, base: ContrastiveConfig, grid: dict[str, list], seeds: Iter
 
     Returns the summary: one row per grid point, mean and sd of each score over seeds.
     """
-    from . import tracking
+    from ..mlops import tracking
 
     points = grid_points(grid)
     seeds = list(seeds)
@@ -111,7 +111,7 @@ EXPERIMENT_NAMES = (*SETTINGS, "algorithms", "stability", "downsampling", "simul
 
 def default_datasets() -> list[Path]:
     """The labelled files in ``../shared/data`` beside the repository, when present."""
-    folder = Path(__file__).resolve().parents[2] / "shared" / "data"
+    folder = Path(__file__).resolve().parents[3] / "shared" / "data"
     return sorted(p for p in folder.glob("*.h5*")) if folder.exists() else []
 
 
@@ -139,7 +139,7 @@ def run_experiment(name: str, datasets: list | None = None, *, seeds: Iterable[i
     -------
     The summary table that is also logged (CSV and markdown) with a PNG figure.
     """
-    from . import tracking
+    from ..mlops import tracking
 
     if name not in EXPERIMENT_NAMES:
         msg = f"unknown experiment {name!r}; expected one of {list(EXPERIMENT_NAMES)}"
@@ -164,7 +164,7 @@ def run_experiment(name: str, datasets: list | None = None, *, seeds: Iterable[i
 
 
 def _load_all(datasets) -> list:
-    from .io import read
+    from ..method.io import read
 
     datasets = datasets if datasets else default_datasets()
     if not datasets:
@@ -178,7 +178,7 @@ def _name(adata) -> str:
 
 
 def _truth(adata) -> np.ndarray:
-    from .io import default_label_key
+    from ..method.io import default_label_key
 
     key = default_label_key(adata)
     if key is None:
@@ -191,7 +191,7 @@ def _train_and_score(adata, config, truth, methods=("kmeans",)) -> tuple[dict, n
     """Fit, embed, cluster and score. Returns (metrics, embedding)."""
     import time
 
-    from .model import ContrastiveSC
+    from ..method.model import ContrastiveSC
 
     started = time.perf_counter()
     model = ContrastiveSC(config).fit(adata, reference=False)
@@ -204,14 +204,14 @@ def _train_and_score(adata, config, truth, methods=("kmeans",)) -> tuple[dict, n
 
 
 def _log_nested(run_name: str, params: dict, metrics: dict) -> None:
-    from .tracking import log_nested_run
+    from ..mlops.tracking import log_nested_run
 
     log_nested_run(run_name, params, metrics)
 
 
 def _one_parameter(name: str):
     def run(adatas, seeds, overrides, settings):
-        from .config import get_preset
+        from ..method.config import get_preset
 
         parameter, values = SETTINGS[name]
         values = settings or values
@@ -234,7 +234,7 @@ def _one_parameter(name: str):
 
 def _per_method(adatas, seeds, overrides, methods) -> list[dict]:
     """One embedding per dataset and seed, clustered by every method: one row per method."""
-    from .config import get_preset
+    from ..method.config import get_preset
 
     rows = []
     for adata in adatas:
@@ -260,7 +260,7 @@ def _stability(adatas, seeds, overrides, settings):
 def _downsampling(adatas, seeds, overrides, settings):
     from sklearn.model_selection import train_test_split
 
-    from .config import get_preset
+    from ..method.config import get_preset
 
     rows = []
     for adata in adatas:
@@ -320,8 +320,8 @@ def _scalability(seeds, overrides, settings, quick):
     """Time and peak memory against cells (2,000 genes) and against genes kept (5,000 cells)."""
     import time
 
-    from .cluster import cluster_labels
-    from .model import ContrastiveSC
+    from ..analysis.cluster import cluster_labels
+    from ..method.model import ContrastiveSC
     from .profiling import PeakMemory
     from .simulate import simulate_splat
 
@@ -373,8 +373,8 @@ def _summarise_experiment(name: str, results: pd.DataFrame) -> pd.DataFrame:
 
 
 def _log_figure(name: str, summary: pd.DataFrame) -> None:
-    from . import tracking
-    from .plots import experiment_figure
+    from ..analysis.plots import experiment_figure
+    from ..mlops import tracking
 
     metric = _FIGURE_METRIC.get(name, "kmeans_ari")
     if f"{metric}_mean" not in summary:

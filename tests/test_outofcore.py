@@ -179,3 +179,20 @@ def test_the_pca_sample_depends_on_the_number_of_cells_not_the_container(both_co
     everything.fit(synthetic)
     # a sample of 120 of the 300 cells gives another PCA than all of them
     assert not np.allclose(everything.encoder.pca_mean.numpy(), in_memory.encoder.pca_mean.numpy(), atol=1e-4)
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize("name", ["worm_neuron_cell.h5", "baron_mouse_pancreas.h5ad", "pbmc3k_seurat_clustifyrdata.h5ad"])
+def test_block_statistics_pick_scanpys_genes_and_input_on_real_data(name):
+    # The model fits preprocessing from block statistics for any container; on real counts it
+    # keeps scanpy's genes and gives the encoder the same float32 input to the last bit.
+    from contrastive_sc import read
+    from tests.conftest import shared_file
+
+    adata = read(shared_file(name))
+    for n_genes, clip in ((500, None), (2000, 10.0)):
+        scanpy_state = fit_preprocess(adata.X, adata.var_names, n_genes=n_genes, clip=clip)
+        blocks_state = fit_preprocess_chunked(adata.X, adata.var_names, n_genes=n_genes, clip=clip, chunk_size=1000)
+        assert blocks_state.genes == scanpy_state.genes
+        np.testing.assert_array_equal(transform(adata.X, adata.var_names, blocks_state),
+                                      transform(adata.X, adata.var_names, scanpy_state))

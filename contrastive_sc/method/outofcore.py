@@ -312,6 +312,18 @@ def preprocess_to_disk(counts, gene_names, state: PreprocessState, *, path: str 
 
 
 # ---------------------------------------------------------------------------- embedding
+def embed_in_batches(embed_rows: Callable[[np.ndarray], np.ndarray], x, n_outputs: int,
+                     batch_size: int = 65536) -> np.ndarray:
+    """The one loop over preprocessed rows: ``embed_rows`` on slices of ``x``, concatenated.
+
+    ``x`` is an array or any matrix with ``shape`` and row slices (a :class:`DiskMatrix`), so
+    only one batch of input is in memory at a time; torch (:func:`~contrastive_sc.method.train.encode`)
+    and onnxruntime (:class:`~contrastive_sc.serve.onnx_io.OnnxEncoder`) both embed through it.
+    """
+    parts = [embed_rows(x[i:i + batch_size]) for i in range(0, x.shape[0], batch_size)]
+    return np.concatenate(parts) if parts else np.zeros((0, n_outputs), dtype=np.float32)
+
+
 def _embedder(encoder) -> Callable[[np.ndarray], np.ndarray]:
     # A torch ContrastiveEncoder or an onnx_io.OnnxEncoder (which is already a callable on arrays).
     if hasattr(encoder, "session"):

@@ -262,10 +262,11 @@ def _single_threaded(enabled: bool) -> Iterator[None]:
 @torch.no_grad()
 def encode(encoder: ContrastiveEncoder, x: np.ndarray, batch_size: int = 65536) -> np.ndarray:
     """Embed a preprocessed matrix with a trained encoder (eval mode, no augmentation)."""
+    from .outofcore import embed_in_batches
+
     encoder.eval()
-    out = [encoder(torch.as_tensor(x[i:i + batch_size], dtype=torch.float32)).numpy()
-           for i in range(0, x.shape[0], batch_size)]
-    return np.concatenate(out) if out else np.zeros((0, encoder.n_outputs), dtype=np.float32)
+    return embed_in_batches(lambda rows: encoder(torch.as_tensor(rows, dtype=torch.float32)).numpy(), x,
+                            encoder.n_outputs, batch_size)
 
 
 def _batch_bounds(n_cells: int, batch_size: int) -> list[tuple[int, int]]:

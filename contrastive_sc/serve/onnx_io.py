@@ -173,10 +173,12 @@ class OnnxEncoder:
         if len(x.shape) != 2 or x.shape[1] != self.n_inputs:
             msg = f"expected input of shape (cells, {self.n_inputs}), got {tuple(x.shape)}"
             raise ValueError(msg)
-        parts = [self.session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(x[i:i + batch_size],
-                                                                                   dtype=np.float32)})[0]
-                 for i in range(0, x.shape[0], batch_size)]
-        return np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
+        from ..method.outofcore import embed_in_batches
+
+        def run(rows: np.ndarray) -> np.ndarray:
+            return self.session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(rows, dtype=np.float32)})[0]
+
+        return embed_in_batches(run, x, self.n_outputs or 0, batch_size)
 
 
 def _fixed_width(arg, path) -> int:

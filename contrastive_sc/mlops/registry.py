@@ -18,11 +18,11 @@ import hashlib
 import io
 import json
 import os
-import random
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from .tracking import retry_while_busy
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 HISTORY_TAG = "champion_history"
@@ -90,30 +90,6 @@ def registry_lock(registry_uri: str | None = None, timeout: float = LOCK_TIMEOUT
         yield path
     finally:
         lock.release()
-
-
-def _retry(call, *args, attempts: int = 6, **kwargs):
-    """``call(*args, **kwargs)``, retried briefly while another SQLite writer holds the database.
-
-    The lock keeps promotions apart, but a training run may be writing the same store.
-    """
-    for attempt in range(attempts):
-        try:
-            return call(*args, **kwargs)
-        except Exception as error:
-            if attempt == attempts - 1 or not _is_transient(error):
-                raise
-            time.sleep(0.1 * 2**attempt * (1 + random.random()))
-    return None  # pragma: no cover
-
-
-def _is_transient(error: Exception) -> bool:
-    from mlflow.exceptions import MlflowException
-
-    if not (isinstance(error, MlflowException) or type(error).__module__.startswith("sqlalchemy")):
-        return False
-    text = str(error).lower()
-    return "database is locked" in text or "unique constraint failed" in text or "database is busy" in text
 
 
 # ----------------------------------------------------------------------------- registration
@@ -188,7 +164,7 @@ def register_run(run_id: str, name: str, metric: str | None = None) -> dict:
         new = existing is None
         if new:
             existing = str(_register(run.data.tags["model_uri"], name, tags).version)
-        _retry(client.set_registered_model_alias, name, CHALLENGER, existing)
+        retry_while_busy(client.set_registered_model_alias, name, CHALLENGER, existing)
     return {"version": existing, "run_id": run_id, "metric": metric, "value": value, "new": new}
 
 
@@ -200,7 +176,7 @@ def _register(model_uri: str, name: str, tags: dict):
         # mlflow.register_model prints "Successfully registered..." straight to stderr; the
         # command prints its own one-line summary, and failures arrive as exceptions.
         with contextlib.redirect_stderr(io.StringIO()):
-            return _retry(mlflow.register_model, model_uri, name, tags=tags)
+            return retry_while_busy(mlflow.register_model, model_uri, name, tags=tags)
     except MlflowException as error:
         msg = f"registering {model_uri} as {name!r} failed: {_one_line(error.message)}"
         raise ValueError(msg) from None
@@ -249,7 +225,7 @@ def promote(name: str, version: str | None = None, *, eval_data: str | None = No
             return PromotionResult(False, str(champion.version), None, refusal)
         if champion is not None:
             _push_history(client, name, str(champion.version))
-        _retry(client.set_registered_model_alias, name, CHAMPION, candidate.version)
+        retry_while_busy(client.set_registered_model_alias, name, CHAMPION, candidate.version)
     previous = str(champion.version) if champion is not None else None
     was = f" (was version {previous})" if previous else ""
     return PromotionResult(
@@ -340,7 +316,7 @@ class _Evaluation:
 
     def _record(self, client, name: str, version, ari: float) -> None:
         for key, value in ((f"eval.{self.digest}.ari", repr(ari)), (f"eval.{self.digest}.data", self.name)):
-            _retry(client.set_model_version_tag, name, str(version.version), key, value)
+            retry_while_busy(client.set_model_version_tag, name, str(version.version), key, value)
 
 
 def rollback(name: str) -> PromotionResult:
@@ -360,14 +336,14 @@ def rollback(name: str) -> PromotionResult:
         while history and not _version_exists(client, name, history[-1]):
             deleted.append(history.pop())
         if deleted:
-            _retry(client.set_registered_model_tag, name, HISTORY_TAG, json.dumps(history))
+            retry_while_busy(client.set_registered_model_tag, name, HISTORY_TAG, json.dumps(history))
         if not history:
             msg = (f"{name} has nothing valid to roll back to: earlier champion version(s) {deleted} were "
                    "deleted; promote a version instead")
             raise ValueError(msg)
         restored = history.pop()
-        _retry(client.set_registered_model_alias, name, CHAMPION, restored)
-        _retry(client.set_registered_model_tag, name, HISTORY_TAG, json.dumps(history))
+        retry_while_busy(client.set_registered_model_alias, name, CHAMPION, restored)
+        retry_while_busy(client.set_registered_model_tag, name, HISTORY_TAG, json.dumps(history))
     was = str(current.version) if current is not None else None
     skipped = f"; skipped deleted version(s) {deleted}" if deleted else ""
     return PromotionResult(
@@ -455,7 +431,7 @@ def _resolve(client, model_uri: str):
 def _push_history(client, name: str, version: str) -> None:
     history = _history(client, name)
     history.append(version)
-    _retry(client.set_registered_model_tag, name, HISTORY_TAG, json.dumps(history))
+    retry_while_busy(client.set_registered_model_tag, name, HISTORY_TAG, json.dumps(history))
 
 
 def _history(client, name: str) -> list[str]:
@@ -467,7 +443,7 @@ def _registered_model(client, name: str):
     from mlflow.exceptions import MlflowException
 
     try:
-        return _retry(client.get_registered_model, name)
+        return retry_while_busy(client.get_registered_model, name)
     except MlflowException as error:
         if error.error_code != "RESOURCE_DOES_NOT_EXIST":
             msg = f"reading registered model {name!r} from {_registry_uri()} failed: {_one_line(error.message)}"
@@ -489,7 +465,7 @@ def _get_version(client, name: str, version: str | None):
             raise ValueError(msg)
         return found
     try:
-        return _retry(client.get_model_version, name, str(version))
+        return retry_while_busy(client.get_model_version, name, str(version))
     except MlflowException:
         msg = (f"model version {name}/{version} not found in {_registry_uri()}; {name} has versions "
                f"{_version_numbers(client, name)} and aliases {_aliases(model)}")
@@ -514,7 +490,7 @@ def _alias_version(client, name: str, alias: str):
     from mlflow.exceptions import MlflowException
 
     try:
-        return _retry(client.get_model_version_by_alias, name, alias)
+        return retry_while_busy(client.get_model_version_by_alias, name, alias)
     except MlflowException as error:
         if error.error_code == "RESOURCE_DOES_NOT_EXIST" or "not found" in str(error.message).lower():
             return None
@@ -526,7 +502,7 @@ def _version_exists(client, name: str, version: str) -> bool:
     from mlflow.exceptions import MlflowException
 
     try:
-        _retry(client.get_model_version, name, version)
+        retry_while_busy(client.get_model_version, name, version)
     except MlflowException as error:
         if error.error_code == "RESOURCE_DOES_NOT_EXIST":
             return False
@@ -538,7 +514,7 @@ def _get_run(client, run_id: str):
     from mlflow.exceptions import MlflowException
 
     try:
-        return _retry(client.get_run, run_id)
+        return retry_while_busy(client.get_run, run_id)
     except MlflowException as error:
         if error.error_code != "RESOURCE_DOES_NOT_EXIST":
             msg = f"reading run {run_id!r} from {_tracking_uri()} failed: {_one_line(error.message)}"
@@ -577,7 +553,7 @@ def _metric_value(version, metric: str | None) -> float:
 
 def _version_of_run(client, name: str, run_id: str) -> str | None:
     # Not _versions(): a failed read must not look like "no version yet" and register the run twice.
-    versions = _retry(client.search_model_versions, _name_filter(name))
+    versions = retry_while_busy(client.search_model_versions, _name_filter(name))
     matching = [v for v in versions if v.run_id == run_id]
     return str(max(int(v.version) for v in matching)) if matching else None
 

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 import subprocess
 import tempfile
 import time
@@ -379,9 +380,32 @@ def _log_epoch_loss(epoch: int, loss: float) -> None:
     # hold it for a moment; wait for it a few times, and never let a missed point stop the training.
     import mlflow
 
-    from .registry import _retry
-
     try:
-        _retry(mlflow.log_metric, "loss", loss, step=epoch)
+        retry_while_busy(mlflow.log_metric, "loss", loss, step=epoch)
     except Exception as error:  # the run's final metrics are still written when training ends
         log.warning("epoch %d loss not logged (%s); training goes on", epoch, str(error).splitlines()[0])
+
+
+def retry_while_busy(call, *args, attempts: int = 6, **kwargs):
+    """``call(*args, **kwargs)``, retried briefly while another process holds the SQLite store.
+
+    Registry writes (promotions are kept apart by a file lock, but a training run may be writing
+    the same store) and a run's per-epoch logging (a reader such as the MLflow UI may hold it).
+    """
+    for attempt in range(attempts):
+        try:
+            return call(*args, **kwargs)
+        except Exception as error:
+            if attempt == attempts - 1 or not _is_transient(error):
+                raise
+            time.sleep(0.1 * 2**attempt * (1 + random.random()))
+    return None  # pragma: no cover
+
+
+def _is_transient(error: Exception) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    if not (isinstance(error, MlflowException) or type(error).__module__.startswith("sqlalchemy")):
+        return False
+    text = str(error).lower()
+    return "database is locked" in text or "unique constraint failed" in text or "database is busy" in text

@@ -331,8 +331,8 @@ _HYPERPARAMETER_TYPES = {
 }
 #: Config fields with no option of their own: ``methods`` is ``train --cluster``; the others are
 #: set by presets (and ``sweep --grid``) only.
-_NOT_ON_CLI = frozenset({"hvg_flavor", "batch_norm", "encoder_weight", "readout", "positive_neighbours", "cluster_head",
-                         "methods"})
+_NOT_ON_CLI = frozenset({"hvg_flavor", "batch_norm", "encoder_weight", "readout", "input_projection",
+                         "positive_neighbours", "cluster_head", "methods"})
 
 
 def _config_fields() -> list[str]:

@@ -14,6 +14,8 @@ from typing import Any
 
 #: Gene counts tried when ``n_genes="auto"`` (the paper's Fig. 5 grid).
 AUTO_GENE_COUNTS = (500, 1000, 1500, 3000, 5000)
+#: What the encoder reads: the genes, or the PCA block's components of them, fixed or trained.
+INPUT_PROJECTIONS = ("none", "pca-frozen", "pca-init")
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,12 @@ class EncoderConfig:
         What the trained encoder hands on as its embedding: ``"output"`` (the paper: the
         L2-normalised last layer the loss is computed on), ``"unnormalised"`` (that layer before
         the normalisation) or ``"hidden"`` (the first hidden layer after BatchNorm + ReLU).
+    input_projection
+        What the encoder reads (:data:`INPUT_PROJECTIONS`): ``"none"`` (the paper: the genes),
+        ``"pca-frozen"`` (the principal components of the PCA block, a fixed linear first layer
+        applied to each masked view) or ``"pca-init"`` (the same first layer, initialised from the
+        PCA and then trained). Either needs ``pca_components`` >= 1: the projection is the PCA
+        block's own PCA.
     """
 
     layers: tuple[int, ...] = (200, 40, 60)
@@ -85,6 +93,7 @@ class EncoderConfig:
     pca_genes: int = 500
     encoder_weight: float = 1.0
     readout: str = "output"
+    input_projection: str = "none"
 
     def __post_init__(self) -> None:
         if not self.layers or any(int(w) < 1 for w in self.layers):
@@ -101,6 +110,14 @@ class EncoderConfig:
             raise ValueError(msg)
         if self.readout == "hidden" and len(self.layers) < 2:
             msg = f"readout 'hidden' needs at least one hidden layer; layers are {list(self.layers)}"
+            raise ValueError(msg)
+        if self.input_projection not in INPUT_PROJECTIONS:
+            allowed = ", ".join(repr(p) for p in INPUT_PROJECTIONS)
+            msg = f"input_projection must be one of {allowed}; got {self.input_projection!r}"
+            raise ValueError(msg)
+        if self.input_projection != "none" and int(self.pca_components) < 1:
+            msg = (f"input_projection {self.input_projection!r} projects on the PCA block's components: it needs "
+                   f"pca_components >= 1, got {self.pca_components}")
             raise ValueError(msg)
 
 
@@ -262,6 +279,11 @@ def _with_readout(name: str, readout: str) -> ContrastiveConfig:
     return dataclasses.replace(base, encoder=dataclasses.replace(base.encoder, readout=readout))
 
 
+def _with_projection(name: str, projection: str) -> ContrastiveConfig:
+    base = _pcres_variant(name, cluster_head=20)()
+    return dataclasses.replace(base, encoder=dataclasses.replace(base.encoder, input_projection=projection))
+
+
 PRESETS = {
     "fused": _fused,
     "paper": _paper,
@@ -278,6 +300,11 @@ PRESETS = {
     # pcres-cc read out before the output's L2 normalisation, or at the first hidden layer
     "pcres-cc-unnorm": lambda: _with_readout("pcres-cc-unnorm", "unnormalised"),
     "pcres-cc-hidden": lambda: _with_readout("pcres-cc-hidden", "hidden"),
+    # pcres-cc trained on a PCA projection: each masked view (gene masking as in the paper) goes
+    # through a linear first layer holding the PCA block's 50 components of the 2000 genes, fixed
+    # (the encoder sees only principal components) or initialised there and trained
+    "pcres-cc-pcfrozen": lambda: _with_projection("pcres-cc-pcfrozen", "pca-frozen"),
+    "pcres-cc-pcinit": lambda: _with_projection("pcres-cc-pcinit", "pca-init"),
 }
 #: The preset used when none is named.
 DEFAULT_PRESET = "fused"

@@ -29,6 +29,10 @@ class ContrastiveEncoder(nn.Module):
         Put ``BatchNorm1d`` before each hidden ReLU (the paper does).
     readout
         What :meth:`forward` returns, one of :data:`READOUTS`; training sets ``"output"``.
+    projection
+        When > 0, the input first goes through a Linear layer to this many features (the
+        ``input_projection`` of :class:`~contrastive_sc.method.config.EncoderConfig`, set to a PCA
+        transform by :meth:`init_projection`); 0 (the paper) reads the genes directly.
 
     Notes
     -----
@@ -40,15 +44,47 @@ class ContrastiveEncoder(nn.Module):
     """
 
     def __init__(self, n_inputs: int, layers: tuple[int, ...] = (200, 40, 60), batch_norm: bool = True,
-                 readout: str = "output") -> None:
+                 readout: str = "output", projection: int = 0) -> None:
         super().__init__()
-        sizes = [int(n_inputs), *map(int, layers)]
+        # an input projection (0: none) is a Linear layer n_inputs -> projection before the MLP
+        self.projection = nn.Linear(int(n_inputs), int(projection)) if projection else None
+        sizes = [int(projection) or int(n_inputs), *map(int, layers)]
         self.linears = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
         hidden = sizes[1:-1]
         self.norms = nn.ModuleList(nn.BatchNorm1d(w) if batch_norm else nn.Identity() for w in hidden)
         self.n_inputs = int(n_inputs)
         self._sizes = sizes
         self.readout = readout
+
+    @torch.no_grad()
+    def init_projection(self, index: torch.Tensor, mean: torch.Tensor, components: torch.Tensor, *,
+                        trainable: bool) -> None:
+        """Make the input projection the PCA transform ``(x[:, index] - mean) @ components.T``.
+
+        ``components`` is ``(k, g)`` for the ``g`` input columns ``index``; the other columns get
+        zero weights (a trainable projection may learn them) and the centring is the bias. A
+        projection that is not ``trainable`` keeps these values through training.
+        """
+        if self.projection is None:
+            msg = "this encoder has no input projection; build it with projection=<components>"
+            raise RuntimeError(msg)
+        index = torch.as_tensor(index, dtype=torch.int64)
+        components = torch.as_tensor(components, dtype=torch.float32)
+        mean = torch.as_tensor(mean, dtype=torch.float32)
+        if tuple(components.shape) != (self.projection.out_features, len(index)) or mean.shape != index.shape:
+            msg = (f"the projection takes {self.projection.out_features} components of {len(index)} columns; got "
+                   f"components {tuple(components.shape)} and mean {tuple(mean.shape)}")
+            raise ValueError(msg)
+        weight = torch.zeros_like(self.projection.weight)
+        weight[:, index] = components
+        self.projection.weight.copy_(weight)
+        self.projection.bias.copy_(-(components @ mean))
+        self.projection.requires_grad_(trainable)
+
+    @property
+    def first_layer(self) -> nn.Linear:
+        """The Linear layer that reads the input: the projection when there is one."""
+        return self.projection if self.projection is not None else self.linears[0]
 
     @property
     def readout(self) -> str:
@@ -78,8 +114,12 @@ class ContrastiveEncoder(nn.Module):
         the first hidden layer's activations.
         """
         layers = iter(self.linears)
-        first = next(layers)
-        h = x.linear(first) if isinstance(x, MaskedViews) else first(x)
+        if self.projection is not None:  # the PCA coordinates of each (masked) view, then the MLP
+            h = x.linear(self.projection) if isinstance(x, MaskedViews) else self.projection(x)
+            h = next(layers)(h)
+        else:
+            first = next(layers)
+            h = x.linear(first) if isinstance(x, MaskedViews) else first(x)
         for depth, (norm, linear) in enumerate(zip(self.norms, layers)):
             if n_views > 1 and self.training and isinstance(norm, nn.BatchNorm1d):
                 h = torch.cat([norm(chunk) for chunk in h.chunk(n_views)])

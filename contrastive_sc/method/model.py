@@ -109,13 +109,18 @@ class ContrastiveSC:
             return fit_state(adata, n_genes=n_genes, min_cells=pre.min_cells, hvg_flavor=pre.hvg_flavor, clip=clip)
 
         self.state = fit(pre.n_genes, pre.clip)
+        enc = self.config.encoder
         # one pipeline whatever holds the cells: x is an array, or a matrix on disk for a backed file
         with preprocessed_rows(adata, self.state) as x:
-            self.encoder, self.history = fit_encoder(x, self.config.encoder, self.config.train,
-                                                     progress=progress, on_epoch=on_epoch)
-            self.encoder.readout = self.config.encoder.readout
-            if self.config.encoder.pca_components:
-                self.encoder = self._fuse_with_pca(fit(self.config.encoder.pca_genes).genes, x)
+            pca_genes = fit(enc.pca_genes).genes if enc.pca_components else None
+            # an input projection is the PCA block's own PCA, fitted before training
+            pca = self._fit_pca(pca_genes, x) if enc.input_projection != "none" else None
+            projection = None if pca is None else (pca[0], pca[1].mean_, pca[1].components_)
+            self.encoder, self.history = fit_encoder(x, enc, self.config.train, progress=progress,
+                                                     on_epoch=on_epoch, projection=projection)
+            self.encoder.readout = enc.readout
+            if enc.pca_components:
+                self.encoder = self._fuse_with_pca(pca_genes, x, pca)
             if reference:
                 self._fit_reference(encode(self.encoder, x))
 
@@ -149,35 +154,48 @@ class ContrastiveSC:
         # the readers' message (a backed matrix is checked on its first block).
         validate_counts(first_cells(adata, 20_000))
 
-    def _fuse_with_pca(self, top_genes, x):
+    def _fuse_with_pca(self, top_genes, x, pca=None):
         """Put the principal components of the most dispersed input genes beside the encoder.
 
         ``top_genes`` are the ``pca_genes`` first of the dispersion ranking that chose the
         encoder's genes, so they are among them and their columns are already scaled in ``x``
         (an array or an out-of-core matrix). Above :data:`PCA_SAMPLE_CELLS` cells, the PCA and the
-        blocks' scales are fitted on that many random cells, whatever holds them.
+        blocks' scales are fitted on that many random cells, whatever holds them. ``pca``: the
+        ``(index, PCA)`` that :meth:`_fit_pca` already fitted (for an input projection), else
+        it is fitted here.
         """
         import torch
-        from sklearn.decomposition import PCA
 
         from .encoder import FusedEmbedder
 
-        column_of = {g: i for i, g in enumerate(self.state.genes)}
-        index = np.array([column_of[g] for g in top_genes if g in column_of], dtype=np.int64)
-        if len(x) > PCA_SAMPLE_CELLS:  # the rule depends on the number of cells, never on the container
-            rng = np.random.default_rng(self.config.train.seed)
-            rows = np.sort(rng.choice(len(x), PCA_SAMPLE_CELLS, replace=False))
-            x = x.take_rows(rows) if hasattr(x, "take_rows") else x[rows]
-        elif not isinstance(x, np.ndarray):  # an on-disk matrix this small is read whole
-            x = x[:]
-        n_components = min(self.config.encoder.pca_components, len(index), x.shape[0] - 1)
-        pca = PCA(n_components=n_components, random_state=self.config.train.seed).fit(x[:, index])
+        x = self._pca_sample(x)
+        index, pca = pca if pca is not None else self._fit_pca(top_genes, x)
         blocks = (encode(self.encoder, x), pca.transform(x[:, index]))
         centers = [b.mean(axis=0) for b in blocks]
         scales = [max(float(np.sqrt(((b - c) ** 2).sum(axis=1).mean())), 1e-12) for b, c in zip(blocks, centers)]
         scales[0] /= self.config.encoder.encoder_weight  # the encoder block's norm relative to the PCA block's
         return FusedEmbedder(self.encoder, torch.from_numpy(index), torch.from_numpy(pca.mean_),
                              torch.from_numpy(pca.components_), tuple(map(torch.from_numpy, centers)), scales).eval()
+
+    def _pca_sample(self, x):
+        """The cells a PCA is fitted on: all of them in memory, or :data:`PCA_SAMPLE_CELLS` random ones."""
+        if len(x) > PCA_SAMPLE_CELLS:  # the rule depends on the number of cells, never on the container
+            rng = np.random.default_rng(self.config.train.seed)
+            rows = np.sort(rng.choice(len(x), PCA_SAMPLE_CELLS, replace=False))
+            return x.take_rows(rows) if hasattr(x, "take_rows") else x[rows]
+        if not isinstance(x, np.ndarray):  # an on-disk matrix this small is read whole
+            return x[:]
+        return x
+
+    def _fit_pca(self, top_genes, x):
+        """``(index, PCA)``: the input columns of ``top_genes`` and ``pca_components`` principal components of them."""
+        from sklearn.decomposition import PCA
+
+        column_of = {g: i for i, g in enumerate(self.state.genes)}
+        index = np.array([column_of[g] for g in top_genes if g in column_of], dtype=np.int64)
+        x = self._pca_sample(x)
+        n_components = min(self.config.encoder.pca_components, len(index), x.shape[0] - 1)
+        return index, PCA(n_components=n_components, random_state=self.config.train.seed).fit(x[:, index])
 
     def _fit_auto_genes(self, adata, *, progress: bool, on_epoch, reference: bool) -> ContrastiveSC:
         from ..analysis.metrics import score_clustering
@@ -331,6 +349,9 @@ class ContrastiveSC:
                       "state_dict": self.encoder.state_dict()}
         if self.config.encoder.pca_components:
             checkpoint["pca_shape"] = list(self.encoder.pca_components.shape)  # (components, genes read)
+        if self.config.encoder.input_projection != "none":  # (features, inputs) of the encoder's first layer
+            checkpoint["input_projection"] = self.config.encoder.input_projection
+            checkpoint["projection_shape"] = list(_contrastive_encoder(self.encoder).projection.weight.shape)
         torch.save(checkpoint, path / _FILES["weights"])
         history = asdict(self.history) | {"gene_search": self.gene_search, "model_id": self.model_id}
         (path / _FILES["history"]).write_text(json.dumps(history))
@@ -370,8 +391,16 @@ class ContrastiveSC:
             msg = (f"{str(path)!r}: {_FILES['weights']} was saved with readout {readout!r} but {_FILES['config']} "
                    f"says {config.encoder.readout!r}; the folder mixes two models")
             raise ValueError(msg)
+        projection = checkpoint.get("input_projection", "none")
+        if projection != config.encoder.input_projection:
+            msg = (f"{str(path)!r}: {_FILES['weights']} was saved with input_projection {projection!r} but "
+                   f"{_FILES['config']} says {config.encoder.input_projection!r}; the folder mixes two models")
+            raise ValueError(msg)
+        n_projected = checkpoint["projection_shape"][0] if projection != "none" else 0
         encoder = ContrastiveEncoder(checkpoint["n_inputs"], layers, checkpoint.get("batch_norm", config.encoder.batch_norm),
-                                     readout)
+                                     readout, projection=n_projected)
+        if n_projected:
+            encoder.projection.requires_grad_(projection == "pca-init")
         if "pca_shape" in checkpoint:
             n_components, n_pca_genes = checkpoint["pca_shape"]
             encoder = FusedEmbedder.empty(encoder, n_pca_genes, n_components)
@@ -388,6 +417,11 @@ class ContrastiveSC:
 
             model.cell_types = CellTypeReference.load(path / _FILES["cell_types"])
         return model
+
+
+def _contrastive_encoder(module):
+    """The :class:`ContrastiveEncoder` of a model's encoder (itself, or the one a fused embedder wraps)."""
+    return getattr(module, "encoder", module)
 
 
 def _saved_model_id(path: Path) -> str | None:

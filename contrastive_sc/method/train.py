@@ -52,8 +52,9 @@ def cosine_lr(base_lr: float, epoch: int, epochs: int) -> float:
 
 
 def fit_encoder(x: np.ndarray, encoder_config: EncoderConfig, train_config: TrainConfig, *,
-                progress: bool = False,
-                on_epoch: Callable[[int, float], None] | None = None) -> tuple[ContrastiveEncoder, TrainingHistory]:
+                progress: bool = False, on_epoch: Callable[[int, float], None] | None = None,
+                projection: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+                ) -> tuple[ContrastiveEncoder, TrainingHistory]:
     """Train a contrastive encoder on a preprocessed ``(cells, genes)`` float32 matrix.
 
     Parameters
@@ -68,6 +69,11 @@ def fit_encoder(x: np.ndarray, encoder_config: EncoderConfig, train_config: Trai
         Show a progress bar over epochs.
     on_epoch
         Called as ``on_epoch(epoch, mean_loss)`` after each epoch (used for live logging).
+    projection
+        ``(index, mean, components)`` of a fitted PCA of the input columns ``index``: required
+        when ``encoder_config.input_projection`` is not ``"none"``, and the encoder's input
+        projection starts as that PCA transform (see
+        :meth:`~contrastive_sc.method.encoder.ContrastiveEncoder.init_projection`).
 
     Returns
     -------
@@ -93,7 +99,19 @@ def fit_encoder(x: np.ndarray, encoder_config: EncoderConfig, train_config: Trai
         x = np.ascontiguousarray(x, dtype=np.float32)
     # one generator of row batches for any container; a dense in-memory run keeps its data on the device
     batches = _dense_batches(x, cfg, device) if not (on_disk or sparse) else _row_batches(x, cfg, device, sparse)
-    encoder = ContrastiveEncoder(x.shape[1], encoder_config.layers, encoder_config.batch_norm).to(device)
+    projecting = encoder_config.input_projection != "none"
+    if projecting != (projection is not None):
+        msg = (f"input_projection {encoder_config.input_projection!r} "
+               + ("needs the fitted PCA: pass projection=(index, mean, components)" if projecting
+                  else "takes no projection; set input_projection to 'pca-frozen' or 'pca-init' to use one"))
+        raise ValueError(msg)
+    if projecting:
+        encoder = ContrastiveEncoder(x.shape[1], encoder_config.layers, encoder_config.batch_norm,
+                                     projection=len(projection[2]))
+        encoder.init_projection(*projection, trainable=encoder_config.input_projection == "pca-init")
+        encoder = encoder.to(device)
+    else:
+        encoder = ContrastiveEncoder(x.shape[1], encoder_config.layers, encoder_config.batch_norm).to(device)
     history = TrainingHistory(device=str(device))
     criterion = NTXentLoss(cfg.temperature)
     head = None
@@ -105,8 +123,10 @@ def fit_encoder(x: np.ndarray, encoder_config: EncoderConfig, train_config: Trai
     started = time.perf_counter()
     epochs = _progress(range(cfg.epochs), progress)
     encoder.train()
-    with _single_threaded(device.type == "cpu"), _transposed_weight(encoder.linears[0], sparse):
-        parameters = [*encoder.parameters(), *(head.parameters() if head is not None else ())]
+    with _single_threaded(device.type == "cpu"), _transposed_weight(encoder.first_layer, sparse):
+        # a frozen input projection is left out (its weights are not parameters the loss trains)
+        parameters = [p for p in (*encoder.parameters(), *(head.parameters() if head is not None else ()))
+                      if p.requires_grad]
         optimizer = torch.optim.Adam(parameters, lr=cfg.lr, fused=True)
         for epoch in epochs:
             lr = cosine_lr(cfg.lr, epoch, cfg.lr_cosine_epochs or cfg.epochs) if cfg.lr_schedule == "cosine" else cfg.lr

@@ -251,6 +251,9 @@ def test_long_form_answers_as_the_wide_form(packaged, frame):
 @pytest.mark.parametrize(("rows", "message"), [
     ({"cell": [], "gene": [], "count": []}, "empty input: got 0 (cell, gene, count) rows"),
     ({"cell": ["a", "a"], "gene": ["g", "g"], "count": [1, 2]}, "cell a has more than one count for gene g"),
+    ({"cell": ["a", "b", "b"], "gene": ["g", "h", "h"], "count": [1, 0, 0]}, "cell b has more than one count for gene h"),
+    ({"cell": pd.Categorical(["a", None]), "gene": pd.Categorical(["g", "h"]), "count": [1, 2]},
+     "1 (cell, gene, count) row(s) lack a cell or gene"),
     ({"cell": ["a", None], "gene": ["g", "h"], "count": [1, 2]}, "1 (cell, gene, count) row(s) lack a cell or gene"),
     ({"cell": ["a", "b"], "gene": ["g", "h"], "count": ["x", "y"]}, "the 'count' column holds object values such as 'x'"),
     ({"cell": ["a", "b"], "gene": ["g", "h"], "count": [1, -2]}, "the 'count' column holds 1 negative value(s)"),
@@ -279,6 +282,28 @@ def test_long_form_keeps_cells_without_counts():
                                     "count": [2, 0, 0, 1]}
     with pytest.raises(ValueError, match="unique cell names"):
         long_form(wide.set_axis(["a", "a", "c"]))
+    with pytest.raises(ValueError, match="unique gene names"):
+        long_form(wide.set_axis(["g1", "g1", "g3"], axis=1))
+
+
+def test_long_form_names_read_alike_as_text_or_categories(packaged, frame):
+    # long_form sends categorical names (parquet's dictionary encoding, cheap to read); a client
+    # that sends plain text, as CSV and JSON bodies arrive, gets the same answer.
+    from contrastive_sc.benchmarks.speed import long_form, request_body
+
+    wide = frame.iloc[:20].set_axis([f"c{i}" for i in range(20)])
+    long = long_form(wide)
+    assert isinstance(long["gene"].dtype, pd.CategoricalDtype)
+    as_read = pd.read_parquet(io.BytesIO(request_body(wide, "parquet-long")))
+    assert isinstance(as_read["cell"].dtype, pd.CategoricalDtype)
+    text = long.astype({"cell": str, "gene": str})
+    expected = packaged.predict(text, {"method": "reference"})
+    for variant in (long, as_read, long.iloc[::-1]):  # row order does not matter, cells come in first-row order
+        got = packaged.predict(variant, {"method": "reference"})
+        order = list(pd.unique(variant["cell"].astype(str)))
+        assert list(got["cell"]) == order
+        np.testing.assert_allclose(got.set_index("cell").loc[list(expected["cell"])].filter(like="emb_").to_numpy(),
+                                   expected.filter(like="emb_").to_numpy(), atol=1e-6)
 
 
 @pytest.mark.slow

@@ -59,8 +59,11 @@ def long_form(frame: pd.DataFrame) -> pd.DataFrame:
     """
     import scipy.sparse as sp
 
-    if not frame.index.is_unique:
+    if not frame.index.astype(str).is_unique:
         msg = "the long form needs unique cell names; rename the rows (e.g. frame.reset_index(drop=True))"
+        raise ValueError(msg)
+    if not frame.columns.astype(str).is_unique:
+        msg = "the long form needs unique gene names; each gene must be one column"
         raise ValueError(msg)
     matrix = sp.coo_matrix(frame.to_numpy())
     rows, cols, values = matrix.row, matrix.col, matrix.data
@@ -74,8 +77,11 @@ def long_form(frame: pd.DataFrame) -> pd.DataFrame:
         keep = ~pd.DataFrame({"r": rows, "c": cols}).duplicated().to_numpy()
         rows, cols, values = rows[keep], cols[keep], values[keep]
     order = np.lexsort((cols, rows))
-    return pd.DataFrame({"cell": frame.index.astype(str).to_numpy()[rows[order]],
-                         "gene": frame.columns.astype(str).to_numpy()[cols[order]], "count": values[order]})
+    # Names as categoricals: parquet stores them dictionary-encoded and the server reads integer
+    # codes instead of ~100,000 strings a request (the same values in CSV and JSON).
+    cells = pd.Categorical.from_codes(rows[order], categories=frame.index.astype(str))
+    genes = pd.Categorical.from_codes(cols[order], categories=frame.columns.astype(str))
+    return pd.DataFrame({"cell": cells, "gene": genes, "count": values[order]})
 
 
 def request_body(frame: pd.DataFrame, fmt: str, params: dict | None = None) -> bytes:

@@ -304,6 +304,14 @@ def test_long_form_names_read_alike_as_text_or_categories(packaged, frame):
         assert list(got["cell"]) == order
         np.testing.assert_allclose(got.set_index("cell").loc[list(expected["cell"])].filter(like="emb_").to_numpy(),
                                    expected.filter(like="emb_").to_numpy(), atol=1e-6)
+    # A gene left out of the rows but still among the categories is missing, as in plain text.
+    gene = str(packaged.state.genes[0])
+    fewer = long[long["gene"] != gene]
+    assert gene in fewer["gene"].cat.categories
+    got = packaged.predict(fewer, {"method": "reference"})
+    expected = packaged.predict(fewer.astype({"cell": str, "gene": str}), {"method": "reference"})
+    assert got["gene_coverage"].iloc[0] == expected["gene_coverage"].iloc[0] < 1
+    np.testing.assert_array_equal(got.filter(like="emb_").to_numpy(), expected.filter(like="emb_").to_numpy())
 
 
 @pytest.mark.slow

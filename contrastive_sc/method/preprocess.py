@@ -204,6 +204,9 @@ def transform(counts, gene_names, state: PreprocessState) -> np.ndarray:
         msg = "gene names must be unique; found duplicates in the input columns"
         raise ValueError(msg)
     counts = sp.csr_matrix(counts) if sp.issparse(counts) else np.asarray(counts)
+    if sp.issparse(counts) and not counts.has_canonical_format:  # the scatter below needs one entry per cell and gene
+        counts = counts.copy()
+        counts.sum_duplicates()
 
     lib_at = columns.get_indexer(pd.Index(state.library_genes))
     lib_found = lib_at >= 0
@@ -225,11 +228,18 @@ def transform(counts, gene_names, state: PreprocessState) -> np.ndarray:
     out = np.zeros((counts.shape[0], state.n_genes), dtype=np.float32)
     if len(model_pos):
         if sp.issparse(counts):
-            # Scale and log the stored values only (log1p(0) = 0), then densify the model's columns.
-            picked = counts[:, input_cols].astype(np.float32)
-            picked.data *= np.repeat(scale, np.diff(picked.indptr))
-            np.log1p(picked.data, out=picked.data)
-            block = picked.toarray()
+            # Scale and log the stored values of the model's columns only (log1p(0) = 0) and scatter
+            # them into the dense block: selecting the columns of a sparse matrix sorts its entries.
+            slot = np.full(counts.shape[1], -1, dtype=np.int64)
+            slot[input_cols] = np.arange(len(input_cols))
+            at = slot[counts.indices]
+            rows = np.repeat(np.arange(counts.shape[0]), np.diff(counts.indptr))
+            keep = at >= 0
+            values = counts.data[keep].astype(np.float32)
+            values *= scale[rows[keep]]
+            np.log1p(values, out=values)
+            block = np.zeros((counts.shape[0], len(input_cols)), dtype=np.float32)
+            block[rows[keep], at[keep]] = values
         else:
             in_order = len(input_cols) == counts.shape[1] and bool((input_cols == np.arange(counts.shape[1])).all())
             block = np.array(counts if in_order else counts[:, input_cols], dtype=np.float32)  # the one copy

@@ -259,6 +259,7 @@ def _name_codes(column: pd.Series, *, first_seen: bool) -> tuple[np.ndarray, np.
     renumbered = np.cumsum(present) - 1
     return np.where(raw >= 0, renumbered[raw], -1), names[present]
 
+
 class RequestTooLarge(ValueError):
     """A request with more cells than the served model accepts in one call."""
 

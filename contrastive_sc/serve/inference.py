@@ -209,8 +209,10 @@ def long_counts(data: pd.DataFrame):
         msg = "empty input: got 0 (cell, gene, count) rows"
         raise ValueError(msg)
     cell, gene, count = (data[name] for name in LONG_COLUMNS)
-    cell_codes, cells = _name_codes(cell, first_seen=True)
-    gene_codes, genes = _name_codes(gene, first_seen=False)
+    # factorize marks a null name with code -1 (no separate isna pass on text) and numbers a
+    # categorical column by its integer codes, not its strings; cells keep their first-row order.
+    cell_codes, cells = pd.factorize(cell, sort=False)
+    gene_codes, genes = _gene_codes(gene)
     unnamed = int((cell_codes < 0).sum() + (gene_codes < 0).sum())
     if unnamed:
         msg = f"{unnamed} (cell, gene, count) row(s) lack a cell or gene name; every row must name both"
@@ -234,30 +236,23 @@ def long_counts(data: pd.DataFrame):
     return matrix, np.asarray([str(g) for g in genes], dtype=str), [str(c) for c in cells]
 
 
-def _name_codes(column: pd.Series, *, first_seen: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Integer codes of a name column (-1 for a missing name) and the names they stand for.
+def _gene_codes(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """Integer codes of the gene column (-1 for a missing name) and the genes they stand for.
 
-    ``first_seen``: number the names in order of first appearance (the cells' order of the
-    answer); otherwise a categorical column keeps its categories' order, which for ``long_form``'s
-    genes is the order of the rows within each cell, so building the matrix needs no sort.
     A categorical column (what a parquet body with dictionary-encoded names reads as, and what
-    ``long_form`` sends) already holds integer codes: no ~100,000 strings to hash a request.
+    ``long_form`` sends) keeps its categories' order, which for ``long_form`` is the order of the
+    rows within each cell: the matrix is then built without a sort.
     """
     if not isinstance(column.dtype, pd.CategoricalDtype):
-        # factorize marks a null name with code -1: no separate (slow, on text) isna pass.
         return pd.factorize(column, sort=False)
-    raw = column.cat.codes.to_numpy().astype(np.int64)
+    codes = column.cat.codes.to_numpy().astype(np.int64)
     names = column.cat.categories.to_numpy()
-    if first_seen:
-        codes, used = pd.factorize(raw, sort=False)
-        codes[raw < 0] = -1  # pandas' code for a missing value; refused by the caller
-        return codes, names[used]
-    present = np.bincount(raw[raw >= 0], minlength=len(names)) > 0
+    present = np.bincount(codes[codes >= 0], minlength=len(names)) > 0
     if present.all():
-        return raw, names
+        return codes, names
     # a category named in no row is not an input gene (as a column left out of the wide form)
     renumbered = np.cumsum(present) - 1
-    return np.where(raw >= 0, renumbered[raw], -1), names[present]
+    return np.where(codes >= 0, renumbered[codes], -1), names[present]
 
 
 class RequestTooLarge(ValueError):

@@ -20,25 +20,39 @@ from .analysis.cluster import METHODS as CLUSTER_METHODS
 from .benchmarks.annotation_benchmark import METHODS as ANNOTATION_METHODS
 from .benchmarks.benchmark import available_methods
 from .benchmarks.experiments import EXPERIMENT_NAMES
-from .method.config import DEFAULT_PRESET, PRESETS, ContrastiveConfig
+from .method.config import DEFAULT_PRESET, PRESETS, cli_settings, settings
+from .mlops.signals import stop_with_mlflow_run
 from .serve.inference import METHODS as PREDICT_METHODS
 
-_PRESET_CHOICE = click.Choice(sorted(PRESETS))
 
+class _SettingType(click.ParamType):
+    """A configuration setting typed and checked by its entry in the parameter table
+    (:class:`~contrastive_sc.method.config.Setting`): the same rule as the configuration's own check."""
 
-class _NGenes(click.ParamType):
-    name = "N|auto|all"
+    def __init__(self, field_name: str) -> None:
+        self.field_name = field_name
+        self.spec = settings()[field_name]
+        self.name = {"int": "INTEGER", "float": "FLOAT", "int_list": "N,N,...", "n_genes": "N|auto|all",
+                     "choice": "|".join(map(str, self.spec.choices)), "bool": "BOOLEAN"}.get(self.spec.kind, "TEXT")
 
     def convert(self, value, param, ctx):
-        if value in (None, "auto", "all") or isinstance(value, int):
-            return value
         try:
-            number = int(str(value))
-        except ValueError:
-            self.fail(f"expected a whole number of genes, 'auto' or 'all', got {value!r}", param, ctx)
-        if number < 2:
-            self.fail(f"expected at least 2 genes, got {number}", param, ctx)
-        return number
+            return self.spec.parse(self.field_name, value) if isinstance(value, str) else self.spec.check(
+                self.field_name, value)
+        except ValueError as error:
+            self.fail(str(error), param, ctx)
+
+
+class _PresetType(click.ParamType):
+    """A preset name; ``--help`` names the two documented ones (``contrastive-sc presets`` lists every one)."""
+
+    name = "fused|paper"
+
+    def convert(self, value, param, ctx):
+        if value not in PRESETS:
+            self.fail(f"unknown preset {value!r}; expected fused or paper (`contrastive-sc presets` lists the "
+                      "research presets too)", param, ctx)
+        return value
 
 
 class _PresetDefault(click.ParamType):
@@ -88,11 +102,16 @@ def _layer_option(func):
 
 
 def _overwrite_option(func):
-    # `--overwrite` alone means true; MLproject passes `--overwrite true|false`.
-    return click.option(
-        "--overwrite", is_flag=False, flag_value=True, default=False, type=click.BOOL,
-        help="Replace --out even when it is not an earlier output of this command.",
-    )(func)
+    # A plain flag for people; MLproject entry points pass `--overwrite-if true|false` (hidden),
+    # since an MLflow parameter always has a value. Either one set means overwrite.
+    def merge(ctx, param, value):
+        given = bool(ctx.params.pop("overwrite_if", False))
+        return bool(value) or given
+
+    func = click.option("--overwrite", is_flag=True, callback=merge,
+                        help="Replace --out even when it is not an earlier output of this command.")(func)
+    return click.option("--overwrite-if", "overwrite_if", type=click.BOOL, default=False, hidden=True,
+                        is_eager=True)(func)
 
 
 class UserError(click.ClickException):
@@ -182,6 +201,8 @@ def main(verbose: bool, workdir: str | None) -> None:
     # SIGTERM (kill, a scheduler's timeout) ends the command like Ctrl-C does: runs in progress
     # are closed as KILLED instead of being left RUNNING by a process that just vanished.
     signal.signal(signal.SIGTERM, _exit_on_signal)
+    # ... and so does stopping the `mlflow run` that started this entry point, which does not pass the signal on
+    stop_with_mlflow_run()
     if workdir:
         os.chdir(workdir)
 
@@ -199,8 +220,9 @@ def main(verbose: bool, workdir: str | None) -> None:
     type=_CsvList(available_methods()),
 )
 @click.option("--seeds", default=3, type=click.IntRange(min=1), help="Seeds 0..N-1.")
-@click.option("--n-genes", default=None, type=_PresetDefault(_NGenes()), help="Override the presets' gene count.")
-@click.option("--epochs", default=None, type=_PresetDefault(click.IntRange(min=1)), help="Override the presets' epochs.")
+@click.option("--n-genes", default=None, type=_PresetDefault(_SettingType("n_genes")),
+              help="Override the presets' gene count.")
+@click.option("--epochs", default=None, type=_PresetDefault(_SettingType("epochs")), help="Override the presets' epochs.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="CSV with one row per run.")
 @_overwrite_option
 @_friendly_errors
@@ -283,13 +305,10 @@ def _experiment_option(func):
     return click.option("--experiment", default="contrastive-sc", help="MLflow experiment name.")(func)
 
 
-class _IntList(click.ParamType):
-    """Comma-separated positive whole numbers (``_`` allowed as a digit separator)."""
+class _CellCounts(click.ParamType):
+    """Comma-separated numbers of cells (``_`` allowed as a digit separator)."""
 
     name = "N,N,..."
-
-    def __init__(self, what: str = "whole numbers", example: str = "200,40,60", noun: str = "layer sizes") -> None:
-        self.what, self.example, self.noun = what, example, noun
 
     def convert(self, value, param, ctx):
         if isinstance(value, list | tuple):
@@ -297,64 +316,20 @@ class _IntList(click.ParamType):
         try:
             sizes = tuple(int(v) for v in str(value).replace("_", "").split(",") if v.strip())
         except ValueError:
-            self.fail(f"expected comma-separated {self.what} such as {self.example}, got {value!r}", param, ctx)
+            self.fail(f"expected comma-separated numbers of cells such as 10000,100000, got {value!r}", param, ctx)
         if not sizes or min(sizes) < 1:
-            self.fail(f"expected positive {self.noun}, got {value!r}", param, ctx)
+            self.fail(f"expected positive numbers of cells, got {value!r}", param, ctx)
         return sizes
 
 
-#: How each config setting is typed and described on the command line, by field name. The
-#: options themselves (``--n-genes`` for ``n_genes``, default ``None``: keep the preset's value)
-#: and :data:`_HYPERPARAMETERS` are built from the config dataclasses' fields in their order;
-#: tests/test_lists.py fails when a field is in neither this table nor :data:`_NOT_ON_CLI`.
-_HYPERPARAMETER_TYPES = {
-    "n_genes": (_NGenes(), "Genes kept: a number, 'auto' or 'all'."),
-    "min_cells": (click.IntRange(min=0), "Drop genes seen in fewer cells."),
-    "clip": (click.FloatRange(min=0, min_open=True), "Clip scaled values."),
-    "layers": (_IntList(), "Encoder sizes, e.g. 200,40,60."),
-    "pca_components": (click.IntRange(min=0),
-                       "Principal components embedded beside the encoder (0: none) [fused: 50]."),
-    "pca_genes": (click.IntRange(min=2), "Genes the PCA block reads."),
-    "input_dropout": (click.FloatRange(0, 1, max_open=True), "Fraction of genes masked per view."),
-    "noise_std": (click.FloatRange(min=0), "Gaussian noise on views."),
-    "temperature": (click.FloatRange(min=0, min_open=True), "NT-Xent T."),
-    "lr": (click.FloatRange(min=0, min_open=True), "Adam learning rate."),
-    "lr_schedule": (click.Choice(["cosine", "constant"]), "LR schedule."),
-    "lr_cosine_epochs": (click.IntRange(min=1), "Cosine schedule period in epochs [paper: 500, as the authors' code]."),
-    "epochs": (click.IntRange(min=1), "Training epochs."),
-    "batch_size": (click.IntRange(min=2), "Cells per batch."),
-    "seed": (click.IntRange(min=0), "Random seed."),
-    "device": (click.Choice(["auto", "cpu", "cuda"]), "Training device."),
-    "n_clusters": (click.IntRange(min=1), "k for KMeans [default: number of labels when --label-key is given]."),
-    "resolution": (click.FloatRange(min=0, min_open=True), "Leiden."),
-    "n_neighbors": (click.IntRange(min=2), "kNN graph size for Leiden."),
-}
-#: Config fields with no option of their own: ``methods`` is ``train --cluster``; the others are
-#: set by presets (and ``sweep --grid``) only.
-_NOT_ON_CLI = frozenset({"hvg_flavor", "batch_norm", "encoder_weight", "readout", "input_projection",
-                         "positive_neighbours", "cluster_head", "methods"})
-
-
-def _config_fields() -> list[str]:
-    """Every setting of :class:`~contrastive_sc.method.config.ContrastiveConfig`, in field order."""
-    return [name for name in ContrastiveConfig().to_params() if name != "preset"]
-
-
-#: The settings ``train`` overrides, one option each (see :data:`_HYPERPARAMETER_TYPES`).
-_HYPERPARAMETERS = tuple(name for name in _config_fields() if name in _HYPERPARAMETER_TYPES)
-
-
 def _hyperparameter_options(func):
-    """Every setting of a preset, as an optional override (None keeps the preset's value)."""
-    options = [
-        click.option(
-            "--preset", default=DEFAULT_PRESET, type=_PRESET_CHOICE, help="Named preset to start from: fused or paper."
-        )
-    ]
-    for name in _HYPERPARAMETERS:
-        kind, text = _HYPERPARAMETER_TYPES[name]
-        options.append(click.option(f"--{name.replace('_', '-')}", default=None, type=_PresetDefault(kind),
-                                    help=text))
+    """``--preset`` and every setting of the parameter table offered on the command line, as an
+    optional override (``None``, ``""`` or ``preset`` keep the preset's value)."""
+    options = [click.option("--preset", default=DEFAULT_PRESET, type=_PresetType(),
+                            help="Named preset to start from (`contrastive-sc presets` lists them all).")]
+    for name, spec in cli_settings().items():
+        options.append(click.option(f"--{name.replace('_', '-')}", default=None,
+                                    type=_PresetDefault(_SettingType(name)), help=spec.help))
     for option in reversed(options):
         func = option(func)
     return func
@@ -363,7 +338,7 @@ def _hyperparameter_options(func):
 def _build_config(preset: str, values: dict):
     from .method.config import get_preset
 
-    return get_preset(preset).replace(**{k: values.get(k) for k in _HYPERPARAMETERS})
+    return get_preset(preset).replace(**{k: values.get(k) for k in cli_settings()})
 
 
 @main.command()
@@ -389,12 +364,14 @@ def train(data, label_key, batch_key, layer, methods, preset, experiment, run_na
     from .mlops import tracking
 
     config = _build_config(preset, values)
-    adata = load(data, label_key, layer=layer)
+    # the layer is the model's data setup: recorded at fit and read again by later calls
+    adata = load(data, label_key, validate=layer is None)
     label_key = label_key or default_label_key(adata)
     uri = tracking.setup(tracking_uri, experiment)
     result = tracking.train_run(
         adata,
         config,
+        layer=layer,
         label_key=label_key,
         batch_key=batch_key,
         methods=methods,
@@ -413,8 +390,8 @@ def train(data, label_key, batch_key, layer, methods, preset, experiment, run_na
 @click.option("--grid", default="", help="Semicolon-separated NAME=V1,V2 lists, e.g. 'lr=0.1,0.4;n_genes=500,1000'.")
 @click.option("--seeds", default=1, type=click.IntRange(min=1), help="Seeds 0..N-1 per grid point.")
 @click.option("--cluster", "methods", default="kmeans,leiden", type=_CsvList(CLUSTER_METHODS))
-@click.option("--preset", default=DEFAULT_PRESET, type=_PRESET_CHOICE)
-@click.option("--epochs", default=None, type=_PresetDefault(click.IntRange(min=1)), help="Epochs for every grid point.")
+@click.option("--preset", default=DEFAULT_PRESET, type=_PresetType())
+@click.option("--epochs", default=None, type=_PresetDefault(_SettingType("epochs")), help="Epochs for every grid point.")
 @_experiment_option
 @_tracking_options
 @_friendly_errors
@@ -529,10 +506,10 @@ def export_onnx(model_uri, out, data, provider, overwrite, tracking_uri) -> None
 @click.option("--model-uri", required=True, help="models:/NAME@ALIAS of an embed-then-cluster model.")
 @click.option("--data", required=True, help="Counts file to embed.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output .h5ad.")
-@click.option("--method", default="reference", type=click.Choice(list(PREDICT_METHODS)),
-              help="reference: nearest training cluster; kmeans: needs --n-clusters; auto: k estimated; leiden.")
-@click.option("--n-clusters", default=0, type=click.IntRange(min=0), help="k for kmeans.")
-@click.option("--resolution", default=None, type=_PresetDefault(click.FloatRange(min=0, min_open=True)),
+@click.option("--method", default="trained", type=click.Choice(list(PREDICT_METHODS)),
+              help="trained: nearest training cluster; kmeans: needs --n-clusters; auto: k estimated; leiden.")
+@click.option("--n-clusters", default=None, type=_PresetDefault(_SettingType("n_clusters")), help="k for kmeans.")
+@click.option("--resolution", default=None, type=_PresetDefault(_SettingType("resolution")),
               help="Leiden resolution [default, or 'preset': the one the model was trained with].")
 @click.option("--label-key", default=None, callback=_none_if_empty, help="obs column with labels: ARI/NMI are printed.")
 @_layer_option
@@ -564,8 +541,8 @@ def embed(model_uri, data, out, method, n_clusters, resolution, label_key, layer
 )
 @click.argument("more_data", nargs=-1, type=click.Path(exists=True))
 @click.option("--seeds", default=1, type=click.IntRange(min=1), help="Seeds 0..N-1 per setting.")
-@click.option("--epochs", default=None, type=_PresetDefault(click.IntRange(min=1)), help="Override the epochs.")
-@click.option("--n-genes", default=None, type=_PresetDefault(_NGenes()), help="Override the gene count.")
+@click.option("--epochs", default=None, type=_PresetDefault(_SettingType("epochs")), help="Override the epochs.")
+@click.option("--n-genes", default=None, type=_PresetDefault(_SettingType("n_genes")), help="Override the gene count.")
 @_experiment_option
 @_tracking_options
 @_friendly_errors
@@ -591,7 +568,7 @@ def experiment(name, data, more_data, seeds, epochs, n_genes, experiment, tracki
 @click.option("--methods", default="contrastive,pca-knn,celltypist", help="Comma-separated methods.",
               type=_CsvList(ANNOTATION_METHODS))
 @click.option("--seeds", default=3, type=click.IntRange(min=1), help="Seeds 0..N-1.")
-@click.option("--preset", default=DEFAULT_PRESET, type=_PRESET_CHOICE, help="Preset of the contrastive model.")
+@click.option("--preset", default=DEFAULT_PRESET, type=_PresetType(), help="Preset of the contrastive model.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="CSV with one row per method and seed.")
 @_overwrite_option
 @_friendly_errors
@@ -612,7 +589,7 @@ def annotation_benchmark(data, label_key, batch_key, train_batch, test_batch, he
     click.echo(summarise(results).to_markdown(index=False))
 
 
-_CELL_COUNTS = _IntList("numbers of cells", "10000,100000", "numbers of cells")
+_CELL_COUNTS = _CellCounts()
 
 
 @main.command("scale-benchmark")
@@ -621,7 +598,7 @@ _CELL_COUNTS = _IntList("numbers of cells", "10000,100000", "numbers of cells")
 @click.option("--n-genes-kept", default=500, type=click.IntRange(min=2), help="Genes the model keeps.")
 @click.option("--epochs", default=30, type=click.IntRange(min=1), help="Training epochs (paper preset otherwise).")
 @click.option("--groups", default=8, type=click.IntRange(min=2), help="Simulated groups (k for KMeans).")
-@click.option("--seed", default=0, type=click.IntRange(min=0), help="Simulation and training seed.")
+@click.option("--seed", default=0, type=_SettingType("seed"), help="Simulation and training seed.")
 @click.option("--skip-scanpy", is_flag=True, help="Skip scanpy's PCA -> neighbors -> Leiden baseline.")
 @click.option("--skip-leiden", is_flag=True, help="Skip Leiden on the contrastive embedding.")
 @click.option("--workdir", default=None, type=click.Path(file_okay=False, exists=True),
@@ -702,6 +679,33 @@ def speed_benchmark(data, model_uri, n_cells, request_cells, clients, requests_p
     rows.insert(2, "seed", 0)
     rows.to_csv(out, index=False)
     click.echo(f"\nwrote {out}")
+
+
+@main.command()
+def presets() -> None:
+    """List every preset: the two documented ones (fused, the default, and paper) and the research presets."""
+    from .method.config import PRESET_NOTES
+
+    width = max(map(len, PRESETS))
+    for name in PRESETS:
+        click.echo(f"{name:<{width}}  {PRESET_NOTES[name]}")
+
+
+@main.command("write-mlproject")
+@click.option("--check", is_flag=True, help="Exit 1 if MLproject differs from what the parameter table generates.")
+@_friendly_errors
+def write_mlproject(check) -> None:
+    """Write MLproject (its `train` entry from the parameter table), or check that it is current."""
+    from .mlops.mlproject import MLPROJECT_PATH, render
+
+    text = render()
+    if check:
+        if MLPROJECT_PATH.read_text() != text:
+            raise click.ClickException(f"{MLPROJECT_PATH} is out of date; run `contrastive-sc write-mlproject`")
+        click.echo(f"{MLPROJECT_PATH} is current")
+        return
+    MLPROJECT_PATH.write_text(text)
+    click.echo(f"wrote {MLPROJECT_PATH}")
 
 
 @main.command("training-speed")

@@ -167,7 +167,7 @@ class EmbedThenClusterModel(PythonModel):
         refuse_unknown_params()
         hide_parser_tracebacks()
         fast_json_responses()
-        log.info("contrastive-sc model loaded: %d genes, %d reference clusters, onnxruntime %s with %d thread(s), "
+        log.info("contrastive-sc model loaded: %d genes, %d training clusters, onnxruntime %s with %d thread(s), "
                  "at most %d cells per request", self.model.state.n_genes, len(self.model.centroids),
                  self.model.encoder.providers, self.model.encoder.threads, self.model.max_cells)
 

@@ -4,7 +4,7 @@
         --model-uri models:/contrastive-sc@champion
     python serving/client.py --url ... --data cells.h5ad --out clustered.h5ad --genes preprocess_state.json
 
-``reference`` labels every chunk against the training clusters, so chunks can be sent one by
+``trained`` labels every chunk against the training clusters, so chunks can be sent one by
 one; ``kmeans``, ``auto`` and ``leiden`` cluster the cells of one request together, so the whole dataset
 goes in a single request (up to the server's cell limit, ``CONTRASTIVE_SC_MAX_CELLS``).
 
@@ -53,7 +53,7 @@ def request_format(params: dict, fmt: str = "auto") -> str:
     """The body format of a request: long parquet when ``params`` are the served defaults, else JSON.
 
     CSV and parquet bodies carry no params (the server applies the model's defaults:
-    ``reference`` with the embedding); measured with ``contrastive-sc speed-benchmark``, the long
+    ``trained`` with the embedding); measured with ``contrastive-sc speed-benchmark``, the long
     parquet form (one row per non-zero count) is the fastest request. Other params need JSON.
     """
     from dataclasses import fields
@@ -87,7 +87,7 @@ def cluster_dataset(url: str, counts: pd.DataFrame, params: dict, chunk_size: in
 
     ``fmt``: ``auto`` (see :func:`request_format`), ``json``, ``csv`` or ``parquet``.
     """
-    if params.get("method", "reference") != "reference":
+    if params.get("method", "trained") != "trained":
         chunk_size = len(counts)  # kmeans/auto/leiden must see all cells at once
     from contrastive_sc.benchmarks.speed import request_body
 
@@ -139,12 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--url", default="http://127.0.0.1:5001")
     parser.add_argument("--data", required=True, help="counts file (any format contrastive-sc reads) or 'simulated'")
     parser.add_argument("--out", required=True, help="output .csv or .h5ad")
-    parser.add_argument("--method", default="reference", choices=list(METHODS))
+    parser.add_argument("--method", default="trained", choices=list(METHODS))
     parser.add_argument("--n-clusters", type=int, default=0)
     parser.add_argument("--resolution", type=float, default=None, help="Leiden resolution [default: the model's]")
     parser.add_argument("--chunk-size", type=int, default=500)
     parser.add_argument("--format", default="auto", choices=["auto", *FORMATS],
-                        help="request body: auto = long parquet for default 'reference' requests, JSON otherwise")
+                        help="request body: auto = long parquet for default 'trained' requests, JSON otherwise")
     parser.add_argument("--max-cells", type=int, default=None, help="send only the first N cells")
     genes = parser.add_mutually_exclusive_group()
     genes.add_argument("--model-uri", default=None, help="send only this model's genes (read through the registry)")
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         adata = adata[: args.max_cells].copy()
     counts = select_genes(adata.to_df(), model_genes(args.model_uri, args.genes))
     # The embedding is only kept for .h5ad; a parquet body cannot ask to leave it out, but is fast
-    # enough to win anyway (serving/README.md), so default 'reference' requests go as parquet.
+    # enough to win anyway (serving/README.md), so default 'trained' requests go as parquet.
     params = {"method": args.method}
     if args.n_clusters:
         params["n_clusters"] = args.n_clusters

@@ -40,7 +40,7 @@ done
 curl -sf "http://127.0.0.1:$PORT/ping" > /dev/null || { cat "$DEMO_DIR/server.log"; echo "server not ready" >&2; exit 1; }
 echo "serving on http://127.0.0.1:$PORT (log: $DEMO_DIR/server.log)"
 
-step "6/6 query the endpoint with 300 simulated cells (reference clusters)"
+step "6/6 query the endpoint with 300 simulated cells (the training clusters)"
 python serving/client.py --url "http://127.0.0.1:$PORT" --data simulated --max-cells 300 \
   --model-uri "models:/$MODEL_NAME@champion" --out "$DEMO_DIR/clusters.csv"
 head -n 6 "$DEMO_DIR/clusters.csv"

@@ -31,11 +31,11 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     split = {"dataframe_split": {"index": list(counts.index), "columns": list(counts.columns),
                                  "data": counts.to_numpy().tolist()},
-             "params": {"method": "reference", "return_embedding": False}}
+             "params": {"method": "trained", "return_embedding": False}}
     records = {"dataframe_records": counts.to_dict(orient="records"),
                "params": {"method": "kmeans", "n_clusters": 2, "return_embedding": False}}
     tensor = {"inputs": counts.reindex(columns=list(served.state.genes), fill_value=0).to_numpy().tolist(),
-              "params": {"method": "reference"}}
+              "params": {"method": "trained"}}
     for name, body in {"dataframe_split": split, "dataframe_records": records, "tensor_inputs": tensor}.items():
         (out / f"{name}.json").write_text(json.dumps(body))
     print(f"wrote 3 example requests for {args.cells} cells to {out}")

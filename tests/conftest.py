@@ -38,7 +38,7 @@ def _isolate_mlflow_environment():
 
 @pytest.fixture(scope="session")
 def _synthetic_session():
-    from contrastive_sc.benchmarks.simulate import simulate_splat
+    from contrastive_sc.method.simulate import simulate_splat
 
     sim = simulate_splat(n_cells=300, n_genes=400, group_prob=(0.4, 0.3, 0.3), de_fac_scale=0.6,
                          dropout_type="none", seed=7)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from contrastive_sc import ContrastiveSC
-from contrastive_sc.analysis.annotate import UNASSIGNED, CellTypeReference
+from contrastive_sc.analysis.annotate import UNASSIGNED, CellTypeAnnotator
 
 
 @pytest.fixture(scope="module")
@@ -32,35 +32,36 @@ def test_unseen_type_is_unassigned_and_known_types_are_named(held_back):
 
 def test_threshold_is_recorded_and_can_be_overridden(held_back):
     model, adata = held_back
-    assert model.cell_types.min_confidence == 0.05 and model.cell_types.label_key == "cell_type"
-    types, _ = model.cell_types.annotate(model.transform(adata), min_confidence=0.0)
+    assert model.annotator.min_confidence == 0.05 and model.annotator.label_key == "cell_type"
+    types, _ = model.annotator.annotate(model.transform(adata), min_confidence=0.0)
     assert UNASSIGNED not in set(types)  # 0 keeps every cell on its nearest type
     with pytest.raises(ValueError, match=r"min_confidence must be a number within \[0, 1\], got nan"):
-        model.cell_types.annotate(model.transform(adata), min_confidence=float("nan"))
+        model.annotator.annotate(model.transform(adata), min_confidence=float("nan"))
 
 
 def test_reference_survives_save_and_load(held_back, tmp_path):
     model, adata = held_back
     loaded = ContrastiveSC.load(model.save(tmp_path / "m"))
-    a = model.cell_types.annotate(model.transform(adata))
-    b = loaded.cell_types.annotate(loaded.transform(adata))
+    a = model.annotator.annotate(model.transform(adata))
+    b = loaded.annotator.annotate(loaded.transform(adata))
     assert (a[0] == b[0]).all() and np.allclose(a[1], b[1])
 
 
 def test_saving_over_a_folder_leaves_no_stale_files(held_back, trained, tmp_path):
     model, _ = held_back
     folder = model.save(tmp_path / "m")
-    assert (folder / "cell_types.npz").exists() and (folder / "reference_centroids.npy").exists()
+    assert (folder / "cell_types.npz").exists() and (folder / "training_clusters.npy").exists()
     with pytest.raises(FileExistsError, match="holds another saved model .* overwrite=True"):
         trained.save(folder)
     model.save(folder)  # the same model again: allowed
-    trained.reference_centroids, kept = None, trained.reference_centroids
+    trained.training_clusters, kept = None, trained.training_clusters
     try:
         trained.save(folder, overwrite=True)
     finally:
-        trained.reference_centroids = kept
-    assert not (folder / "cell_types.npz").exists() and not (folder / "reference_centroids.npy").exists()
-    assert ContrastiveSC.load(folder).cell_types is None
+        trained.training_clusters = kept
+    assert not (folder / "cell_types.npz").exists() and not (folder / "training_clusters.npy").exists()
+    loaded = ContrastiveSC.load(folder)
+    assert loaded.annotator is None and loaded.training_clusters is None
 
 
 def test_a_model_without_labels_cannot_annotate(trained, synthetic):
@@ -71,11 +72,11 @@ def test_a_model_without_labels_cannot_annotate(trained, synthetic):
 def test_reference_checks_its_input():
     rng = np.random.default_rng(0)
     with pytest.raises(ValueError, match="at least 2 cell types"):
-        CellTypeReference.fit(rng.normal(size=(40, 3)), ["a"] * 40)
+        CellTypeAnnotator.fit(rng.normal(size=(40, 3)), ["a"] * 40)
     with pytest.raises(ValueError, match="reserved"):
-        CellTypeReference.fit(rng.normal(size=(40, 3)), ["a", UNASSIGNED] * 20)
+        CellTypeAnnotator.fit(rng.normal(size=(40, 3)), ["a", UNASSIGNED] * 20)
     with pytest.raises(ValueError, match="one label per embedded cell"):
-        CellTypeReference.fit(rng.normal(size=(40, 3)), ["a", "b"] * 10)
+        CellTypeAnnotator.fit(rng.normal(size=(40, 3)), ["a", "b"] * 10)
 
 
 @pytest.mark.parametrize("layer", ["counts", "raw"])
@@ -94,7 +95,7 @@ def test_counts_from_a_layer(synthetic, tiny_config, layer):
         ContrastiveSC(tiny_config).fit(adata)
     model = ContrastiveSC(tiny_config).fit(adata, layer=layer, label_key="label")
     direct = ContrastiveSC(tiny_config).fit(synthetic.copy(), label_key="label")
-    assert np.allclose(model.transform(synthetic), direct.transform(synthetic), atol=1e-5)
+    assert np.allclose(model.transform(synthetic, layer=None), direct.transform(synthetic), atol=1e-5)
     with pytest.raises(KeyError, match="layer 'spliced' not found"):
         ContrastiveSC(tiny_config).fit(adata, layer="spliced")
 
@@ -120,16 +121,19 @@ def test_train_command_reads_counts_from_a_layer(synthetic, tmp_path):
     assert missing.exit_code == 2 and "layer 'spliced' not found; this AnnData has layers ['counts']" in missing.output
 
 
-def test_checkpoint_carries_its_architecture(trained, tmp_path):
-    import json
+def test_checkpoint_carries_its_architecture_genes_and_model_id(trained, synthetic, tiny_config, tmp_path):
+    import shutil
 
     import torch
 
     folder = trained.save(tmp_path / "m")
     checkpoint = torch.load(folder / "encoder.pt", weights_only=True)
-    assert checkpoint["layers"] == list(trained.config.encoder.layers) and checkpoint["n_inputs"] == 100
-    config = json.loads((folder / "config.json").read_text())
-    config["layers"] = [8, 4]
-    (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"encoder.pt holds layers \[64, 16, 32\]|encoder.pt holds layers"):
+    assert checkpoint["init_args"]["layers"] == list(trained.config.encoder.layers)
+    assert checkpoint["init_args"]["n_inputs"] == 100 and checkpoint["genes"] == list(trained.state.genes)
+    assert checkpoint["model_id"] == trained.model_id
+    # the architecture comes from the checkpoint alone: a config.json edited by hand changes nothing
+    other = ContrastiveSC(tiny_config.replace(n_genes=90)).fit(synthetic.copy())
+    other_folder = other.save(tmp_path / "other")
+    shutil.copyfile(other_folder / "preprocess_state.json", folder / "preprocess_state.json")
+    with pytest.raises(ValueError, match="reads other genes than preprocess_state.json lists; the folder mixes two"):
         ContrastiveSC.load(folder)

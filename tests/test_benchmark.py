@@ -60,7 +60,7 @@ def test_cli_writes_csv_and_table(labelled_h5, tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--methods", "magic-kmeans"], "expected a comma-separated list"),
     (["--seeds", "0"], "0 is not in the range"),
-    (["--n-genes", "many"], "expected a whole number of genes"),
+    (["--n-genes", "many"], "n_genes must be 'auto', 'all' or a whole number"),
 ])
 def test_cli_rejects_bad_values(labelled_h5, tmp_path, args, message):
     result = CliRunner().invoke(main, ["benchmark", "--data", str(labelled_h5), "--out", str(tmp_path / "x.csv"), *args])

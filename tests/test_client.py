@@ -81,15 +81,15 @@ def counts(synthetic):
 
 
 @pytest.mark.parametrize("params,fmt,expected", [
-    ({"method": "reference"}, "auto", "parquet-long"),
+    ({"method": "trained"}, "auto", "parquet-long"),
     ({}, "auto", "parquet-long"),
     ({"seed": 0, "min_coverage": 0.5}, "auto", "parquet-long"),  # PredictParams' defaults
     ({"seed": 1}, "auto", "json"),
-    ({"method": "reference", "return_embedding": True, "n_clusters": 0}, "auto", "parquet-long"),
+    ({"method": "trained", "return_embedding": True, "n_clusters": 0}, "auto", "parquet-long"),
     ({"method": "kmeans", "n_clusters": 3}, "auto", "json"),
     ({"return_embedding": False}, "auto", "json"),
     ({"resolution": 0.5}, "auto", "json"),
-    ({"method": "reference"}, "csv", "csv"),
+    ({"method": "trained"}, "csv", "csv"),
     ({"method": "leiden"}, "json", "json"),
 ])
 def test_request_format(params, fmt, expected):
@@ -103,16 +103,16 @@ def test_a_body_without_params_is_refused_for_non_default_params():
 
 def test_frame_payload_split_and_records():
     frame = pd.DataFrame({"g1": [1, 0], "g2": [3, 4]}, index=["a", "b"])
-    split = client.frame_payload(frame, {"method": "reference"})
+    split = client.frame_payload(frame, {"method": "trained"})
     assert split == {"dataframe_split": {"index": ["a", "b"], "columns": ["g1", "g2"], "data": [[1, 3], [0, 4]]},
-                     "params": {"method": "reference"}}
+                     "params": {"method": "trained"}}
     records = client.frame_payload(frame, {}, orient="records")
     assert records == {"dataframe_records": [{"g1": 1, "g2": 3}, {"g1": 0, "g2": 4}], "params": {}}
 
 
 @pytest.mark.parametrize("fmt", ["auto", "json", "csv", "parquet", "csv-long"])
 def test_reference_requests_go_in_chunks_and_answer_every_cell_in_order(server, sent, counts, packaged, fmt):
-    params = {"method": "reference"} if fmt != "json" else {"method": "reference", "return_embedding": False}
+    params = {"method": "trained"} if fmt != "json" else {"method": "trained", "return_embedding": False}
     result = client.cluster_dataset(server, counts, params, chunk_size=120, fmt=fmt)
     assert len(sent) == 3  # 300 cells in chunks of 120
     assert result["cell"].tolist() == counts.index.tolist()
@@ -168,4 +168,4 @@ def test_main_writes_a_csv_of_clusters(server, sent, synthetic, packaged, tmp_pa
     assert rows["gene_coverage"].eq(1.0).all()
     # Two chunks of long parquet: the default for plain reference requests.
     assert len(sent) == 2 and {r["content_type"] for r in sent} == {"application/vnd.apache.parquet"}
-    assert "300 cells clustered (reference)" in capsys.readouterr().out
+    assert "300 cells clustered (trained)" in capsys.readouterr().out

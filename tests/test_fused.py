@@ -61,13 +61,13 @@ def test_save_load_round_trip(fused, synthetic, tmp_path):
     # float32 round-off only: the restored buffers are the same numbers in fresh storage
     np.testing.assert_allclose(loaded.transform(synthetic), fused.transform(synthetic), atol=1e-6)
     z = fused.transform(synthetic)
-    np.testing.assert_array_equal(loaded.reference_labels(z), fused.reference_labels(z))
+    np.testing.assert_array_equal(loaded.assign_clusters(z), fused.assign_clusters(z))
 
 
 def test_reference_labels_are_the_kmeans_labels_of_the_training_cells(fused, synthetic):
     z = fused.transform(synthetic)
     kmeans = cluster_labels(z, "kmeans", n_clusters=3, seed=fused.config.train.seed)
-    reference = fused.reference_labels(z)
+    reference = fused.assign_clusters(z)
     assert score_clustering(z, reference, kmeans)["ari"] == pytest.approx(1.0)
 
 
@@ -77,7 +77,7 @@ def test_packaged_model_serves_the_fused_embedding(fused, synthetic, tmp_path):
     out = served.predict(synthetic.to_df())
     z = fused.transform(synthetic)
     np.testing.assert_allclose(out.filter(like="emb_").to_numpy(), z, atol=1e-5)
-    np.testing.assert_array_equal(out["cluster"].to_numpy(), fused.reference_labels(z))
+    np.testing.assert_array_equal(out["cluster"].to_numpy(), fused.assign_clusters(z))
     # Leiden without parameters uses the graph the model was trained with (resolution 0.5, 30 neighbours)
     leiden = served.predict(synthetic.to_df(), {"method": "leiden", "return_embedding": False})["cluster"].to_numpy()
     expected = cluster_labels(out.filter(like="emb_").to_numpy(), "leiden", resolution=0.5, n_neighbors=30, seed=0)
@@ -116,7 +116,7 @@ def test_a_fused_model_with_another_readout_saves_loads_and_exports(synthetic, t
     z = model.transform(synthetic)
     width = 200 if readout == "hidden" else 60
     assert z.shape == (synthetic.n_obs, width + 8)
-    assert model.reference_centroids.shape[1] == width + 8
+    assert model.training_clusters.centroids.shape[1] == width + 8
     loaded = ContrastiveSC.load(model.save(tmp_path / "m"))
     assert loaded.encoder.encoder.readout == readout
     np.testing.assert_allclose(loaded.transform(synthetic), z, atol=1e-6)

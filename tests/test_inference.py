@@ -16,7 +16,7 @@ def test_reference_matches_the_torch_model(packaged, trained, synthetic, frame):
     out = packaged.predict(frame)
     assert list(out.columns[:3]) == ["cell", "cluster", "gene_coverage"]
     assert out.shape == (synthetic.n_obs, 3 + 60)
-    expected = trained.reference_labels(trained.transform(synthetic))
+    expected = trained.assign_clusters(trained.transform(synthetic))
     np.testing.assert_array_equal(out["cluster"].to_numpy(), expected)
     np.testing.assert_allclose(out.filter(like="emb_").to_numpy(), trained.transform(synthetic), atol=1e-5)
 
@@ -71,7 +71,7 @@ def test_bad_inputs(packaged, frame, mutate, message):
     ({"method": "kmeans"}, "needs n_clusters"),
     ({"method": "kmeans", "n_clusters": 10_000}, "only 300 cell"),
     ({"flavour": 1}, "unknown parameter"),
-    ({"resolution": 0}, "resolution must be > 0"),
+    ({"resolution": 0}, r"resolution must be a finite number within \(0, 1000\], got 0"),
 ])
 def test_bad_params(packaged, frame, params, message):
     with pytest.raises(ValueError, match=message):
@@ -85,13 +85,13 @@ def test_tensor_of_wrong_width(packaged):
 
 def test_defaults():
     params = PredictParams.from_dict(None)
-    assert params.method == "reference" and params.min_coverage == 0.5 and params.return_embedding
+    assert params.method == "trained" and params.min_coverage == 0.5 and params.return_embedding
 
 
 def test_params_schema_is_predict_params_fields_with_the_trained_defaults():
     trained = {"resolution": 0.5, "n_neighbors": 30, "min_confidence": 0.25}
     assert PredictParams.schema(trained) == [
-        ("method", "string", "reference"), ("n_clusters", "long", 0), ("resolution", "double", 0.5),
+        ("method", "string", "trained"), ("n_clusters", "long", 0), ("resolution", "double", 0.5),
         ("n_neighbors", "long", 30), ("seed", "long", 0), ("return_embedding", "boolean", True),
         ("min_coverage", "double", 0.5), ("min_confidence", "double", 0.25)]
     assert [name for name, _, _ in PredictParams.schema(trained)] == [f for f in PredictParams.__dataclass_fields__]
@@ -123,16 +123,16 @@ def test_serving_path_never_imports_torch(tmp_path, _trained_session):
      r"unknown parameter\(s\) \['methd'\]; the known parameters are \['method', 'min_confidence', 'min_coverage'"),
     ({"resolution": float("nan")}, "resolution must be a finite number"),
     ({"resolution": float("inf")}, "resolution must be a finite number"),
-    ({"resolution": 1e6}, r"resolution must be > 0 and <= 1000"),
-    ({"resolution": "high"}, "resolution must be a number, got 'high'"),
-    ({"seed": 2**63}, r"seed must be within \[0, 4294967295\], got 9223372036854775808"),
-    ({"seed": -1}, r"seed must be within \[0, 4294967295\]"),
-    ({"method": "kmeans", "n_clusters": True}, r"n_clusters must be an integer, got True \(bool\)"),
-    ({"method": "kmeans", "n_clusters": 3.0}, r"n_clusters must be an integer, got 3.0 \(float\)"),
-    ({"method": "kmeans", "n_clusters": 2**70}, r"n_clusters must be within \[0, 100000\]"),
-    ({"n_neighbors": 1}, r"n_neighbors must be within \[2, 1000\]"),
+    ({"resolution": 1e6}, r"resolution must be a finite number within \(0, 1000\], got 1000000.0"),
+    ({"resolution": "high"}, "resolution must be a finite number within .*, got 'high'"),
+    ({"seed": 2**63}, r"seed must be a whole number within \[0, 4294967295\], got 9223372036854775808"),
+    ({"seed": -1}, r"seed must be a whole number within \[0, 4294967295\], got -1"),
+    ({"method": "kmeans", "n_clusters": True}, r"n_clusters must be a whole number within \[1, 100000\] or none, got True"),
+    ({"method": "kmeans", "n_clusters": 3.0}, r"n_clusters must be a whole number .*, got 3.0"),
+    ({"method": "kmeans", "n_clusters": 2**70}, r"n_clusters must be a whole number within \[1, 100000\]"),
+    ({"n_neighbors": 1}, r"n_neighbors must be a whole number within \[2, 1000\], got 1"),
     ({"min_coverage": float("nan")}, "min_coverage must be a finite number"),
-    ({"min_coverage": 1.5}, r"min_coverage must be within \[0, 1\]"),
+    ({"min_coverage": 1.5}, r"min_coverage must be a finite number within \[0, 1\], got 1.5"),
     ({"return_embedding": 1}, r"return_embedding must be true or false, got 1 \(int\)"),
     ({"method": 3}, "unknown method 3"),
 ])
@@ -178,7 +178,7 @@ def test_cells_per_request_limit(_trained_session, tmp_path, frame, monkeypatch)
     with pytest.raises(RequestTooLarge, match=r"holds 101 cells, over this server's limit of 100 .*contrastive_sc embed"):
         model.predict(frame.iloc[:101])
     # the batch path has no such limit
-    labels, _, _ = model.embed_and_cluster(frame.to_numpy(), frame.columns, {"method": "reference"})
+    labels, _, _ = model.embed_and_cluster(frame.to_numpy(), frame.columns, {"method": "trained"})
     assert len(labels) == len(frame)
     monkeypatch.setenv("CONTRASTIVE_SC_MAX_CELLS", "lots")
     with pytest.raises(ValueError, match="CONTRASTIVE_SC_MAX_CELLS must be a positive integer, got 'lots'"):
@@ -225,10 +225,10 @@ CORRUPTIONS = {
     "fewer genes than the encoder": (lambda d: _corrupt_state(d, genes=lambda v: v[:-1], mean=lambda v: v[:-1],
                                                               std=lambda v: v[:-1]),
                                      r"encoder.onnx: the encoder takes 100 inputs but preprocess_state.json lists 99"),
-    "centroid width": (lambda d: np.save(d / "reference_centroids.npy", np.zeros((3, 59))),
-                       r"reference_centroids.npy: centroids have 59 dimensions but encoder.onnx embeds into 60"),
-    "NaN centroids": (lambda d: np.save(d / "reference_centroids.npy", np.full((3, 60), np.nan)),
-                      "reference_centroids.npy: holds NaN/inf"),
+    "centroid width": (lambda d: np.save(d / "training_clusters.npy", np.zeros((3, 59))),
+                       r"training_clusters.npy: centroids have 59 dimensions but encoder.onnx embeds into 60"),
+    "NaN centroids": (lambda d: np.save(d / "training_clusters.npy", np.full((3, 60), np.nan)),
+                      "training_clusters.npy: holds NaN/inf"),
     "info dims": (lambda d: _write_info(d, embedding_dim=32), r"model_info.json: 'embedding_dim' is 32 but encoder.onnx"),
     "info genes": (lambda d: _write_info(d, n_genes=7), r"model_info.json: 'n_genes' is 7"),
     "unreadable encoder": (lambda d: (d / "encoder.onnx").write_bytes(b"not onnx"), r"cannot load encoder.onnx"),

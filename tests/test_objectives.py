@@ -67,21 +67,21 @@ def test_research_presets_leave_the_published_ones_alone(synthetic):
     nncc = get_preset("pcres-nncc").train
     assert (nncc.positive_neighbours, nncc.cluster_head) == (10, 20)
     assert get_preset("pcres-5k").preprocess.n_genes == 5000 and get_preset("pcres-5k").encoder.pca_genes == 2000
-    model = ContrastiveSC(preset="pcres-nn", n_genes=100, pca_genes=100, epochs=2).fit(synthetic, reference=False)
+    model = ContrastiveSC(preset="pcres-nn", n_genes=100, pca_genes=100, epochs=2).fit(synthetic, clusters=False)
     assert model.transform(synthetic).shape == (300, 60 + 50)
 
 
 def test_bad_objective_settings_are_refused(tiny_config):
-    with pytest.raises(ValueError, match="positive_neighbours must be >= 0"):
+    with pytest.raises(ValueError, match="positive_neighbours must be a whole number within \\[0, 1000\\]"):
         tiny_config.replace(positive_neighbours=-1)
     with pytest.raises(ValueError, match="cluster_head must be 0 \\(off\\) or >= 2"):
         tiny_config.replace(cluster_head=1)
 
 
 def test_encoder_weight_scales_the_encoder_block(synthetic):
-    model = ContrastiveSC(preset="pcres-half", n_genes=100, pca_genes=100, epochs=1).fit(synthetic, reference=False)
+    model = ContrastiveSC(preset="pcres-half", n_genes=100, pca_genes=100, epochs=1).fit(synthetic, clusters=False)
     embedding = model.transform(synthetic)
     rms = [float(np.sqrt(((b - b.mean(axis=0)) ** 2).sum(axis=1).mean())) for b in (embedding[:, :60], embedding[:, 60:])]
     assert rms[0] == pytest.approx(0.5, rel=1e-3) and rms[1] == pytest.approx(1.0, rel=1e-3)
-    with pytest.raises(ValueError, match="encoder_weight must be > 0"):
+    with pytest.raises(ValueError, match=r"encoder_weight must be a finite number within \(0, 100\]"):
         get_preset("pcres").replace(encoder_weight=0)

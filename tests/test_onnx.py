@@ -57,18 +57,23 @@ def test_parity_on_real_data(tmp_path):
     from contrastive_sc import ContrastiveSC, read
 
     adata = read(shared_file("10X_PBMC_top2000.h5"))
-    model = ContrastiveSC(epochs=2).fit(adata, reference=False)
+    model = ContrastiveSC(epochs=2).fit(adata, clusters=False)
     rows = model.preprocess(adata)
     path = export_onnx(model.encoder, tmp_path / "pbmc.onnx", check=rows)
     assert parity(model.encoder, path, rows) <= PARITY_ATOL
 
 
 def test_the_session_embeds_an_on_disk_matrix_a_batch_at_a_time(trained, synthetic, tmp_path):
-    from contrastive_sc.method.outofcore import preprocess_to_disk
+    import anndata as ad
+
+    from contrastive_sc.method.preprocess import transform_rows
 
     session = OnnxEncoder(export_onnx(trained.encoder, tmp_path / "enc.onnx"), provider="cpu")
     expected = session(trained.preprocess(synthetic))
-    with preprocess_to_disk(synthetic.X, synthetic.var_names, trained.state, directory=tmp_path) as on_disk:
+    synthetic.write_h5ad(tmp_path / "cells.h5ad")
+    backed = ad.read_h5ad(tmp_path / "cells.h5ad", backed="r")
+    with transform_rows(backed.X, backed.var_names, trained.state, directory=tmp_path) as on_disk:
+        assert type(on_disk).__name__ == "DiskMatrix"
         np.testing.assert_allclose(session(on_disk, batch_size=64), expected, atol=1e-6)
     with pytest.raises(ValueError, match=r"expected input of shape \(cells, 100\), got \(3, 7\)"):
         session(np.zeros((3, 7), dtype=np.float32))

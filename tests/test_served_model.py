@@ -57,7 +57,7 @@ def test_input_example_predicts_with_mlflow_models_predict(logged, tmp_path):
     from mlflow.models import Model
 
     serving_example = json.loads((Path(logged) / "serving_input_example.json").read_text())
-    assert serving_example["params"] == {"method": "reference", "return_embedding": False}
+    assert serving_example["params"] == {"method": "trained", "return_embedding": False}
     genes = serving_example["dataframe_split"]["columns"]
     assert genes == list(Model.load(logged).load_input_example(logged).columns)
 

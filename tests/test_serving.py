@@ -113,7 +113,7 @@ def _split(frame, params=None):
 def test_valid_requests_in_two_json_formats_and_each_method(served):
     server, frame = served
     cells = frame.iloc[:40]
-    status, body = server.post(_split(cells, {"method": "reference"}))
+    status, body = server.post(_split(cells, {"method": "trained"}))
     assert status == 200, body
     rows = pd.DataFrame(body["predictions"])
     assert len(rows) == 40 and list(rows["cell"]) == list(cells.index) and "emb_59" in rows
@@ -158,7 +158,7 @@ def test_tensor_form(served):
     status, _ = server.post({"inputs": frame.iloc[:3].to_numpy().tolist()})
     assert status == 400  # 400 genes are not the model's 100 in order
     genes = _model_genes(server)
-    status, body = server.post({"inputs": frame[genes].iloc[:5].to_numpy().tolist(), "params": {"method": "reference"}})
+    status, body = server.post({"inputs": frame[genes].iloc[:5].to_numpy().tolist(), "params": {"method": "trained"}})
     assert status == 200, body
     assert len(body["predictions"]) == 5
 
@@ -310,14 +310,14 @@ def test_a_model_whose_artifacts_disagree_never_becomes_healthy(served, tmp_path
         folder = Path(mlflow.artifacts.download_artifacts("models:/served@champion", dst_path=str(tmp_path / "m")))
     finally:
         mlflow.set_tracking_uri(None)
-    np.save(folder / "artifacts" / "reference_centroids.npy", np.zeros((3, 7), dtype=np.float32))
+    np.save(folder / "artifacts" / "training_clusters.npy", np.zeros((3, 7), dtype=np.float32))
     for workers in (1, 2):
         log = tmp_path / f"bad{workers}.log"
         with pytest.raises(RuntimeError, match="server exited with code") as error:
             Server(str(folder), f"sqlite:///{tmp_path / 'none.db'}", log, env={"CONTRASTIVE_SC_WORKERS": str(workers)},
                    ready_s=120)
         text = log.read_text()
-        assert "refusing to serve this model: reference_centroids.npy: centroids have 7 dimensions but encoder.onnx " \
+        assert "refusing to serve this model: training_clusters.npy: centroids have 7 dimensions but encoder.onnx " \
                "embeds into 60" in text, text[-3000:]
         if workers == 1:
             assert "server exited with code 0" not in str(error.value)

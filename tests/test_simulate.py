@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from contrastive_sc.benchmarks.simulate import (
+from contrastive_sc.method.simulate import (
     SimulatedCounts,
     SplatParams,
     balanced_grid,

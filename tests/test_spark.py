@@ -52,7 +52,7 @@ def test_spark_udf_labels_equal_in_process_predict(tracking_uri, synthetic, tiny
     model_uri = f"models:/spark-clusterer/{version}"
 
     cells = synthetic.to_df().astype("float64")
-    expected = mlflow.pyfunc.load_model(model_uri).predict(cells, params={"method": "reference"})
+    expected = mlflow.pyfunc.load_model(model_uri).predict(cells, params={"method": "trained"})
 
     # One partition: one Python worker loads the model (each load imports mlflow and onnxruntime).
     frame = spark.createDataFrame(cells.reset_index(names="cell_id")).coalesce(1)
@@ -60,7 +60,7 @@ def test_spark_udf_labels_equal_in_process_predict(tracking_uri, synthetic, tiny
     # A struct result takes the prediction columns by name; "cluster" alone would be result_type="long".
     predict = mlflow.pyfunc.spark_udf(
         spark, model_uri, result_type="cluster long, gene_coverage double, cell_type string, confidence double",
-        env_manager="local", params={"method": "reference"})
+        env_manager="local", params={"method": "trained"})
     scored = (frame.withColumn("prediction", predict(struct(*[col(g) for g in genes])))
               .select("cell_id", "prediction.cluster", "prediction.gene_coverage", "prediction.cell_type",
                       "prediction.confidence").toPandas()

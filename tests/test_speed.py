@@ -72,7 +72,7 @@ def test_transform_clips_and_keeps_zero_cells(packaged, frame):
 @pytest.mark.parametrize("layout", ["int64", "float32", "shuffled", "partial", "extra gene"])
 def test_predict_matches_float64(packaged, frame, layout):
     data = _layouts(frame, packaged.state)[layout]
-    out = packaged.predict(data, {"method": "reference"})
+    out = packaged.predict(data, {"method": "trained"})
     embedding = packaged.encoder(float64_transform(data.to_numpy(), data.columns, packaged.state))
     distance = ((embedding[:, None, :] - packaged.centroids[None, :, :]) ** 2).sum(axis=2)
     emb = out[[c for c in out.columns if c.startswith("emb_")]].to_numpy()
@@ -123,7 +123,7 @@ def model_module():
 def test_fast_json_answers_hold_mlflows_values(model_module, packaged, frame):
     from mlflow.pyfunc import scoring_server
 
-    out = packaged.predict(frame, {"method": "reference"})
+    out = packaged.predict(frame, {"method": "trained"})
     out["cell"] = [f"cell/{i} \"é\"" for i in range(len(out))]  # characters JSON escapes
     original = scoring_server.predictions_to_json
     expected = io.StringIO()
@@ -236,14 +236,14 @@ def test_long_form_answers_as_the_wide_form(packaged, frame):
     wide[gene] = 0  # a model gene with no count in any cell: named by one row of count 0
     long = long_form(wide)
     assert (long.loc[long["gene"] == gene, "count"] == 0).all()
-    expected = packaged.predict(wide, {"method": "reference"})
-    got = packaged.predict(long, {"method": "reference"})
+    expected = packaged.predict(wide, {"method": "trained"})
+    got = packaged.predict(long, {"method": "trained"})
     assert list(got["cell"]) == list(wide.index)
     np.testing.assert_array_equal(got["cluster"], expected["cluster"])
     np.testing.assert_allclose(got.filter(like="emb_").to_numpy(), expected.filter(like="emb_").to_numpy(), atol=1e-5)
     # A gene named in no row is missing, as a column left out of the wide form.
-    partial = packaged.predict(long[long["gene"] != gene], {"method": "reference"})
-    expected = packaged.predict(wide.drop(columns=gene), {"method": "reference"})
+    partial = packaged.predict(long[long["gene"] != gene], {"method": "trained"})
+    expected = packaged.predict(wide.drop(columns=gene), {"method": "trained"})
     assert partial["gene_coverage"].iloc[0] == expected["gene_coverage"].iloc[0] < 1
     np.testing.assert_allclose(partial.filter(like="emb_").to_numpy(), expected.filter(like="emb_").to_numpy(), atol=1e-5)
 
@@ -261,7 +261,7 @@ def test_long_form_answers_as_the_wide_form(packaged, frame):
 ])
 def test_long_form_bad_rows(packaged, rows, message):
     with pytest.raises(ValueError, match=None) as error:
-        packaged.predict(pd.DataFrame(rows), {"method": "reference"})
+        packaged.predict(pd.DataFrame(rows), {"method": "trained"})
     assert message in str(error.value)
 
 
@@ -270,7 +270,7 @@ def test_long_form_checks_coverage_on_named_genes(packaged, frame):
 
     few = long_form(frame.iloc[:5][list(packaged.state.genes[:3])] + 1)
     with pytest.raises(ValueError, match="only 3 of the model's"):
-        packaged.predict(few, {"method": "reference"})
+        packaged.predict(few, {"method": "trained"})
 
 
 def test_long_form_keeps_cells_without_counts():
@@ -297,9 +297,9 @@ def test_long_form_names_read_alike_as_text_or_categories(packaged, frame):
     as_read = pd.read_parquet(io.BytesIO(request_body(wide, "parquet-long")))
     assert isinstance(as_read["cell"].dtype, pd.CategoricalDtype)
     text = long.astype({"cell": str, "gene": str})
-    expected = packaged.predict(text, {"method": "reference"})
+    expected = packaged.predict(text, {"method": "trained"})
     for variant in (long, as_read, long.iloc[::-1]):  # row order does not matter, cells come in first-row order
-        got = packaged.predict(variant, {"method": "reference"})
+        got = packaged.predict(variant, {"method": "trained"})
         order = list(pd.unique(variant["cell"].astype(str)))
         assert list(got["cell"]) == order
         np.testing.assert_allclose(got.set_index("cell").loc[list(expected["cell"])].filter(like="emb_").to_numpy(),
@@ -308,8 +308,8 @@ def test_long_form_names_read_alike_as_text_or_categories(packaged, frame):
     gene = str(packaged.state.genes[0])
     fewer = long[long["gene"] != gene]
     assert gene in fewer["gene"].cat.categories
-    got = packaged.predict(fewer, {"method": "reference"})
-    expected = packaged.predict(fewer.astype({"cell": str, "gene": str}), {"method": "reference"})
+    got = packaged.predict(fewer, {"method": "trained"})
+    expected = packaged.predict(fewer.astype({"cell": str, "gene": str}), {"method": "trained"})
     assert got["gene_coverage"].iloc[0] == expected["gene_coverage"].iloc[0] < 1
     np.testing.assert_array_equal(got.filter(like="emb_").to_numpy(), expected.filter(like="emb_").to_numpy())
 

@@ -63,7 +63,7 @@ def test_a_bad_grid_value_fails_before_any_run(tracking_uri, synthetic, tiny_con
     from contrastive_sc.mlops.tracking import setup
 
     setup(tracking_uri, "bad-sweep")
-    with pytest.raises(ValueError, match="lr must be > 0"):
+    with pytest.raises(ValueError, match=r"lr must be a finite number within \(0, 10\]"):
         run_sweep(synthetic, tiny_config, {"lr": [0.1, -1.0]}, [0], label_key="label")
     experiment = MlflowClient().get_experiment_by_name("bad-sweep")
     assert MlflowClient().search_runs([experiment.experiment_id]) == []

@@ -32,9 +32,11 @@ def test_run_contents(store_with_runs, tiny_config):
     assert inputs and inputs[0].dataset.digest == params["data.digest"]
 
     files = {f.path for f in client.list_artifacts(run.info.run_id)}
-    assert {"config.json", "preprocess_state.json", "history.json", "loss_curve.png", "embedding_map.png",
-            "contingency_kmeans.csv", "contingency_leiden.csv", "torch_model"} <= files
-    local = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="config.json"))
+    assert {"loss_curve.png", "embedding_map.png", "contingency_kmeans.csv", "contingency_leiden.csv",
+            "markers_kmeans.csv", "torch_model"} <= files
+    saved = {f.path for f in client.list_artifacts(run.info.run_id, "torch_model")}
+    assert {"torch_model/config.json", "torch_model/preprocess_state.json", "torch_model/encoder.pt"} <= saved
+    local = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="torch_model/config.json"))
     assert json.loads(local.read_text())["epochs"] == 6
     png = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="loss_curve.png"))
     assert png.read_bytes()[:4] == b"\x89PNG"

@@ -5,6 +5,7 @@ import torch
 from contrastive_sc.method.config import EncoderConfig, TrainConfig
 from contrastive_sc.method.encoder import ContrastiveEncoder
 from contrastive_sc.method.loss import NTXentLoss
+from contrastive_sc.method.rows import as_rows
 from contrastive_sc.method.train import (
     SPARSE_MASK_RATE,
     _batch_bounds,
@@ -118,7 +119,7 @@ def test_training_equals_a_plain_loop(x, input_dropout):
     torch.manual_seed(cfg.seed)
     sparse = input_dropout >= SPARSE_MASK_RATE
     encoder = ContrastiveEncoder(x.shape[1], (16, 8)).train()
-    batches = _row_batches(x, cfg, torch.device("cpu"), True) if sparse else _dense_batches(x, cfg, torch.device("cpu"))
+    batches = _row_batches(as_rows(x), cfg, torch.device("cpu"), True) if sparse else _dense_batches(x, cfg, torch.device("cpu"))
     criterion, losses = NTXentLoss(cfg.temperature), []
     with _single_threaded(True), _transposed_weight(encoder.linears[0], sparse):
         optimizer = torch.optim.Adam(encoder.parameters(), lr=cfg.lr, fused=True)

@@ -39,7 +39,7 @@ _BLOCK = 2048
 
 
 @dataclass(frozen=True)
-class CellTypeReference:
+class CellTypeAnnotator:
     """What a model keeps to name new cells by the labels it was trained with.
 
     Parameters
@@ -91,7 +91,7 @@ class CellTypeReference:
 
     @classmethod
     def fit(cls, embedding: np.ndarray, labels, *, n_neighbors: int = DEFAULT_NEIGHBOURS,
-            min_confidence: float = DEFAULT_MIN_CONFIDENCE, label_key: str = "", seed: int = 0) -> CellTypeReference:
+            min_confidence: float = DEFAULT_MIN_CONFIDENCE, label_key: str = "", seed: int = 0) -> CellTypeAnnotator:
         """Calibrate on the training cells' embedding and their labels.
 
         Raises
@@ -162,7 +162,7 @@ class CellTypeReference:
         return Path(path)
 
     @classmethod
-    def load(cls, path: str | Path) -> CellTypeReference:
+    def load(cls, path: str | Path) -> CellTypeAnnotator:
         """Read a reference written by :meth:`save`; a malformed file is named in the error."""
         try:
             with np.load(path, allow_pickle=False) as data:

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -108,6 +109,41 @@ def nearest_centroid(embedding: np.ndarray, centroids: np.ndarray) -> np.ndarray
     # |e - c|^2 = |e|^2 - 2 e.c + |c|^2, and |e|^2 is the same for every centroid of a row.
     distance = (centroids**2).sum(axis=1) - 2.0 * embedding @ centroids.T
     return np.argmin(distance, axis=1).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class TrainingClusters:
+    """The clusters of a model's training cells, kept as centroids to label new cells consistently.
+
+    New cells take the nearest centroid (as KMeans assigns), so every batch a model labels uses
+    the same clusters instead of being re-clustered from scratch (the served ``trained`` method).
+
+    Attributes
+    ----------
+    centroids
+        ``(clusters, dims)`` float32 centroids in the embedding.
+    """
+
+    centroids: np.ndarray
+
+    @classmethod
+    def fit(cls, embedding: np.ndarray, *, n_clusters: int | None = None, n_neighbors: int = 15,
+            seed: int = 0) -> TrainingClusters:
+        """KMeans on the training embedding: with ``n_clusters`` when set, else with an estimated k (``auto``).
+
+        KMeans (not Leiden) because its clusters are what nearest-centroid labelling assumes:
+        compact, one centroid each.
+        """
+        if n_clusters:
+            labels = cluster_labels(embedding, "kmeans", n_clusters=n_clusters, seed=seed)
+        else:
+            labels = cluster_labels(embedding, "auto", n_neighbors=n_neighbors, seed=seed)
+        centroids = np.stack([embedding[labels == c].mean(axis=0) for c in np.unique(labels)])
+        return cls(centroids.astype(np.float32))
+
+    def assign(self, embedding: np.ndarray) -> np.ndarray:
+        """The nearest centroid of each embedded cell."""
+        return nearest_centroid(embedding, self.centroids)
 
 
 def cluster(adata, method: str = "kmeans", *, use_rep: str = "X_contrastive", key_added: str | None = None,

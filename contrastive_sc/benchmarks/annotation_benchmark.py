@@ -89,7 +89,7 @@ def run_annotation_benchmark(adata, *, label_key: str, batch_key: str, train_bat
 def _contrastive(train, test, label_key, seed, preset):
     from ..method.model import CELL_TYPE_KEY, ContrastiveSC
 
-    model = ContrastiveSC(preset=preset, seed=seed).fit(train, label_key=label_key, reference=False)
+    model = ContrastiveSC(preset=preset, seed=seed).fit(train, label_key=label_key, clusters=False)
     annotated = model.annotate(test, copy=True)
     return annotated.obs[CELL_TYPE_KEY].astype(str).to_numpy()
 

@@ -113,7 +113,7 @@ def benchmark_adata(adata, methods: Iterable[str], seeds: Iterable[int], *, labe
 
 def _warm_up(methods: list[str]) -> None:
     """Run each method once on tiny data so imports and JIT compilation stay out of the timings."""
-    from .simulate import simulate_splat
+    from ..method.simulate import simulate_splat
 
     tiny = simulate_splat(n_cells=120, n_genes=200, group_prob=(0.5, 0.5), seed=0).to_anndata()
     benchmark_adata(tiny, methods, [0], overrides={"epochs": 1, "n_genes": 50})
@@ -152,9 +152,8 @@ def _embed(adata, source: str, seed: int, overrides: dict) -> _Embedded:
 
     started = time.perf_counter()
     if source in PRESETS:
-        model = ContrastiveSC(get_preset(source).replace(**overrides), seed=seed).fit(adata, reference=False)
-        embedding = model.transform(adata)
-        return _Embedded(embedding, time.perf_counter() - started, model.history.seconds)
+        model = ContrastiveSC(get_preset(source).replace(**overrides), seed=seed).fit(adata, clusters=False)
+        return _Embedded(model.training_embedding, time.perf_counter() - started, model.history.seconds)
 
     if source == "scanpy":
         embedding = scanpy_pcs(adata, seed=seed)

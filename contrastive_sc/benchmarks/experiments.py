@@ -194,7 +194,7 @@ def _train_and_score(adata, config, truth, methods=("kmeans",)) -> tuple[dict, n
     from ..method.model import ContrastiveSC
 
     started = time.perf_counter()
-    model = ContrastiveSC(config).fit(adata, reference=False)
+    model = ContrastiveSC(config).fit(adata, clusters=False)
     embedding = model.transform(adata)
     metrics = {"train_seconds": model.history.seconds, "fit_seconds": time.perf_counter() - started}
     clusterings = cluster_and_score(embedding, methods, truth, n_clusters=len(np.unique(truth)),
@@ -291,8 +291,8 @@ def _stratifiable(truth: np.ndarray) -> np.ndarray | None:
 
 
 def _simulated(seeds, overrides, settings, quick):
+    from ..method.simulate import balanced_grid, grid_name, imbalanced_grid, simulate_splat
     from .benchmark import benchmark_adata
-    from .simulate import balanced_grid, grid_name, imbalanced_grid, simulate_splat
 
     methods = settings or ["fused-kmeans", "fused-leiden", "paper-kmeans", "paper-leiden", "pca50-kmeans", "scanpy-leiden"]
     grids = [("balanced", p) for p in balanced_grid()] + [("imbalanced", p) for p in imbalanced_grid()]
@@ -322,8 +322,8 @@ def _scalability(seeds, overrides, settings, quick):
 
     from ..analysis.cluster import cluster_labels
     from ..method.model import ContrastiveSC
+    from ..method.simulate import simulate_splat
     from .profiling import PeakMemory
-    from .simulate import simulate_splat
 
     cells, genes = ((500, 1_000), (100, 200)) if quick else (settings or SCALE_CELLS, SCALE_GENES)
     n_genes_total, n_cells_fixed = (300, 500) if quick else (2_000, 5_000)
@@ -336,7 +336,7 @@ def _scalability(seeds, overrides, settings, quick):
             config = ContrastiveSC(preset="paper", n_genes=n_kept, seed=seed, **overrides).config
             with PeakMemory() as memory:
                 started = time.perf_counter()
-                model = ContrastiveSC(config).fit(adata, reference=False)
+                model = ContrastiveSC(config).fit(adata, clusters=False)
                 fit_seconds = time.perf_counter() - started
                 embedding = model.transform(adata)
                 started = time.perf_counter()

@@ -59,13 +59,13 @@ def write_simulated_h5ad(path: str | Path, n_cells: int, n_genes: int, *, n_grou
     """Simulate a Splat dataset a block at a time into an ``.h5ad`` with CSR ``X`` (float32 counts).
 
     The groups (``obs["label"]``) share one set of gene parameters across blocks
-    (:func:`~contrastive_sc.benchmarks.simulate.simulate_splat_blocks`); memory is one dense block.
+    (:func:`~contrastive_sc.method.simulate.simulate_splat_blocks`); memory is one dense block.
     """
     import h5py
     import pandas as pd
     from anndata.io import sparse_dataset, write_elem
 
-    from .simulate import SplatParams, simulate_splat_blocks
+    from ..method.simulate import SplatParams, simulate_splat_blocks
 
     params = SplatParams(n_cells=n_cells, n_genes=n_genes, group_prob=(1.0 / n_groups,) * n_groups,
                          de_prob=DE_PROB, de_fac_scale=DE_FAC_SCALE, lib_loc=lib_loc, seed=seed)
@@ -121,7 +121,7 @@ def run_size(data_path: str | Path, n_cells: int, n_genes: int, *, n_genes_kept:
     from ..analysis.cluster import cluster_labels
     from ..analysis.evaluation import cluster_and_score
     from ..method.config import get_preset
-    from ..method.outofcore import fit_preprocess_chunked, preprocess_to_disk
+    from ..method.preprocess import fit_preprocess, transform_rows
     from ..method.train import fit_encoder
     from ..serve.onnx_io import OnnxEncoder, export_onnx
 
@@ -144,8 +144,8 @@ def run_size(data_path: str | Path, n_cells: int, n_genes: int, *, n_genes_kept:
 
         stage = "preprocess"
         with _Stage(row, stage).measure():
-            state = fit_preprocess_chunked(adata.X, adata.var_names, n_genes=pre.n_genes, min_cells=pre.min_cells)
-            x = preprocess_to_disk(adata.X, adata.var_names, state, directory=workdir)
+            state = fit_preprocess(adata.X, adata.var_names, n_genes=pre.n_genes, min_cells=pre.min_cells)
+            x = transform_rows(adata.X, adata.var_names, state, directory=workdir)
         row["n_genes_kept"] = state.n_genes
         with x:
             stage = "train"

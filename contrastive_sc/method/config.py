@@ -16,106 +16,170 @@ from typing import Any
 AUTO_GENE_COUNTS = (500, 1000, 1500, 3000, 5000)
 #: What the encoder reads: the genes, or the PCA block's components of them, fixed or trained.
 INPUT_PROJECTIONS = ("none", "pca-frozen", "pca-init")
+#: What a trained encoder hands on as its embedding (:data:`~contrastive_sc.method.encoder.READOUTS`).
+READOUTS = ("output", "unnormalised", "hidden")
+#: Clustering methods (:data:`~contrastive_sc.analysis.cluster.METHODS`).
+CLUSTER_METHODS = ("kmeans", "leiden", "auto", "birch", "gmm", "meanshift", "spectral", "ward")
+#: Largest seed: numpy, igraph and torch all take 32-bit seeds.
+MAX_SEED = 2**32 - 1
+
+
+# ---------------------------------------------------------------------------- the parameter table
+@dataclass(frozen=True)
+class Setting:
+    """How one configuration field is described, typed and bounded: the one source of the CLI options,
+    the MLproject ``train`` parameters, the configuration's checks and the served model's checks.
+
+    ``kind`` is ``"int"``, ``"float"``, ``"bool"``, ``"choice"``, ``"choice_list"``, ``"int_list"``
+    (positive sizes) or ``"n_genes"`` (a number, ``"auto"`` or ``"all"``). Numbers lie within ``[low, high]``, an end
+    excluded where ``low_open`` / ``high_open``; floats must be finite. ``optional``: ``None`` is a
+    value. ``on_cli``: offered by ``contrastive-sc train`` and the MLproject (else preset-only).
+    """
+
+    help: str
+    kind: str
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: tuple = ()
+    optional: bool = False
+    on_cli: bool = True
+
+    def describe(self) -> str:
+        """What the value must be, in words (for error messages and help)."""
+        if self.kind == "choice":
+            return "one of " + ", ".join(repr(c) for c in self.choices)
+        if self.kind == "choice_list":
+            return "a non-empty list of " + ", ".join(repr(c) for c in self.choices)
+        if self.kind == "bool":
+            return "true or false"
+        low, high = (str(int(v)) if float(v).is_integer() else f"{v:g}" for v in (self.low, self.high))
+        bounds = f"{'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+        noun = {"int": "a whole number", "float": "a finite number", "int_list": "comma-separated whole numbers",
+                "n_genes": "'auto', 'all' or a whole number"}[self.kind]
+        text = f"{noun} within {bounds}" if self.kind != "int_list" else f"{noun}, each within {bounds}"
+        return text + (" or none" if self.optional else "")
+
+    def check(self, name: str, value):
+        """``value`` if it satisfies this setting (as the field's type), else ``ValueError`` naming ``name``."""
+        import math
+        import numbers
+
+        def refuse():
+            msg = f"{name} must be {self.describe()}, got {value!r}"
+            raise ValueError(msg)
+
+        if value is None:
+            return None if self.optional else refuse()
+        if self.kind == "choice":
+            return value if isinstance(value, str) and value in self.choices else refuse()
+        if self.kind == "choice_list":
+            items = tuple(value.split(",")) if isinstance(value, str) else tuple(value)
+            return items if items and all(i in self.choices for i in items) else refuse()
+        if self.kind == "bool":
+            return bool(value) if isinstance(value, bool) or type(value).__name__ == "bool_" else refuse()
+        if self.kind == "n_genes" and isinstance(value, str):
+            return value if value in ("auto", "all") else refuse()
+        values = tuple(value) if self.kind == "int_list" and isinstance(value, list | tuple) else (value,)
+        if self.kind == "int_list" and not values:
+            refuse()
+        checked = []
+        for item in values:
+            if isinstance(item, bool) or not isinstance(item, numbers.Real):
+                refuse()
+            if self.kind != "float" and not isinstance(item, numbers.Integral):
+                refuse()
+            number = float(item)
+            if not math.isfinite(number):
+                refuse()
+            below = number <= self.low if self.low_open else number < self.low
+            above = number >= self.high if self.high_open else number > self.high
+            if below or above:
+                refuse()
+            checked.append(number if self.kind == "float" else int(item))
+        return tuple(checked) if self.kind == "int_list" else checked[0]
+
+    def parse(self, name: str, text: str):
+        """The value written ``text`` (a command-line or MLproject string), checked."""
+        text = str(text).strip()
+        if self.optional and text.lower() in ("none", "null"):
+            return None
+        if self.kind in ("choice", "choice_list") or (self.kind == "n_genes" and text in ("auto", "all")):
+            return self.check(name, text)
+        if self.kind == "bool":
+            lowered = text.lower()
+            if lowered in ("true", "1", "yes"):
+                return True
+            if lowered in ("false", "0", "no"):
+                return False
+        try:
+            if self.kind == "int_list":
+                value = tuple(int(v.replace("_", "")) for v in text.replace("/", ",").split(",") if v.strip())
+            elif self.kind == "float":
+                value = float(text)
+            else:
+                value = int(text.replace("_", ""))
+        except ValueError:
+            msg = f"{name} must be {self.describe()}, got {text!r}"
+            raise ValueError(msg) from None
+        return self.check(name, value)
+
+
+def setting(default, help: str, kind: str, **options):
+    """A dataclass field described by a :class:`Setting`."""
+    return field(default=default, metadata={"setting": Setting(help, kind, **options)})
+
+
+def _check_fields(section) -> None:
+    # Every field against its Setting; checked values replace the given ones (a list becomes a tuple).
+    for spec in dataclasses.fields(section):
+        value = spec.metadata["setting"].check(spec.name, getattr(section, spec.name))
+        object.__setattr__(section, spec.name, value)
 
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    """How raw counts become the encoder's input.
+    """How raw counts become the encoder's input (the paper's preprocessing)."""
 
-    Parameters
-    ----------
-    n_genes
-        Number of dispersion-ranked genes kept, ``"all"``, or ``"auto"`` to choose among
-        :data:`AUTO_GENE_COUNTS` by the silhouette of the resulting clustering.
-    min_cells
-        Genes detected in fewer cells are dropped (the paper drops genes seen in <= 1 cell).
-    hvg_flavor
-        scanpy ``highly_variable_genes`` flavor; the paper uses ``"seurat"`` dispersion ranking.
-    clip
-        Clip scaled values to ``[-clip, clip]``; ``None`` (the paper) keeps them as they are.
-    """
-
-    n_genes: int | str = 500
-    min_cells: int = 2
-    hvg_flavor: str = "seurat"
-    clip: float | None = None
+    n_genes: int | str = setting(500, "Genes kept: a number of dispersion-ranked genes, 'auto' (chosen by the "
+                                      "silhouette of the clustering) or 'all'.", "n_genes", low=2, high=1_000_000)
+    min_cells: int = setting(2, "Drop genes detected in fewer cells.", "int", low=0, high=10**9)
+    hvg_flavor: str = setting("seurat", "scanpy highly_variable_genes flavor (the paper: seurat).", "choice",
+                              choices=("seurat", "cell_ranger"), on_cli=False)
+    clip: float | None = setting(None, "Clip scaled values to [-clip, clip] (the paper: none).", "float",
+                                 low=0, high=1e6, low_open=True, optional=True)
 
     def __post_init__(self) -> None:
-        if isinstance(self.n_genes, str):
-            if self.n_genes not in ("auto", "all"):
-                msg = f"n_genes must be an integer >= 2, 'auto' or 'all', got {self.n_genes!r}"
-                raise ValueError(msg)
-        elif int(self.n_genes) < 2:
-            msg = f"n_genes must be at least 2, got {self.n_genes}"
-            raise ValueError(msg)
-        if self.min_cells < 0:
-            msg = f"min_cells must be >= 0, got {self.min_cells}"
-            raise ValueError(msg)
-        if self.clip is not None and self.clip <= 0:
-            msg = f"clip must be positive or None, got {self.clip}"
-            raise ValueError(msg)
+        _check_fields(self)
 
 
 @dataclass(frozen=True)
 class EncoderConfig:
-    """The MLP encoder, and an optional PCA block embedded beside it.
+    """The MLP encoder, and an optional PCA block embedded beside it (the ``fused`` preset)."""
 
-    Parameters
-    ----------
-    layers
-        Hidden and output sizes, BatchNorm + ReLU between layers.
-    batch_norm
-        Put ``BatchNorm1d`` before each hidden ReLU.
-    pca_components
-        When > 0, the embedding is the encoder's output side by side with this many principal
-        components of the ``pca_genes`` most dispersed input genes, each block centred and scaled
-        to unit root-mean-square norm (the ``fused`` preset). 0 keeps the encoder's output alone.
-    pca_genes
-        How many of the input genes (by the same dispersion ranking) the PCA block reads.
-    encoder_weight
-        Root-mean-square norm of the encoder block relative to the PCA block's (1: equal weight);
-        below 1 the encoder's output is a smaller correction beside the principal components.
-    readout
-        What the trained encoder hands on as its embedding: ``"output"`` (the paper: the
-        L2-normalised last layer the loss is computed on), ``"unnormalised"`` (that layer before
-        the normalisation) or ``"hidden"`` (the first hidden layer after BatchNorm + ReLU).
-    input_projection
-        What the encoder reads (:data:`INPUT_PROJECTIONS`): ``"none"`` (the paper: the genes),
-        ``"pca-frozen"`` (the principal components of the PCA block, a fixed linear first layer
-        applied to each masked view) or ``"pca-init"`` (the same first layer, initialised from the
-        PCA and then trained). Either needs ``pca_components`` >= 1: the projection is the PCA
-        block's own PCA.
-    """
-
-    layers: tuple[int, ...] = (200, 40, 60)
-    batch_norm: bool = True
-    pca_components: int = 0
-    pca_genes: int = 500
-    encoder_weight: float = 1.0
-    readout: str = "output"
-    input_projection: str = "none"
+    layers: tuple[int, ...] = setting((200, 40, 60), "Encoder sizes, hidden then output, e.g. 200,40,60.",
+                                      "int_list", low=1, high=100_000)
+    batch_norm: bool = setting(True, "BatchNorm before each hidden ReLU.", "bool", on_cli=False)
+    pca_components: int = setting(0, "Principal components embedded beside the encoder's output, each block "
+                                     "scaled to the same weight (0: none) [fused: 50].", "int", low=0, high=10_000)
+    pca_genes: int = setting(500, "Genes the PCA block reads (the first of the same dispersion ranking).", "int",
+                             low=2, high=1_000_000)
+    encoder_weight: float = setting(1.0, "RMS norm of the encoder block relative to the PCA block's.", "float",
+                                    low=0, high=100, low_open=True, on_cli=False)
+    readout: str = setting("output", "What the encoder hands on: the L2-normalised output (the paper), the output "
+                                     "before normalisation, or the first hidden layer.", "choice", choices=READOUTS,
+                           on_cli=False)
+    input_projection: str = setting("none", "What the encoder reads: the genes, or the PCA block's components of "
+                                            "them, fixed or trained from there.", "choice",
+                                    choices=INPUT_PROJECTIONS, on_cli=False)
 
     def __post_init__(self) -> None:
-        if not self.layers or any(int(w) < 1 for w in self.layers):
-            msg = f"layers must be a non-empty list of positive sizes, got {self.layers!r}"
-            raise ValueError(msg)
-        if int(self.pca_components) < 0 or int(self.pca_genes) < 2:
-            msg = f"pca_components must be >= 0 and pca_genes >= 2, got {self.pca_components} and {self.pca_genes}"
-            raise ValueError(msg)
-        if not self.encoder_weight > 0:
-            msg = f"encoder_weight must be > 0, got {self.encoder_weight}"
-            raise ValueError(msg)
-        if self.readout not in ("output", "unnormalised", "hidden"):
-            msg = f"readout must be 'output', 'unnormalised' or 'hidden', got {self.readout!r}"
-            raise ValueError(msg)
+        _check_fields(self)
         if self.readout == "hidden" and len(self.layers) < 2:
             msg = f"readout 'hidden' needs at least one hidden layer; layers are {list(self.layers)}"
             raise ValueError(msg)
-        if self.input_projection not in INPUT_PROJECTIONS:
-            allowed = ", ".join(repr(p) for p in INPUT_PROJECTIONS)
-            msg = f"input_projection must be one of {allowed}; got {self.input_projection!r}"
-            raise ValueError(msg)
-        if self.input_projection != "none" and int(self.pca_components) < 1:
+        if self.input_projection != "none" and self.pca_components < 1:
             msg = (f"input_projection {self.input_projection!r} projects on the PCA block's components: it needs "
                    f"pca_components >= 1, got {self.pca_components}")
             raise ValueError(msg)
@@ -123,56 +187,48 @@ class EncoderConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Contrastive training: augmentation, loss and optimiser settings.
+    """Contrastive training: augmentation, loss and optimiser settings."""
 
-    ``input_dropout`` is the fraction of genes masked in each view (0.9 keeps 10 %).
-    ``lr_cosine_epochs`` is the length of the cosine schedule's half period; ``None`` means
-    ``epochs`` (the rate decays to ``lr / 1000`` by the last epoch).
-    ``positive_neighbours`` (0: a cell's positive is its own other view) and ``cluster_head``
-    (0: no cluster-level loss) switch on the objectives of :mod:`contrastive_sc.method.objectives`.
-    """
-
-    input_dropout: float = 0.9
-    noise_std: float = 0.0
-    temperature: float = 0.07
-    lr: float = 0.4
-    lr_schedule: str = "cosine"
-    lr_cosine_epochs: int | None = None
-    epochs: int = 30
-    batch_size: int = 200
-    seed: int = 0
-    device: str = "auto"
-    positive_neighbours: int = 0
-    cluster_head: int = 0
+    input_dropout: float = setting(0.9, "Fraction of genes masked in each view (0.9 keeps 10 %).", "float",
+                                   low=0, high=1, high_open=True)
+    noise_std: float = setting(0.0, "Gaussian noise added to the views.", "float", low=0, high=100)
+    temperature: float = setting(0.07, "NT-Xent temperature.", "float", low=0, high=100, low_open=True)
+    lr: float = setting(0.4, "Adam learning rate.", "float", low=0, high=10, low_open=True)
+    lr_schedule: str = setting("cosine", "Learning-rate schedule.", "choice", choices=("cosine", "constant"))
+    lr_cosine_epochs: int | None = setting(None, "Half period of the cosine schedule in epochs (none: the epochs) "
+                                                 "[paper: 500, as the authors' code].", "int", low=1, high=10**6,
+                                           optional=True)
+    epochs: int = setting(30, "Training epochs.", "int", low=1, high=10**6)
+    batch_size: int = setting(200, "Cells per batch (BatchNorm needs two).", "int", low=2, high=10**7)
+    seed: int = setting(0, "Random seed (training, PCA, clustering).", "int", low=0, high=MAX_SEED)
+    device: str = setting("auto", "Training device (auto: CUDA when available).", "choice",
+                          choices=("auto", "cpu", "cuda"))
+    positive_neighbours: int = setting(0, "Positives drawn among each cell's nearest neighbours (0: the cell's "
+                                          "own other view).", "int", low=0, high=1000, on_cli=False)
+    cluster_head: int = setting(0, "Clusters of the cluster-level loss (0: off, else >= 2).", "int", low=0,
+                                high=10_000, on_cli=False)
 
     def __post_init__(self) -> None:
-        checks = [
-            (0.0 <= self.input_dropout < 1.0, "input_dropout must be in [0, 1)"),
-            (self.noise_std >= 0.0, "noise_std must be >= 0"),
-            (self.temperature > 0.0, "temperature must be > 0"),
-            (self.lr > 0.0, "lr must be > 0"),
-            (self.lr_schedule in ("cosine", "constant"), "lr_schedule must be 'cosine' or 'constant'"),
-            (self.epochs >= 1, "epochs must be >= 1"),
-            (self.lr_cosine_epochs is None or self.lr_cosine_epochs >= 1, "lr_cosine_epochs must be >= 1 or None"),
-            (self.batch_size >= 2, "batch_size must be >= 2 (BatchNorm needs two cells)"),
-            (self.device in ("auto", "cpu", "cuda"), "device must be 'auto', 'cpu' or 'cuda'"),
-            (self.positive_neighbours >= 0, "positive_neighbours must be >= 0 (0: a cell's own other view)"),
-            (self.cluster_head == 0 or self.cluster_head >= 2, "cluster_head must be 0 (off) or >= 2 clusters"),
-        ]
-        for ok, text in checks:
-            if not ok:
-                msg = f"{text}; got {dataclasses.asdict(self)}"
-                raise ValueError(msg)
+        _check_fields(self)
+        if self.cluster_head == 1:
+            msg = "cluster_head must be 0 (off) or >= 2 clusters, got 1"
+            raise ValueError(msg)
 
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    """Which clusterings to compute on the embedding, and their settings."""
+    """Which clusterings a run scores, and their settings (also the served model's defaults and bounds)."""
 
-    methods: tuple[str, ...] = ("kmeans", "leiden")
-    n_clusters: int | None = None
-    resolution: float = 1.0
-    n_neighbors: int = 15
+    methods: tuple[str, ...] = setting(("kmeans", "leiden"), "Clustering methods scored by a run.", "choice_list",
+                                       choices=CLUSTER_METHODS, on_cli=False)
+    n_clusters: int | None = setting(None, "k for KMeans [default: the number of cell types with --label-key].",
+                                     "int", low=1, high=100_000, optional=True)
+    resolution: float = setting(1.0, "Leiden resolution.", "float", low=0, high=1000, low_open=True)
+    n_neighbors: int = setting(15, "Neighbours per cell in the kNN graph of Leiden and auto.", "int", low=2,
+                               high=1000)
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
 
 
 @dataclass(frozen=True)
@@ -306,6 +362,22 @@ PRESETS = {
     "pcres-cc-pcfrozen": lambda: _with_projection("pcres-cc-pcfrozen", "pca-frozen"),
     "pcres-cc-pcinit": lambda: _with_projection("pcres-cc-pcinit", "pca-init"),
 }
+#: One line per preset, for ``contrastive-sc presets``.
+PRESET_NOTES = {
+    "fused": "the default: 2,000 genes, gentle training, the encoder beside 50 principal components",
+    "paper": "the published method (Ciortan & Defrance 2021): 500 genes, lr 0.4, temperature 0.07",
+    "pcres": "research: scanpy's PCA block (2,000 genes, clipped at 10) beside the encoder",
+    "pcres-soft": "research: pcres at temperature 1.0",
+    "pcres-nn": "research: pcres with positives among 10 nearest neighbours",
+    "pcres-cc": "research: pcres with a 20-cluster cluster-level loss",
+    "pcres-nncc": "research: pcres with neighbour positives and the cluster-level loss",
+    "pcres-half": "research: pcres with the encoder block at half the PCA block's weight",
+    "pcres-5k": "research: pcres with the encoder reading 5,000 genes",
+    "pcres-cc-unnorm": "research: pcres-cc read out before the L2 normalisation",
+    "pcres-cc-hidden": "research: pcres-cc read out at the first hidden layer",
+    "pcres-cc-pcfrozen": "research: pcres-cc reading a frozen PCA projection of its input",
+    "pcres-cc-pcinit": "research: pcres-cc with its first layer initialised as that PCA projection",
+}
 #: The preset used when none is named.
 DEFAULT_PRESET = "fused"
 
@@ -323,3 +395,14 @@ def get_preset(name: str) -> ContrastiveConfig:
     except KeyError:
         msg = f"unknown preset {name!r}; expected one of {sorted(PRESETS)}"
         raise ValueError(msg) from None
+
+
+def settings() -> dict[str, Setting]:
+    """Every setting of :class:`ContrastiveConfig`, by field name, in field order (names are unique)."""
+    return {spec.name: spec.metadata["setting"] for section in (PreprocessConfig, EncoderConfig, TrainConfig,
+                                                                ClusterConfig) for spec in dataclasses.fields(section)}
+
+
+def cli_settings() -> dict[str, Setting]:
+    """The settings ``contrastive-sc train`` and the MLproject ``train`` entry offer, in field order."""
+    return {name: spec for name, spec in settings().items() if spec.on_cli}

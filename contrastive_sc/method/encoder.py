@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -53,8 +55,15 @@ class ContrastiveEncoder(nn.Module):
         hidden = sizes[1:-1]
         self.norms = nn.ModuleList(nn.BatchNorm1d(w) if batch_norm else nn.Identity() for w in hidden)
         self.n_inputs = int(n_inputs)
+        self.batch_norm = bool(batch_norm)
         self._sizes = sizes
         self.readout = readout
+
+    @property
+    def init_args(self) -> dict:
+        """The constructor arguments that rebuild this module (saved in its checkpoint)."""
+        return {"n_inputs": self.n_inputs, "layers": self._sizes[1:], "batch_norm": self.batch_norm,
+                "readout": self.readout, "projection": self.projection.out_features if self.projection else 0}
 
     @torch.no_grad()
     def init_projection(self, index: torch.Tensor, mean: torch.Tensor, components: torch.Tensor, *,
@@ -170,6 +179,12 @@ class FusedEmbedder(nn.Module):
         self.n_inputs = encoder.n_inputs
         self.n_outputs = encoder.n_outputs + self.pca_components.shape[0]
 
+    @property
+    def init_args(self) -> dict:
+        """What :meth:`empty` needs to rebuild this module's shapes (saved in its checkpoint)."""
+        n_components, n_pca_genes = self.pca_components.shape
+        return {"encoder": self.encoder.init_args, "n_pca_genes": int(n_pca_genes), "n_components": int(n_components)}
+
     @classmethod
     def empty(cls, encoder: ContrastiveEncoder, n_pca_genes: int, n_components: int) -> FusedEmbedder:
         """A module of the right shapes, to load a saved ``state_dict`` into."""
@@ -182,3 +197,54 @@ class FusedEmbedder(nn.Module):
         z = (self.encoder(x) - self.z_center) / self.z_scale
         p = torch.mm(x.index_select(1, self.pca_index) - self.pca_mean, self.pca_components.t())
         return torch.cat([z, (p - self.p_center) / self.p_scale], dim=1)
+
+
+#: Version of the checkpoint written by :func:`save_checkpoint`.
+CHECKPOINT_VERSION = 2
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A module loaded by :func:`load_checkpoint`, with the genes it reads and the id of its model."""
+
+    module: nn.Module
+    genes: tuple[str, ...] | None
+    model_id: str | None
+
+
+def save_checkpoint(module: ContrastiveEncoder | FusedEmbedder, path, *, genes, model_id: str) -> None:
+    """Write ``module`` with its constructor arguments, its input genes and its model's id (nanoGPT's ``model_args``)."""
+    torch.save({"version": CHECKPOINT_VERSION, "module": type(module).__name__, "init_args": module.init_args,
+                "state_dict": module.state_dict(), "genes": list(genes), "model_id": model_id}, path)
+
+
+def load_checkpoint(path) -> Checkpoint:
+    """Rebuild the module written by :func:`save_checkpoint` (or by releases before it) in eval mode."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if "init_args" not in checkpoint:
+        checkpoint = _from_first_release(checkpoint)
+    args = checkpoint["init_args"]
+    if checkpoint["module"] == "FusedEmbedder":
+        module = FusedEmbedder.empty(ContrastiveEncoder(**args["encoder"]), args["n_pca_genes"], args["n_components"])
+    elif checkpoint["module"] == "ContrastiveEncoder":
+        module = ContrastiveEncoder(**args)
+    else:
+        msg = f"{path}: unknown module {checkpoint['module']!r}; expected ContrastiveEncoder or FusedEmbedder"
+        raise ValueError(msg)
+    module.load_state_dict(checkpoint["state_dict"])
+    genes = checkpoint.get("genes")
+    return Checkpoint(module.eval(), None if genes is None else tuple(genes), checkpoint.get("model_id"))
+
+
+def _from_first_release(checkpoint: dict) -> dict:
+    # The first releases saved the encoder's shape as loose keys; the genes and the model id lived
+    # in other files of the folder.
+    projection = checkpoint["projection_shape"][0] if checkpoint.get("input_projection", "none") != "none" else 0
+    encoder = {"n_inputs": checkpoint["n_inputs"], "layers": list(checkpoint["layers"]),
+               "batch_norm": checkpoint.get("batch_norm", True), "readout": checkpoint.get("readout", "output"),
+               "projection": projection}
+    if "pca_shape" not in checkpoint:
+        return {"module": "ContrastiveEncoder", "init_args": encoder, "state_dict": checkpoint["state_dict"]}
+    n_components, n_pca_genes = checkpoint["pca_shape"]
+    return {"module": "FusedEmbedder", "state_dict": checkpoint["state_dict"],
+            "init_args": {"encoder": encoder, "n_pca_genes": n_pca_genes, "n_components": n_components}}

@@ -14,7 +14,9 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .validation import check_count_values
+from .data import counts_view
+from .simulate import simulated_dataset
+from .validation import validate_counts
 
 #: ``obs`` column that holds labels read from a benchmark ``.h5`` file.
 BENCHMARK_LABEL_KEY = "label"
@@ -26,32 +28,11 @@ _TABLE_SUFFIXES = {".csv": ",", ".tsv": "\t", ".txt": "\t"}
 SIMULATED = "simulated"
 
 
-def simulated_dataset(spec: str = SIMULATED, seed: int = 0) -> ad.AnnData:
-    """A built-in labelled dataset: 1,200 cells x 2,000 genes from the Splat simulator.
+def load(spec: str | Path, label_key: str | None = None, *, layer: str | None = None,
+         validate: bool = True) -> ad.AnnData:
+    """:func:`read` a file, or build the simulated dataset when ``spec`` is ``simulated[:GROUPS]``.
 
-    ``spec`` is ``"simulated"`` (6 groups) or ``"simulated:N"`` (N groups); labels are in
-    ``obs["label"]``.
-    """
-    from ..benchmarks.simulate import simulate_splat
-
-    _, _, groups = spec.partition(":")
-    try:
-        n_groups = int(groups) if groups else 6
-    except ValueError:
-        msg = f"expected 'simulated' or 'simulated:N' with N groups, got {spec!r}"
-        raise ValueError(msg) from None
-    sim = simulate_splat(n_cells=1200, n_genes=2000, group_prob=tuple([1 / n_groups] * n_groups),
-                         de_fac_scale=0.5, dropout_mid=0.0, seed=seed)
-    adata = sim.to_anndata()
-    adata.uns["dataset"] = {"name": f"simulated-splat-{n_groups}groups", "path": None}
-    return adata
-
-
-def load(spec: str | Path, label_key: str | None = None, *, layer: str | None = None) -> ad.AnnData:
-    """:func:`read` a file, or build the simulated dataset when ``spec`` starts with ``simulated``.
-
-    ``layer``: take the raw counts from ``layers[layer]`` or ``adata.raw`` (``"raw"``) of an
-    ``.h5ad`` instead of ``X`` (see :func:`counts_view`).
+    ``layer`` and ``validate`` as in :func:`read`.
     """
     if str(spec).startswith(SIMULATED):
         adata = simulated_dataset(str(spec))
@@ -59,16 +40,11 @@ def load(spec: str | Path, label_key: str | None = None, *, layer: str | None = 
             msg = f"label key {label_key!r} not found in the simulated data; it has {list(adata.obs.columns)}"
             raise KeyError(msg)
         return counts_view(adata, layer)
-    if layer is None:
-        return read(spec, label_key)
-    adata = read(spec, label_key, validate=False)  # X may hold normalised values: the layer is checked
-    counts = counts_view(adata, layer)
-    counts.uns["dataset"] = adata.uns["dataset"] | {"layer": layer}
-    validate_counts(counts)
-    return counts
+    return read(spec, label_key, layer=layer, validate=validate)
 
 
-def read(path: str | Path, label_key: str | None = None, *, validate: bool = True) -> ad.AnnData:
+def read(path: str | Path, label_key: str | None = None, *, layer: str | None = None,
+         validate: bool = True) -> ad.AnnData:
     """Read raw counts from ``path`` into an AnnData (cells x genes).
 
     Parameters
@@ -80,12 +56,16 @@ def read(path: str | Path, label_key: str | None = None, *, validate: bool = Tru
         Column holding the ground-truth labels: an ``obs`` column of a ``.h5ad``, or a column
         of a CSV / TSV table (moved from the genes to ``obs``). Benchmark ``.h5`` files put
         their ``Y`` into ``obs["label"]``.
+    layer
+        Where an ``.h5ad`` keeps its raw counts when ``X`` holds normalised values:
+        ``layers[layer]``, or ``"raw"`` for ``adata.raw``. The AnnData returned has them in ``X``.
     validate
-        Check that the matrix holds raw counts (see :func:`validate_counts`).
+        Check that the matrix holds raw counts
+        (:func:`~contrastive_sc.method.validation.validate_counts`).
 
     Returns
     -------
-    AnnData with ``uns["dataset"]`` naming the source file.
+    AnnData with ``uns["dataset"]`` naming the source file (and the layer read).
     """
     path = Path(path)
     if not path.exists():
@@ -117,74 +97,16 @@ def read(path: str | Path, label_key: str | None = None, *, validate: bool = Tru
             f"{list(adata.obs.columns)}. Pass one of those, or omit --label-key"
         )
         raise KeyError(msg)
-    adata.uns["dataset"] = {"name": _dataset_name(path), "path": str(path)}
+    adata = counts_view(adata, layer)
+    adata.uns["dataset"] = {"name": _dataset_name(path), "path": str(path)} | ({"layer": layer} if layer else {})
     if validate:
         validate_counts(adata)
     return adata
 
 
-#: ``layer`` value that means ``adata.raw``.
-RAW_LAYER = "raw"
-
-
-def counts_view(adata: ad.AnnData, layer: str | None = None) -> ad.AnnData:
-    """``adata`` with its raw counts in ``X``: from ``layers[layer]``, ``adata.raw`` (``"raw"``) or ``X``.
-
-    The result shares ``obs`` with ``adata``; with ``"raw"`` the genes are ``adata.raw``'s.
-
-    Raises
-    ------
-    KeyError
-        When the layer (or ``adata.raw``) does not exist; the message lists what does.
-    """
-    if layer is None:
-        return adata
-    from .outofcore import is_backed
-
-    if is_backed(adata):
-        msg = "layer= is not supported for a backed AnnData; write the counts to X of the .h5ad instead"
-        raise ValueError(msg)
-    if layer == RAW_LAYER:
-        if adata.raw is None:
-            msg = f"layer 'raw' asked for, but this AnnData has no .raw; its layers are {list(adata.layers)}"
-            raise KeyError(msg)
-        view = ad.AnnData(X=adata.raw.X, obs=adata.obs, var=adata.raw.var.copy(), uns=adata.uns)
-    elif layer in adata.layers:
-        view = ad.AnnData(X=adata.layers[layer], obs=adata.obs, var=adata.var.copy(), uns=adata.uns)
-    else:
-        has_raw = " and .raw (layer 'raw')" if adata.raw is not None else ""
-        msg = f"layer {layer!r} not found; this AnnData has layers {list(adata.layers)}{has_raw}"
-        raise KeyError(msg)
-    view.obsm.update(adata.obsm)
-    return view
-
-
 def default_label_key(adata: ad.AnnData) -> str | None:
     """The label column to use when none is given: ``obs["label"]`` if present."""
     return BENCHMARK_LABEL_KEY if BENCHMARK_LABEL_KEY in adata.obs else None
-
-
-def validate_counts(adata: ad.AnnData) -> None:
-    """Check that ``adata.X`` looks like a raw count matrix.
-
-    Raises
-    ------
-    ValueError
-        For an empty matrix, duplicated gene names, NaN/inf, negative or non-integer values.
-    """
-    n_cells, n_genes = adata.shape
-    if n_cells == 0 or n_genes == 0:
-        msg = f"empty count matrix: got {n_cells} cells x {n_genes} genes; expected at least one of each"
-        raise ValueError(msg)
-    dup = adata.var_names[adata.var_names.duplicated()]
-    if len(dup):
-        msg = (
-            f"{len(dup)} duplicated gene name(s), e.g. {list(dup[:5])}; gene names must be unique. "
-            "Fix: adata.var_names_make_unique() or sum the duplicated columns"
-        )
-        raise ValueError(msg)
-    values = adata.X.data if sp.issparse(adata.X) else np.asarray(adata.X)
-    check_count_values(values, what="count matrix")
 
 
 def _dataset_name(path: Path) -> str:

@@ -1,10 +1,11 @@
 """The paper's preprocessing as a fitted state, applied unchanged at training and serving time.
 
-``fit_preprocess`` learns a :class:`PreprocessState` from raw counts: genes detected in fewer
-than ``min_cells`` cells are dropped, cells are scaled to the median library size, log1p is
-applied, the top-N genes by scanpy's seurat dispersion ranking are kept and each is scaled to
-zero mean and unit variance. ``transform`` applies exactly that state to any count matrix whose
-columns are named by genes, in any order and with any gene set.
+``fit_preprocess`` learns a :class:`PreprocessState` from raw counts, read a block of cells at a
+time: genes detected in fewer than ``min_cells`` cells are dropped, cells are scaled to the median
+library size, log1p is applied, the top-N genes by scanpy's seurat dispersion ranking are kept
+and each is scaled to zero mean and unit variance. ``transform`` applies exactly that state to
+any count matrix whose columns are named by genes, in any order and with any gene set;
+``transform_rows`` and ``transform_in_memory`` apply it to every cell of a dataset.
 """
 
 from __future__ import annotations
@@ -16,7 +17,11 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
+from .rows import DEFAULT_BLOCK_SIZE, Rows, as_rows, collect
+
 STATE_VERSION = 1
+#: scanpy's default number of mean bins for the seurat dispersion normalisation.
+SEURAT_N_BINS = 20
 
 
 @dataclass(frozen=True)
@@ -108,13 +113,23 @@ class GeneCoverage:
 
 
 def fit_preprocess(counts, gene_names, *, n_genes: int | str = 500, min_cells: int = 2,
-                   hvg_flavor: str = "seurat", clip: float | None = None) -> PreprocessState:
-    """Learn the preprocessing state from a raw count matrix.
+                   hvg_flavor: str = "seurat", clip: float | None = None,
+                   block_size: int = DEFAULT_BLOCK_SIZE) -> PreprocessState:
+    """Learn the preprocessing state from raw counts, from statistics accumulated over row blocks.
+
+    Three passes over the blocks of :class:`~contrastive_sc.method.rows.Rows` (any array, sparse
+    matrix, backed AnnData ``X`` or rows object): in how many cells each gene is detected; library
+    sizes and each gene's share of all counts; per-gene sums and sums of squares of the normalised
+    and log-normalised values. scanpy's seurat dispersion ranking and the scaling statistics
+    follow from those sums (scanpy's ``highly_variable_genes`` ranks from ``(mean, var)`` alone),
+    so memory is one block whatever the number of cells, and the genes and the encoder input are
+    scanpy's to the last bit (checked on the development datasets). Other ``hvg_flavor`` values
+    have no block form: their log-normalised matrix is gathered and handed to scanpy.
 
     Parameters
     ----------
     counts
-        Cells x genes raw counts, dense or scipy sparse.
+        Cells x genes raw counts.
     gene_names
         One name per column.
     n_genes
@@ -122,40 +137,122 @@ def fit_preprocess(counts, gene_names, *, n_genes: int | str = 500, min_cells: i
     min_cells
         Genes detected in fewer cells are dropped.
     hvg_flavor
-        scanpy ``highly_variable_genes`` flavor.
+        scanpy ``highly_variable_genes`` flavor (the paper's: ``"seurat"``).
     clip
         Optional clipping of scaled values.
+    block_size
+        Cells per block; bounds the memory of every pass.
     """
-    counts = sp.csr_matrix(counts, dtype=np.float32)
+    rows = as_rows(counts)
     gene_names = np.asarray(gene_names, dtype=str)
-    if counts.shape[1] != len(gene_names):
-        msg = f"{len(gene_names)} gene names for a matrix of {counts.shape[1]} columns"
+    n_cells, n_columns = rows.shape
+    if n_columns != len(gene_names):
+        msg = f"{len(gene_names)} gene names for a matrix of {n_columns} columns"
         raise ValueError(msg)
 
-    detected_in = np.asarray((counts > 0).sum(axis=0)).ravel()
+    # Pass 1: in how many cells each gene is detected.
+    detected_in = np.zeros(n_columns, dtype=np.int64)
+    for _, _, block in rows.blocks(block_size):
+        detected_in += np.asarray((_as_csr32(block) > 0).sum(axis=0)).ravel()
     keep = detected_in >= min_cells
     if keep.sum() < 2:
-        msg = (
-            f"only {int(keep.sum())} gene(s) are detected in >= {min_cells} cells; "
-            "expected a count matrix with at least two expressed genes"
-        )
+        msg = (f"only {int(keep.sum())} gene(s) are detected in >= {min_cells} cells; "
+               "expected a count matrix with at least two expressed genes")
         raise ValueError(msg)
-    counts = counts[:, keep]
     library_genes = gene_names[keep]
-    gene_totals = np.asarray(counts.sum(axis=0)).ravel().astype(np.float64)
+
+    # Pass 2: library sizes over the kept genes (one float per cell) and each gene's share.
+    totals = np.empty(n_cells, dtype=np.float32)  # float32 like scanpy's sums, for the same median
+    gene_totals = np.zeros(int(keep.sum()), dtype=np.float64)
+    for start, stop, block in rows.blocks(block_size):
+        block = _as_csr32(block)[:, keep]
+        totals[start:stop] = np.asarray(block.sum(axis=1)).ravel()
+        gene_totals += np.asarray(block.sum(axis=0), dtype=np.float64).ravel()
     library_share = gene_totals / gene_totals.sum()
-
-    totals = np.asarray(counts.sum(axis=1)).ravel()
     target_sum = float(np.median(totals[totals > 0]))
-    lognorm = _log_normalise(counts, totals, target_sum)
 
-    chosen = _select_genes(lognorm, library_genes, n_genes, hvg_flavor)
-    selected = lognorm[:, chosen].toarray().astype(np.float64)
-    mean = selected.mean(axis=0)
-    std = selected.std(axis=0, ddof=1) if selected.shape[0] > 1 else np.ones_like(mean)
+    # Pass 3: per-gene sums and sums of squares of the normalised values (seurat dispersions are
+    # computed on expm1 of the log data) and of the log-normalised ones (the scaling statistics).
+    n_kept = len(library_genes)
+    sums = {name: np.zeros(n_kept, dtype=np.float64) for name in ("norm", "norm_sq", "log", "log_sq")}
+    gathered = []  # the log-normalised blocks, for a flavor scanpy must rank itself
+    for start, stop, block in rows.blocks(block_size):
+        lognorm = _log_normalise(_as_csr32(block)[:, keep], totals[start:stop], target_sum)
+        norm = np.expm1(lognorm.data)  # float32, as scanpy's expm1 of the float32 log matrix
+        _add_column_sums(sums["norm"], sums["norm_sq"], norm, lognorm.indices)
+        _add_column_sums(sums["log"], sums["log_sq"], lognorm.data, lognorm.indices)
+        if hvg_flavor != "seurat":
+            gathered.append(lognorm)
+
+    if n_genes == "all" or int(n_genes) >= n_kept:
+        chosen = np.arange(n_kept)
+    elif hvg_flavor == "seurat":
+        mean, var = _mean_var(sums["norm"], sums["norm_sq"], n_cells)
+        chosen = seurat_top_genes(mean, var, int(n_genes))
+    else:
+        chosen = _scanpy_top_genes(sp.vstack(gathered).tocsr(), library_genes, int(n_genes), hvg_flavor)
+    if n_cells > 1:
+        mean, var = _mean_var(sums["log"][chosen], sums["log_sq"][chosen], n_cells)
+        std = np.sqrt(np.maximum(var, 0.0))
+    else:
+        mean, std = sums["log"][chosen] / n_cells, np.ones(len(chosen))
     return PreprocessState.from_arrays(library_genes[chosen], mean, std, target_sum=target_sum,
                                        library_genes=library_genes, library_share=library_share, clip=clip,
-                                       n_cells_fit=counts.shape[0])
+                                       n_cells_fit=n_cells)
+
+
+def _as_csr32(block) -> sp.csr_matrix:
+    return sp.csr_matrix(block, dtype=np.float32)
+
+
+def _add_column_sums(total: np.ndarray, total_sq: np.ndarray, values: np.ndarray, columns: np.ndarray) -> None:
+    values = values.astype(np.float64)
+    total += np.bincount(columns, weights=values, minlength=len(total))
+    total_sq += np.bincount(columns, weights=values * values, minlength=len(total))
+
+
+def _mean_var(total: np.ndarray, total_sq: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    # scanpy's _get_mean_var: E[x^2] - E[x]^2 in float64, then the unbiased (n - 1) correction.
+    mean = total / n
+    var = total_sq / n - mean**2
+    if n > 1:
+        var *= n / (n - 1)
+    return mean, var
+
+
+def seurat_top_genes(mean: np.ndarray, var: np.ndarray, n_top: int, n_bins: int = SEURAT_N_BINS) -> np.ndarray:
+    """Indices (sorted) of the ``n_top`` genes scanpy's ``highly_variable_genes(flavor="seurat")`` keeps.
+
+    Parameters
+    ----------
+    mean, var
+        Per-gene mean and unbiased variance of the normalised (not log) expression, i.e. of
+        ``expm1`` of the log-normalised data, as scanpy computes them.
+    n_top
+        ``n_top_genes``; with it scanpy ranks by normalised dispersion and ignores mean cut-offs.
+    n_bins
+        Number of equal-width bins of log mean within which dispersions are z-scored.
+    """
+    import pandas as pd
+
+    mean = np.array(mean, dtype=np.float64)
+    mean[mean == 0] = 1e-12
+    with np.errstate(divide="ignore", invalid="ignore"):
+        dispersion = np.asarray(var, dtype=np.float64) / mean
+        dispersion[dispersion == 0] = np.nan
+        dispersion = np.log(dispersion)
+    frame = pd.DataFrame({"means": np.log1p(mean), "dispersions": dispersion})
+    frame["mean_bin"] = pd.cut(frame["means"], bins=n_bins)
+    stats = frame.groupby("mean_bin", observed=True)["dispersions"].agg(avg="mean", dev="std")
+    # A bin holding one gene has no std: scanpy gives that gene a normalised dispersion of 1.
+    alone = stats["dev"].isnull()
+    stats.loc[alone, "dev"] = stats.loc[alone, "avg"]
+    stats.loc[alone, "avg"] = 0
+    stats = stats.loc[frame["mean_bin"]].set_index(frame.index)
+    normalised = ((frame["dispersions"] - stats["avg"]) / stats["dev"]).to_numpy(dtype=np.float64)
+    ranked = np.sort(normalised[~np.isnan(normalised)])[::-1]
+    cutoff = ranked[min(n_top, ranked.size) - 1]
+    return np.flatnonzero(np.nan_to_num(normalised, nan=-np.inf) >= cutoff)
 
 
 def gene_coverage(gene_names, state: PreprocessState) -> GeneCoverage:
@@ -256,6 +353,21 @@ def transform(counts, gene_names, state: PreprocessState) -> np.ndarray:
     return out
 
 
+def transform_rows(counts, gene_names, state: PreprocessState, *, directory: str | Path | None = None) -> Rows:
+    """:func:`transform` of every cell, as rows kept where the counts are kept.
+
+    Cells in memory give an array in memory; the cells of a backed AnnData give a
+    :class:`~contrastive_sc.method.rows.DiskMatrix` in a temporary file (in ``directory``), deleted
+    when the rows are closed: use the result as a context manager.
+    """
+    return as_rows(counts).map(lambda block: transform(block, gene_names, state), state.n_genes, directory=directory)
+
+
+def transform_in_memory(counts, gene_names, state: PreprocessState) -> np.ndarray:
+    """:func:`transform` of every cell as one array, the counts read a block at a time."""
+    return collect(lambda block: transform(block, gene_names, state), as_rows(counts), state.n_genes)
+
+
 def _row_sums(counts, cols: np.ndarray) -> np.ndarray:
     """Per-row sums over ``cols``, summing whichever of ``cols`` or the other columns is smaller."""
     n_cols = counts.shape[1]
@@ -276,17 +388,13 @@ def _log_normalise(counts: sp.csr_matrix, totals: np.ndarray, target_sum: float)
     return out
 
 
-def _select_genes(lognorm: sp.csr_matrix, names: np.ndarray, n_genes: int | str, flavor: str) -> np.ndarray:
-    """Indices (sorted, input order) of the top ``n_genes`` by scanpy's dispersion ranking."""
-    if n_genes == "all" or int(n_genes) >= lognorm.shape[1]:
-        return np.arange(lognorm.shape[1])
+def _scanpy_top_genes(lognorm: sp.csr_matrix, names: np.ndarray, n_genes: int, flavor: str) -> np.ndarray:
+    """Indices (sorted, input order) of the top ``n_genes`` by scanpy's ranking of ``flavor``."""
     import anndata as ad
     import scanpy as sc
 
     tmp = ad.AnnData(X=lognorm)
     tmp.var_names = names
-    # The paper's settings (scziDesk's normalize()): seurat flavor on log data; with
-    # n_top_genes set, scanpy ranks by normalised dispersion and ignores the mean cut-offs.
     sc.pp.highly_variable_genes(tmp, n_top_genes=int(n_genes), flavor=flavor,
                                 min_mean=0.0125, max_mean=3, min_disp=0.5)
     return np.flatnonzero(tmp.var["highly_variable"].to_numpy())

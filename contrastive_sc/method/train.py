@@ -17,6 +17,7 @@ from .augment import MaskedViews, make_views
 from .config import EncoderConfig, TrainConfig
 from .encoder import ContrastiveEncoder
 from .loss import NTXentLoss
+from .rows import Rows, as_rows, collect
 
 
 @dataclass
@@ -51,7 +52,7 @@ def cosine_lr(base_lr: float, epoch: int, epochs: int) -> float:
     return eta_min + (base_lr - eta_min) * (1 + math.cos(math.pi * epoch / epochs)) / 2
 
 
-def fit_encoder(x: np.ndarray, encoder_config: EncoderConfig, train_config: TrainConfig, *,
+def fit_encoder(x: Rows | np.ndarray, encoder_config: EncoderConfig, train_config: TrainConfig, *,
                 progress: bool = False, on_epoch: Callable[[int, float], None] | None = None,
                 projection: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
                 ) -> tuple[ContrastiveEncoder, TrainingHistory]:
@@ -60,9 +61,8 @@ def fit_encoder(x: np.ndarray, encoder_config: EncoderConfig, train_config: Trai
     Parameters
     ----------
     x
-        Preprocessed input, one row per cell: an array, or an on-disk matrix with ``shape`` and
-        ``take_rows(indices)`` (:class:`~contrastive_sc.method.outofcore.DiskMatrix`), from which each
-        epoch's shuffled batches are read a window at a time.
+        Preprocessed input, one row per cell, as :class:`~contrastive_sc.method.rows.Rows` (or an
+        array): each epoch's shuffled batches are read a window of batches at a time.
     encoder_config, train_config
         Architecture and training settings.
     progress
@@ -85,20 +85,22 @@ def fit_encoder(x: np.ndarray, encoder_config: EncoderConfig, train_config: Trai
     restored after), and when most genes are masked (``input_dropout >=``
     :data:`SPARSE_MASK_RATE`) the views are drawn by numpy as sparse :class:`MaskedViews`;
     otherwise, and on CUDA, they are dense :func:`make_views` tensors. Both are the paper's
-    views, so the two paths train the same model up to the random draws.
+    views, so the two paths train the same model up to the random draws. Dense views of an input
+    of up to :data:`DEVICE_RESIDENT_BYTES` keep the whole input on the device; larger inputs are
+    read a window at a time (the rule depends on the size, never on where the rows are held).
     """
     cfg = train_config
-    if x.ndim != 2 or x.shape[0] < 2:
+    x = as_rows(x)
+    n_cells, n_genes = x.shape
+    if n_cells < 2:
         msg = f"expected a (cells, genes) matrix with at least 2 cells, got shape {x.shape}"
         raise ValueError(msg)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     sparse = device.type == "cpu" and cfg.input_dropout >= SPARSE_MASK_RATE
-    on_disk = not isinstance(x, np.ndarray) and hasattr(x, "take_rows")
-    if not on_disk:
-        x = np.ascontiguousarray(x, dtype=np.float32)
-    # one generator of row batches for any container; a dense in-memory run keeps its data on the device
-    batches = _dense_batches(x, cfg, device) if not (on_disk or sparse) else _row_batches(x, cfg, device, sparse)
+    resident = not sparse and n_cells * n_genes * 4 <= DEVICE_RESIDENT_BYTES
+    batches = (_dense_batches(np.ascontiguousarray(x.take(np.arange(n_cells)), dtype=np.float32), cfg, device)
+               if resident else _row_batches(x, cfg, device, sparse))
     projecting = encoder_config.input_projection != "none"
     if projecting != (projection is not None):
         msg = (f"input_projection {encoder_config.input_projection!r} "
@@ -106,12 +108,12 @@ def fit_encoder(x: np.ndarray, encoder_config: EncoderConfig, train_config: Trai
                   else "takes no projection; set input_projection to 'pca-frozen' or 'pca-init' to use one"))
         raise ValueError(msg)
     if projecting:
-        encoder = ContrastiveEncoder(x.shape[1], encoder_config.layers, encoder_config.batch_norm,
+        encoder = ContrastiveEncoder(n_genes, encoder_config.layers, encoder_config.batch_norm,
                                      projection=len(projection[2]))
         encoder.init_projection(*projection, trainable=encoder_config.input_projection == "pca-init")
         encoder = encoder.to(device)
     else:
-        encoder = ContrastiveEncoder(x.shape[1], encoder_config.layers, encoder_config.batch_norm).to(device)
+        encoder = ContrastiveEncoder(n_genes, encoder_config.layers, encoder_config.batch_norm).to(device)
     history = TrainingHistory(device=str(device))
     criterion = NTXentLoss(cfg.temperature)
     head = None
@@ -158,6 +160,8 @@ def fit_encoder(x: np.ndarray, encoder_config: EncoderConfig, train_config: Trai
 #: From this input dropout on, CPU training uses sparse views: ten times fewer products at the
 #: paper's 0.9, and about as fast as dense ones at 0.75 (measured on 500 genes).
 SPARSE_MASK_RATE = 0.75
+#: Dense views of a preprocessed input up to this size are drawn from a copy held on the device.
+DEVICE_RESIDENT_BYTES = 4 * 2**30
 
 
 def _dense_batches(x: np.ndarray, cfg: TrainConfig, device: torch.device) -> Callable[[], Iterator[torch.Tensor]]:
@@ -193,23 +197,17 @@ def _partner_drawer(x: np.ndarray, cfg: TrainConfig) -> Callable[[np.ndarray], n
     return lambda rows: draw_partners(table, rows, rng)
 
 
-#: Bytes of preprocessed rows an on-disk epoch reads at a time (a window of whole batches).
+#: Bytes of preprocessed rows an epoch reads at a time (a window of whole batches).
 DISK_WINDOW_BYTES = 64 * 2**20
 
 
-def _row_batches(x, cfg: TrainConfig, device: torch.device, sparse: bool) -> Callable[[], Iterator]:
-    # Epochs over preprocessed rows: an array in memory, or a matrix on disk read by
-    # ``take_rows``. The epoch's permutation is gathered a window of batches at a time (for a disk
-    # matrix, one sorted read) and cut into batches, so memory is one window whatever the number
-    # of cells; the draws (numpy's permutation and masks) are the same for either, so an on-disk
-    # matrix trains the same encoder as the array it holds. On the CPU the views are sparse
-    # MaskedViews; otherwise dense views of each batch (an array that fits on the device trains
-    # from _dense_batches instead).
-    in_memory = isinstance(x, np.ndarray)
-    if cfg.positive_neighbours and not in_memory:
-        msg = "positive_neighbours needs the input in memory; it is not available for on-disk (backed) training"
-        raise ValueError(msg)
-    take = x.__getitem__ if in_memory else x.take_rows
+def _row_batches(x: Rows, cfg: TrainConfig, device: torch.device, sparse: bool) -> Callable[[], Iterator]:
+    # Epochs over preprocessed rows read by ``take``. The epoch's permutation is gathered a window
+    # of batches at a time (for rows on disk, one sorted read) and cut into batches, so memory is
+    # one window whatever the number of cells; the draws (numpy's permutation and masks) do not
+    # depend on where the rows are held, so rows on disk train the same encoder as the array they
+    # hold. On the CPU the views are sparse MaskedViews; otherwise dense views of each batch.
+    take = x.take
     n_cells, n_genes = x.shape
     rng = np.random.default_rng(cfg.seed)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -217,7 +215,8 @@ def _row_batches(x, cfg: TrainConfig, device: torch.device, sparse: bool) -> Cal
     bounds = _batch_bounds(n_cells, batch_size)
     per_window = max(1, DISK_WINDOW_BYTES // (batch_size * n_genes * 4))
     rescale = np.float32(1.0 / (1.0 - cfg.input_dropout))
-    partners = _partner_drawer(x, cfg) if in_memory else None
+    # neighbour positives need every row once, for the neighbour table
+    partners = _partner_drawer(take(np.arange(n_cells)), cfg) if cfg.positive_neighbours else None
 
     def views(batch: np.ndarray, rows: np.ndarray):
         n_views = 2
@@ -280,13 +279,11 @@ def _single_threaded(enabled: bool) -> Iterator[None]:
 
 
 @torch.no_grad()
-def encode(encoder: ContrastiveEncoder, x: np.ndarray, batch_size: int = 65536) -> np.ndarray:
-    """Embed a preprocessed matrix with a trained encoder (eval mode, no augmentation)."""
-    from .outofcore import embed_in_batches
-
+def encode(encoder: nn.Module, x: Rows | np.ndarray, batch_size: int = 65536) -> np.ndarray:
+    """Embed preprocessed rows with a trained encoder (eval mode, no augmentation), a batch at a time."""
     encoder.eval()
-    return embed_in_batches(lambda rows: encoder(torch.as_tensor(rows, dtype=torch.float32)).numpy(), x,
-                            encoder.n_outputs, batch_size)
+    return collect(lambda rows: encoder(torch.as_tensor(rows, dtype=torch.float32)).numpy(), as_rows(x),
+                   encoder.n_outputs, size=batch_size)
 
 
 def _batch_bounds(n_cells: int, batch_size: int) -> list[tuple[int, int]]:

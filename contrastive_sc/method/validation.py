@@ -1,8 +1,9 @@
-"""Checks that a matrix holds raw counts; shared by the readers and the served model."""
+"""Checks that a matrix holds raw counts; shared by the readers, the model and the served model."""
 
 from __future__ import annotations
 
 import numpy as np
+import scipy.sparse as sp
 
 #: Largest count a float64 holds exactly; a larger "count" is corrupt data, not a measurement.
 MAX_COUNT = 2**53
@@ -100,3 +101,26 @@ def _short_rows(missing: np.ndarray) -> tuple[int, int] | None:
         if missing[i, n_present:].all():
             return int(i), n_present
     return None
+
+
+def validate_counts(adata) -> None:
+    """Check that ``adata.X`` looks like a raw count matrix with unique gene names.
+
+    Raises
+    ------
+    ValueError
+        For an empty matrix, duplicated gene names, NaN/inf, negative or non-integer values.
+    """
+    n_cells, n_genes = adata.shape
+    if n_cells == 0 or n_genes == 0:
+        msg = f"empty count matrix: got {n_cells} cells x {n_genes} genes; expected at least one of each"
+        raise ValueError(msg)
+    dup = adata.var_names[adata.var_names.duplicated()]
+    if len(dup):
+        msg = (
+            f"{len(dup)} duplicated gene name(s), e.g. {list(dup[:5])}; gene names must be unique. "
+            "Fix: adata.var_names_make_unique() or sum the duplicated columns"
+        )
+        raise ValueError(msg)
+    values = adata.X.data if sp.issparse(adata.X) else np.asarray(adata.X)
+    check_count_values(values, what="count matrix")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import random
@@ -124,18 +123,18 @@ def git_commit() -> str:
         return "unknown"
 
 
-def train_run(adata, config, *, label_key: str | None = None, batch_key: str | None = None,
-              methods=("kmeans", "leiden"), run_name: str | None = None, nested: bool = False,
-              log_model: bool = True, map_plot: bool = True, progress: bool = False) -> dict:
+def train_run(adata, config, *, layer: str | None = None, label_key: str | None = None,
+              batch_key: str | None = None, methods=("kmeans", "leiden"), run_name: str | None = None,
+              nested: bool = False, log_model: bool = True, map_plot: bool = True, progress: bool = False) -> dict:
     """Train one model and record everything about it in an MLflow run.
 
     Logs every config value as a param, the loss per epoch, ARI / NMI (with labels),
     silhouette, Calinski-Harabasz and clusters found per clustering method, timings, the
-    dataset, tags (preset, package version, git commit), the preprocessing state and config,
-    a loss curve, a UMAP map, marker genes and contingency tables per clustering, and the
-    embed-then-cluster pyfunc model. With ``label_key`` the model keeps an annotated reference
-    (it names new cells by those labels); with ``batch_key`` the batches are recorded, drawn on
-    the map and scored (``batch_mixing``: 0 when neighbours come from the cell's own batch only).
+    dataset, tags (preset, package version, git commit), the saved model, a loss curve, a UMAP
+    map, marker genes and contingency tables per clustering, and the embed-then-cluster pyfunc
+    model. ``layer``, ``label_key`` and ``batch_key`` are the model's data setup
+    (:meth:`~contrastive_sc.method.model.ContrastiveSC.fit`); with ``batch_key`` the batches are
+    also drawn on the map and scored (``batch_mixing``). The data is checked before the run exists.
 
     Returns
     -------
@@ -145,53 +144,63 @@ def train_run(adata, config, *, label_key: str | None = None, batch_key: str | N
 
     from ..analysis.evaluation import as_metrics, cluster_and_score
     from ..analysis.metrics import batch_mixing
+    from ..analysis.run_report import write_run_report
+    from ..method.data import DataSetup, counts_view
     from ..method.model import ContrastiveSC
 
-    truth = np.asarray(adata.obs[label_key]) if label_key else None
-    if batch_key is not None and batch_key not in adata.obs:
-        msg = f"batch key {batch_key!r} not found in obs; available columns: {list(adata.obs.columns)}"
-        raise KeyError(msg)
-    batches = np.asarray(adata.obs[batch_key]).astype(str) if batch_key else None
+    truth = DataSetup(label_key=label_key).labels(adata)
     n_clusters = config.cluster.n_clusters or (len(np.unique(truth)) if truth is not None else None)
-    config = config.replace(n_clusters=n_clusters)
+    model = ContrastiveSC(config.replace(n_clusters=n_clusters))
+    setup = model.check(adata, layer=layer, label_key=label_key, batch_key=batch_key)  # before a run exists
+    batches = setup.batches(adata)
     methods = [m for m in methods if m != "kmeans" or n_clusters]
-    ContrastiveSC(config).check_data(adata)  # a setting the data cannot satisfy fails before a run exists
+    counts = counts_view(adata, layer)
+    dataset_name = adata.uns.get("dataset", {}).get("name", "anndata")
 
     with mlflow.start_run(run_name=run_name, nested=nested) as run, _ended_as_killed_on_interrupt():
         # Effective values under "config.": `mlflow run` has already logged the entry point's
         # raw parameters (e.g. lr=preset) under the plain names, and params cannot change.
-        params = {f"config.{k}": v for k, v in config.to_params().items()}
+        params = {f"config.{k}": v for k, v in model.config.to_params().items()}
         mlflow.log_params(_as_param_strings(params | {"cluster_methods": ",".join(methods)}))
-        mlflow.set_tags({"preset": config.preset, "contrastive_sc_version": __version__, "git_commit": git_commit()})
-        dataset_name = adata.uns.get("dataset", {}).get("name", "anndata")
-        _log_dataset(adata, dataset_name, label_key, batch_key)
+        mlflow.set_tags({"preset": model.config.preset, "contrastive_sc_version": __version__,
+                         "git_commit": git_commit(), "dataset": dataset_name})
+        _log_dataset(counts, dataset_name, setup)
 
         started = time.perf_counter()
-        model = ContrastiveSC(config).fit(
-            adata, label_key=label_key, progress=progress,
-            on_epoch=_log_epoch_loss)
+        model.fit(adata, layer=layer, label_key=label_key, batch_key=batch_key, progress=progress,
+                  on_epoch=_log_epoch_loss)
         fit_seconds = time.perf_counter() - started
-        embedding = model.transform(adata)
+        embedding = model.training_embedding
+        cluster = model.config.cluster
+        clusterings = cluster_and_score(embedding, methods, truth, n_clusters=n_clusters, resolution=cluster.resolution,
+                                        n_neighbors=cluster.n_neighbors, seed=model.config.train.seed)
         metrics = {"fit_seconds": fit_seconds, "train_seconds": model.history.seconds,
-                   "cells_per_second": model.history.cells_per_second, "n_genes_used": model.state.n_genes}
-        clusterings = cluster_and_score(embedding, methods, truth, n_clusters=n_clusters,
-                                        resolution=config.cluster.resolution, n_neighbors=config.cluster.n_neighbors,
-                                        seed=config.train.seed)
-        metrics.update(as_metrics(clusterings))
-        tables = {c.method: c.labels for c in clusterings}
+                   "cells_per_second": model.history.cells_per_second, "n_genes_used": model.state.n_genes,
+                   **as_metrics(clusterings)}
         if batches is not None:
             metrics["batch_mixing"] = batch_mixing(embedding, batches)
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if np.isfinite(v)})
-
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
-            _log_artifacts(tmp, adata, model, embedding, tables, truth, batches, map_plot)
-            mlflow.log_artifacts(str(model.save(tmp / TORCH_MODEL_ARTIFACT)), TORCH_MODEL_ARTIFACT)
-            model_uri = _log_model(tmp / "package", model, embedding) if log_model else None
-        if model_uri:
-            mlflow.set_tag("model_uri", model_uri)
-        mlflow.set_tag("dataset", dataset_name)
+            report = write_run_report(tmp, counts, embedding, {c.method: c.labels for c in clusterings},
+                                      loss=model.history.loss, truth=truth, batches=batches, map_plot=map_plot,
+                                      seed=model.config.train.seed,
+                                      title=f"{model.config.preset} preset, UMAP of the embedding")
+            model_uri = _log_results(tmp, model, metrics, report, log_model)
         return {"run_id": run.info.run_id, "metrics": metrics, "model_uri": model_uri}
+
+
+def _log_results(folder: Path, model, metrics: dict, report: list[Path], log_model: bool) -> str | None:
+    """Log the metrics, the report's files, the saved model and (``log_model``) the pyfunc; return its URI."""
+    import mlflow
+
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items() if np.isfinite(v)})
+    for path in report:
+        mlflow.log_artifact(str(path))
+    mlflow.log_artifacts(str(model.save(folder / TORCH_MODEL_ARTIFACT)), TORCH_MODEL_ARTIFACT)
+    model_uri = _log_model(folder / "package", model) if log_model else None
+    if model_uri:
+        mlflow.set_tag("model_uri", model_uri)
+    return model_uri
 
 
 @contextlib.contextmanager
@@ -274,16 +283,17 @@ def _as_param_strings(params: dict) -> dict:
     return {k: ",".join(map(str, v)) if isinstance(v, list | tuple) else v for k, v in params.items()}
 
 
-def _log_dataset(adata, name: str, label_key: str | None, batch_key: str | None = None) -> None:
+def _log_dataset(counts, name: str, setup) -> None:
     import mlflow
     from mlflow.data.meta_dataset import MetaDataset
 
-    path = adata.uns.get("dataset", {}).get("path")
-    dataset = MetaDataset(source=_dataset_source(path), name=name, digest=dataset_digest(adata))
+    path = counts.uns.get("dataset", {}).get("path")
+    dataset = MetaDataset(source=_dataset_source(path), name=name, digest=dataset_digest(counts))
     mlflow.log_input(dataset, context="training")
-    mlflow.log_params({"data.name": name, "data.n_cells": adata.n_obs, "data.n_genes": adata.n_vars,
-                       "data.digest": dataset.digest, "data.label_key": label_key or "",
-                       "data.batch_key": batch_key or "", "data.layer": adata.uns.get("dataset", {}).get("layer") or ""})
+    mlflow.log_params({"data.name": name, "data.n_cells": counts.n_obs, "data.n_genes": counts.n_vars,
+                       "data.digest": dataset.digest, "data.label_key": setup.label_key or "",
+                       "data.batch_key": setup.batch_key or "",
+                       "data.layer": setup.layer or counts.uns.get("dataset", {}).get("layer") or ""})
 
 
 def _dataset_source(path: str | None):
@@ -296,43 +306,7 @@ def _dataset_source(path: str | None):
     return resolve_dataset_source(str(Path(path).resolve()))
 
 
-def _log_artifacts(folder: Path, adata, model, embedding, labels_by_method: dict, truth, batches,
-                   map_plot: bool) -> None:
-    import mlflow
-    import pandas as pd
-
-    from ..analysis.describe import marker_genes, umap_coordinates
-    from ..analysis.plots import MAP_SAMPLE, cluster_map, contingency_heatmap, loss_curve
-
-    (folder / "config.json").write_text(model.config.to_json())
-    model.state.to_json(folder / "preprocess_state.json")
-    (folder / "history.json").write_text(json.dumps({"loss": model.history.loss, "lr": model.history.lr,
-                                                     "gene_search": model.gene_search}))
-    loss_curve(model.history.loss, folder / "loss_curve.png")
-    # Map and markers read a fixed random sample of a large dataset (a backed one is never loaded whole).
-    rng = np.random.default_rng(model.config.train.seed)
-    n = embedding.shape[0]
-    rows = np.sort(rng.choice(n, MAP_SAMPLE, replace=False)) if n > MAP_SAMPLE else np.arange(n)
-    if map_plot:
-        coords = umap_coordinates(embedding[rows], seed=model.config.train.seed)
-        cluster_map(coords, {m: labels[rows] for m, labels in labels_by_method.items()},
-                    None if truth is None else truth[rows], folder / "embedding_map.png",
-                    batches=None if batches is None else batches[rows],
-                    title=f"{model.config.preset} preset, UMAP of the embedding ({len(rows):,} of {n:,} cells)")
-    sample = adata if len(rows) == n else adata[rows]  # sliced once, not per clustering
-    for method, labels in labels_by_method.items():
-        marker_genes(sample, labels[rows]).to_csv(folder / f"markers_{method}.csv", index=False)
-        if truth is not None:
-            pd.crosstab(pd.Series(truth, name="label"), pd.Series(labels, name=f"{method}_cluster")).to_csv(
-                folder / f"contingency_{method}.csv")
-            contingency_heatmap(truth, labels, folder / f"contingency_{method}.png",
-                                title=f"{method} clusters against the labels")
-    for path in folder.iterdir():
-        if path.is_file():
-            mlflow.log_artifact(str(path))
-
-
-def _log_model(folder: Path, model, embedding) -> str:
+def _log_model(folder: Path, model) -> str:
     """Log the embed-then-cluster pyfunc with its params/output signature and an input example.
 
     No input schema: measured with MLflow 3.17, per-gene ``ColSpec`` columns (``double`` or
@@ -351,10 +325,10 @@ def _log_model(folder: Path, model, embedding) -> str:
     # PredictParams's fields, typed and defaulted as it declares them; Leiden's settings default
     # to those the model was trained and scored with, min_confidence to the model's own (if any).
     trained = {"resolution": model.config.cluster.resolution, "n_neighbors": model.config.cluster.n_neighbors,
-               "min_confidence": model.cell_types.min_confidence if model.cell_types else None}
+               "min_confidence": model.annotator.min_confidence if model.annotator else None}
     params = ParamSchema([ParamSpec(name, kind, default) for name, kind, default in PredictParams.schema(trained)])
     dims = int(model.encoder.n_outputs)
-    annotated = [ColSpec("string", "cell_type"), ColSpec("double", "confidence")] if model.cell_types else []
+    annotated = [ColSpec("string", "cell_type"), ColSpec("double", "confidence")] if model.annotator else []
     outputs = Schema([ColSpec("string", "cell"), ColSpec("long", "cluster"), ColSpec("double", "gene_coverage")]
                      + annotated + [ColSpec("float", f"emb_{i}", required=False) for i in range(dims)])
     if not PYFUNC_FILE.exists():
@@ -369,7 +343,7 @@ def _log_model(folder: Path, model, embedding) -> str:
         artifacts=artifacts,
         code_paths=[str(Path(__file__).resolve().parents[1])],  # the whole package
         signature=ModelSignature(inputs=None, outputs=outputs, params=params),
-        input_example=(example, {"method": "reference", "return_embedding": False}),
+        input_example=(example, {"method": "trained", "return_embedding": False}),
         pip_requirements=serving_requirements(),
     )
     return info.model_uri

@@ -16,15 +16,16 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from ..method.config import Setting, settings
 from ..method.preprocess import PreprocessState, gene_coverage, transform
 from ..method.validation import MAX_COUNT, check_count_values
 
 #: Artifact names of a packaged model, as logged with the MLflow pyfunc.
 ARTIFACTS = {"encoder": "encoder.onnx", "state": "preprocess_state.json",
-             "centroids": "reference_centroids.npy", "info": "model_info.json"}
-#: Artifacts only some models have: the annotated reference of a model trained with labels.
+             "centroids": "training_clusters.npy", "info": "model_info.json"}
+#: Artifacts only some models have: the cell-type annotator of a model trained with labels.
 OPTIONAL_ARTIFACTS = {"cell_types": "cell_types.npz"}
-METHODS = ("reference", "kmeans", "auto", "leiden")
+METHODS = ("trained", "kmeans", "auto", "leiden")
 #: Columns of the long (sparse) request form: one row per non-zero count (see :func:`long_counts`).
 LONG_COLUMNS = ("cell", "gene", "count")
 #: Environment variable choosing the onnxruntime provider of a served model.
@@ -36,47 +37,19 @@ MAX_CELLS_ENV = "CONTRASTIVE_SC_MAX_CELLS"
 #: A 2,000-cell x 2,000-gene JSON body is ~20 MB, so 10,000 cells are ~100 MB parsed in one
 #: request: larger datasets belong in the batch ``embed`` entry point, not in one REST call.
 DEFAULT_MAX_CELLS = 10_000
-#: Upper bounds of the integer params: far above any sensible value, far below what breaks the
-#: C libraries underneath (igraph and numpy take 32-bit seeds; a 2**63 seed crashed Leiden).
-_INT_RANGES = {"n_clusters": (0, 100_000), "n_neighbors": (2, 1_000), "seed": (0, 2**32 - 1)}
-_FLOAT_RANGES = {"resolution": (0.0, 1_000.0), "min_coverage": (0.0, 1.0), "min_confidence": (0.0, 1.0)}
-
-
-def _check_int(name: str, value) -> int:
-    # bool is an int subclass: `n_clusters: true` must not count as 1.
-    if isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer):
-        msg = f"{name} must be an integer, got {value!r} ({type(value).__name__})"
-        raise ValueError(msg)
-    low, high = _INT_RANGES[name]
-    if not low <= int(value) <= high:
-        msg = f"{name} must be within [{low}, {high}], got {value}"
-        raise ValueError(msg)
-    return int(value)
-
-
-def _check_float(name: str, value) -> float:
-    if isinstance(value, bool | np.bool_) or not isinstance(value, int | float | np.integer | np.floating):
-        msg = f"{name} must be a number, got {value!r} ({type(value).__name__})"
-        raise ValueError(msg)
-    value = float(value)
-    low, high = _FLOAT_RANGES[name]
-    if not np.isfinite(value):
-        msg = f"{name} must be a finite number within [{low:g}, {high:g}], got {value}"
-        raise ValueError(msg)
-    if name == "resolution" and not 0 < value <= high:
-        msg = f"resolution must be > 0 and <= {high:g}, got {value:g}"
-        raise ValueError(msg)
-    if not low <= value <= high:
-        msg = f"{name} must be within [{low:g}, {high:g}], got {value:g}"
-        raise ValueError(msg)
-    return value
+#: Bounds of the per-request params: the parameter table's for the clustering settings (the same
+#: rule as training), the served model's own for the two shares.
+_PARAM_SETTINGS = {name: settings()[name] for name in ("n_clusters", "resolution", "n_neighbors", "seed")} | {
+    "min_coverage": Setting("Smallest share of the model's genes in the input.", "float", low=0, high=1),
+    "min_confidence": Setting("Confidence under which a cell is unassigned.", "float", low=0, high=1),
+}
 
 
 @dataclass(frozen=True)
 class PredictParams:
     """Per-request clustering options (the served model's ``params``).
 
-    ``method``: ``reference`` labels each cell with the nearest training-cluster centroid (stable
+    ``method``: ``trained`` labels each cell with the nearest training-cluster centroid (stable
     from batch to batch), ``kmeans`` needs ``n_clusters``, ``auto`` is KMeans with the number of
     clusters estimated from the batch (:func:`~contrastive_sc.analysis.cluster.estimate_n_clusters`),
     ``leiden`` uses ``resolution``; ``auto`` and ``leiden`` use ``n_neighbors`` (``None``: the
@@ -85,11 +58,11 @@ class PredictParams:
     ``min_confidence``: a model trained with labels calls a cell ``unassigned`` below this
     confidence (``None``: the value recorded in the model).
 
-    :meth:`from_dict` checks every value's type and range (bounds in ``_INT_RANGES`` and
-    ``_FLOAT_RANGES``) and refuses unknown names, naming the known ones.
+    :meth:`from_dict` checks every value's type and range (the parameter table's settings, as
+    training checks them) and refuses unknown names, naming the known ones.
     """
 
-    method: str = "reference"
+    method: str = "trained"
     n_clusters: int = 0
     resolution: float | None = None
     n_neighbors: int | None = None
@@ -114,16 +87,16 @@ class PredictParams:
             msg = f"unknown parameter(s) {unknown}; the known parameters are {cls.known()}"
             raise ValueError(msg)
         method = params.get("method", cls.method)
+        if method == "reference":  # the first releases' name for "trained"
+            msg = "method 'reference' is now called 'trained' (the nearest training cluster); send method='trained'"
+            raise ValueError(msg)
         if not isinstance(method, str) or method not in METHODS:
             msg = f"unknown method {method!r}; expected one of {list(METHODS)}"
             raise ValueError(msg)
         values = {"method": method}
-        for name in _INT_RANGES:
-            if name in params:
-                values[name] = _check_int(name, params[name])
-        for name in _FLOAT_RANGES:
-            if name in params:
-                values[name] = _check_float(name, params[name])
+        for name, spec in _PARAM_SETTINGS.items():
+            if name in params and not (name == "n_clusters" and params[name] == 0):  # 0: no k given
+                values[name] = spec.check(name, params[name])
         if "return_embedding" in params:
             flag = params["return_embedding"]
             if not isinstance(flag, bool | np.bool_):
@@ -328,14 +301,14 @@ def check_artifacts(state: PreprocessState, encoder, centroids: np.ndarray, info
         raise ArtifactError(msg)
     for key, actual, source in (("embedding_dim", encoder.n_outputs, ARTIFACTS["encoder"]),
                                 ("n_genes", n_genes, state_file),
-                                ("n_reference_clusters", centroids.shape[0], ARTIFACTS["centroids"])):
+                                ("n_training_clusters", centroids.shape[0], ARTIFACTS["centroids"])):
         if key in info and info[key] != actual:
             msg = f"{info_file}: '{key}' is {info[key]!r} but {source} has {actual}"
             raise ArtifactError(msg)
 
 
 class EmbedThenCluster:
-    """A packaged model: preprocessing state, ONNX encoder and reference centroids.
+    """A packaged model: preprocessing state, ONNX encoder and training-cluster centroids.
 
     Parameters
     ----------
@@ -364,9 +337,9 @@ class EmbedThenCluster:
         check_artifacts(self.state, self.encoder, self.centroids, self.info)
         self.cell_types = None
         if artifacts.get("cell_types"):
-            from ..analysis.annotate import CellTypeReference
+            from ..analysis.annotate import CellTypeAnnotator
 
-            self.cell_types = _load_artifact(artifacts, "cell_types", CellTypeReference.load)
+            self.cell_types = _load_artifact(artifacts, "cell_types", CellTypeAnnotator.load)
             if self.cell_types.embedding_dim != self.encoder.n_outputs:
                 msg = (f"{OPTIONAL_ARTIFACTS['cell_types']}: cell-type centroids have {self.cell_types.embedding_dim} "
                        f"dimensions but {ARTIFACTS['encoder']} embeds into {self.encoder.n_outputs}")
@@ -409,7 +382,7 @@ class EmbedThenCluster:
         counts, genes, cells = self._as_counts(data)
         if len(cells) > self.max_cells:
             msg = (f"the request holds {len(cells)} cells, over this server's limit of {self.max_cells} per request "
-                   f"({MAX_CELLS_ENV}); send 'reference' requests in chunks, or cluster a large dataset with the batch "
+                   f"({MAX_CELLS_ENV}); send 'trained' requests in chunks, or cluster a large dataset with the batch "
                    "entry point: `python -m contrastive_sc embed --model-uri MODEL_URI --data FILE --out OUT.h5ad` "
                    "(or `mlflow run . -e embed`)")
             raise RequestTooLarge(msg)
@@ -441,7 +414,7 @@ class EmbedThenCluster:
         return self._cluster(embedding, options), embedding, coverage
 
     def annotate(self, embedding: np.ndarray, options: PredictParams):
-        """``(cell types, confidences)`` by the model's annotated reference, or ``None`` without one."""
+        """``(cell types, confidences)`` by the model's cell-type annotator, or ``None`` without one."""
         if self.cell_types is None:
             if options.min_confidence is not None:
                 msg = "min_confidence applies to models trained with labels (--label-key); this one has none"
@@ -495,7 +468,7 @@ class EmbedThenCluster:
         from ..analysis.cluster import cluster_labels, nearest_centroid
 
         n_cells = embedding.shape[0]
-        if options.method == "reference":
+        if options.method == "trained":
             return nearest_centroid(embedding, self.centroids)
         if options.method == "kmeans":
             if int(options.n_clusters) > n_cells:
@@ -508,6 +481,10 @@ class EmbedThenCluster:
         trained = self.info.get("config", {})
         resolution = options.resolution if options.resolution is not None else trained.get("resolution", 1.0)
         n_neighbors = options.n_neighbors if options.n_neighbors is not None else trained.get("n_neighbors", 15)
+        if options.n_neighbors is not None and options.n_neighbors >= n_cells:  # the model's default is capped
+            msg = (f"n_neighbors={n_neighbors} needs more cells than neighbours, and {n_cells} cell(s) were sent; "
+                   "send more cells or a smaller n_neighbors")
+            raise ValueError(msg)
         return cluster_labels(embedding, options.method, resolution=float(resolution), n_neighbors=int(n_neighbors),
                               seed=int(options.seed))
 
@@ -519,18 +496,19 @@ def package_model(model, folder: str | Path, *, check_rows: np.ndarray | None = 
     """
     from .onnx_io import export_onnx
 
-    if model.reference_centroids is None:
-        msg = "the model has no reference clusters; train it with fit(adata, reference=True) before packaging"
+    if model.training_clusters is None:
+        msg = "the model has no training clusters; fit it with clusters=True before packaging"
         raise ValueError(msg)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = {key: str(folder / name) for key, name in ARTIFACTS.items()}
     export_onnx(model.encoder, paths["encoder"], check=check_rows)
     model.state.to_json(paths["state"])
-    np.save(paths["centroids"], model.reference_centroids)
-    if model.cell_types is not None:
-        paths["cell_types"] = str(model.cell_types.save(folder / OPTIONAL_ARTIFACTS["cell_types"]))
+    np.save(paths["centroids"], model.training_clusters.centroids)
+    if model.annotator is not None:
+        paths["cell_types"] = str(model.annotator.save(folder / OPTIONAL_ARTIFACTS["cell_types"]))
     info = {"config": model.config.to_params(), "n_genes": model.state.n_genes,
-            "embedding_dim": int(model.encoder.n_outputs), "n_reference_clusters": int(len(model.reference_centroids))}
+            "embedding_dim": int(model.encoder.n_outputs),
+            "n_training_clusters": int(len(model.training_clusters.centroids))}
     Path(paths["info"]).write_text(json.dumps(info, indent=2))
     return paths

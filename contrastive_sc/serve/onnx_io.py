@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..method.rows import as_rows, collect
+
 log = logging.getLogger(__name__)
 
 INPUT_NAME = "x"
@@ -162,23 +164,21 @@ class OnnxEncoder:
     def device(self) -> str:
         return "cuda" if self.providers and self.providers[0] == "CUDAExecutionProvider" else "cpu"
 
-    def __call__(self, x: np.ndarray, batch_size: int = 65536) -> np.ndarray:
+    def __call__(self, x, batch_size: int = 65536) -> np.ndarray:
         """Embed preprocessed rows ``(cells, n_inputs)`` -> ``(cells, dims)`` float32.
 
-        ``x`` is an array or anything with ``shape`` and row slices (an on-disk
-        :class:`~contrastive_sc.method.outofcore.DiskMatrix`): only one batch is in memory at a time.
+        ``x`` is an array or :class:`~contrastive_sc.method.rows.Rows` (rows on disk, say): only one
+        batch is in memory at a time.
         """
-        if not hasattr(x, "shape") or not hasattr(x, "__getitem__"):
-            x = np.asarray(x)
-        if len(x.shape) != 2 or x.shape[1] != self.n_inputs:
-            msg = f"expected input of shape (cells, {self.n_inputs}), got {tuple(x.shape)}"
+        rows = as_rows(x)
+        if rows.shape[1] != self.n_inputs:
+            msg = f"expected input of shape (cells, {self.n_inputs}), got {tuple(rows.shape)}"
             raise ValueError(msg)
-        from ..method.outofcore import embed_in_batches
 
-        def run(rows: np.ndarray) -> np.ndarray:
-            return self.session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(rows, dtype=np.float32)})[0]
+        def run(block: np.ndarray) -> np.ndarray:
+            return self.session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(block, dtype=np.float32)})[0]
 
-        return embed_in_batches(run, x, self.n_outputs or 0, batch_size)
+        return collect(run, rows, self.n_outputs or 0, size=batch_size)
 
 
 def _fixed_width(arg, path) -> int:

@@ -518,3 +518,22 @@ def grid_name(params: SplatParams) -> str:
         # + 0.0 turns -0.0 into 0.0
         drop = f"dm{params.dropout_mid + 0.0:g}"
     return f"{kind}-g{params.n_groups}-{drop}"
+
+
+def simulated_dataset(spec: str = "simulated", seed: int = 0) -> anndata.AnnData:
+    """The built-in labelled dataset: 1,200 cells x 2,000 genes from the Splat simulator.
+
+    ``spec`` is ``"simulated"`` (6 groups) or ``"simulated:N"`` (N groups); labels are in
+    ``obs["label"]``.
+    """
+    _, _, groups = spec.partition(":")
+    try:
+        n_groups = int(groups) if groups else 6
+    except ValueError:
+        msg = f"expected 'simulated' or 'simulated:N' with N groups, got {spec!r}"
+        raise ValueError(msg) from None
+    sim = simulate_splat(n_cells=1200, n_genes=2000, group_prob=tuple([1 / n_groups] * n_groups),
+                         de_fac_scale=0.5, dropout_mid=0.0, seed=seed)
+    adata = sim.to_anndata()
+    adata.uns["dataset"] = {"name": f"simulated-splat-{n_groups}groups", "path": None}
+    return adata

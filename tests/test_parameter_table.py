@@ -1,16 +1,18 @@
-"""Lists written in more than one place agree: config fields, CLI options, MLproject parameters.
+"""One parameter table: the CLI options, the MLproject `train` entry, the configuration's checks and the
+served model's checks all come from the settings of contrastive_sc/method/config.py.
 
-Fast (no training, no MLflow run): these fail as soon as a setting is added in one place only.
+Fast (no training, no MLflow run).
 """
 
 from pathlib import Path
 
 import click
+import click.testing
 import pytest
 import yaml
 
 from contrastive_sc import cli
-from contrastive_sc.method.config import ContrastiveConfig
+from contrastive_sc.method.config import ContrastiveConfig, cli_settings, settings
 
 REPO = Path(__file__).resolve().parents[1]
 MLPROJECT = yaml.safe_load((REPO / "MLproject").read_text())["entry_points"]
@@ -24,29 +26,67 @@ def _options(command: click.Command) -> dict[str, click.Option]:
     return {p.name: p for p in command.params if isinstance(p, click.Option)}
 
 
-def test_every_config_field_has_a_cli_option_or_is_listed_as_without_one():
-    typed = set(cli._HYPERPARAMETER_TYPES)
-    assert typed <= CONFIG_FIELDS, f"CLI options for no config field: {sorted(typed - CONFIG_FIELDS)}"
-    assert not typed & cli._NOT_ON_CLI
-    missing = CONFIG_FIELDS - typed - cli._NOT_ON_CLI
-    assert not missing, f"config fields with no CLI option: {sorted(missing)} (add them to cli._HYPERPARAMETER_TYPES)"
-    assert cli._NOT_ON_CLI <= CONFIG_FIELDS
-    assert set(cli._HYPERPARAMETERS) == typed
+def test_mlproject_is_generated_from_the_table():
+    from contrastive_sc.mlops.mlproject import render
+
+    assert (REPO / "MLproject").read_text() == render(), "MLproject is stale: run `contrastive-sc write-mlproject`"
+    result = click.testing.CliRunner().invoke(cli.main, ["write-mlproject", "--check"])
+    assert result.exit_code == 0, result.output
 
 
-def test_train_has_one_option_per_hyperparameter_defaulting_to_the_preset():
+def test_every_config_field_has_a_setting_with_help():
+    table = settings()
+    assert set(table) == CONFIG_FIELDS
+    for name, spec in table.items():
+        assert spec.help.endswith((".", "]")), name
+        assert spec.kind in ("int", "float", "bool", "choice", "choice_list", "int_list", "n_genes"), name
+
+
+def test_train_has_one_option_per_cli_setting_typed_by_the_table():
     options = _options(cli.train)
-    for name in cli._HYPERPARAMETERS:
+    for name, spec in cli_settings().items():
         option = options[name]
         assert option.opts == [f"--{name.replace('_', '-')}"]
         assert option.default is None  # None: keep the preset's value
         assert option.type.convert("preset", option, None) is None
+        assert option.type.inner.spec is spec and option.help == spec.help
+    off_cli = {name for name, spec in settings().items() if not spec.on_cli}
+    assert not off_cli & set(options) - {"methods"}
     assert "methods" in options and options["methods"].opts == ["--cluster"]
+
+
+@pytest.mark.parametrize("name,text", [("temperature", "inf"), ("lr", "nan"), ("clip", "-inf"), ("seed", str(2**63)),
+                                       ("epochs", "0"), ("layers", "8,0"), ("n_genes", "1"), ("resolution", "0"),
+                                       ("n_neighbors", "1001"), ("input_dropout", "1")])
+def test_the_cli_and_the_configuration_refuse_the_same_values(name, text):
+    spec = settings()[name]
+    with pytest.raises(ValueError, match=f"{name} must be") as parsed:
+        spec.parse(name, text)
+    value = (8, 0) if name == "layers" else float(text) if spec.kind == "float" else int(text)
+    with pytest.raises(ValueError, match=f"{name} must be") as configured:
+        ContrastiveConfig().replace(**{name: value})
+    assert str(parsed.value).split(", got")[0] == str(configured.value).split(", got")[0]
+
+
+def test_the_served_model_checks_clustering_params_with_the_table():
+    from contrastive_sc.serve.inference import _PARAM_SETTINGS
+
+    for name in ("n_clusters", "resolution", "n_neighbors", "seed"):
+        assert _PARAM_SETTINGS[name] is settings()[name]
+
+
+def test_cluster_config_is_validated():
+    from contrastive_sc.method.config import ClusterConfig
+
+    for bad in ({"resolution": float("nan")}, {"n_neighbors": 1}, {"n_clusters": 0}, {"methods": ("kmeans", "dbscan")}):
+        with pytest.raises(ValueError, match="must be"):
+            ClusterConfig(**bad)
 
 
 def test_build_config_reads_every_hyperparameter():
     values = {"epochs": 7, "lr": 0.2, "layers": (8, 4), "n_neighbors": 5, "min_cells": 0}
     config = cli._build_config("paper", values).to_params()
+    assert set(values) <= set(cli_settings())
     assert {k: config[k] for k in values} == {"epochs": 7, "lr": 0.2, "layers": [8, 4], "n_neighbors": 5, "min_cells": 0}
 
 
@@ -56,7 +96,7 @@ def test_mlproject_hyperparameters_are_config_fields_with_cli_options(entry):
     hyper = {name for name, spec in parameters.items() if spec.get("default") == "preset"}
     assert hyper <= CONFIG_FIELDS, f"{entry}: 'preset' parameters that are no config field: {sorted(hyper - CONFIG_FIELDS)}"
     if entry == "train":
-        assert hyper == set(cli._HYPERPARAMETERS), sorted(hyper ^ set(cli._HYPERPARAMETERS))
+        assert hyper == set(cli_settings()), sorted(hyper ^ set(cli_settings()))
 
 
 def _cli_command(entry: str) -> click.Command:
@@ -75,11 +115,9 @@ def test_mlproject_parameters_are_passed_to_the_cli_option_of_that_name_with_its
         if name == "workdir":  # a group option (`contrastive_sc --workdir {workdir} <command>`)
             assert "--workdir {workdir}" in command
             continue
-        flag = f"--{name.replace('_', '-')}"
-        if name == "cluster":
-            flag = "--cluster"
+        flag = {"cluster": "--cluster", "overwrite": "--overwrite-if"}.get(name, f"--{name.replace('_', '-')}")
         assert f"{flag} {{{name}}}" in command, f"{entry}: {name} is not passed as {flag} {{{name}}}"
-        option = by_flag[flag]
+        option = by_flag.get(flag) or next(p for p in _cli_command(entry).params if flag in p.opts)
         if "default" not in parameter:
             assert option.required, f"{entry}: {name} has no MLproject default but the CLI does not require it"
         if option.required or "default" not in parameter or (entry, name) in MLPROJECT_OWN_DEFAULTS:
@@ -123,6 +161,7 @@ def test_embed_options_default_to_predict_params():
 
     declared = {f.name: f.default for f in fields(PredictParams)}
     options = _options(cli.embed)
-    for name in ("method", "n_clusters", "resolution"):
+    for name in ("method", "resolution"):
         assert options[name].default == declared[name], name
+    assert options["n_clusters"].default is None and declared["n_clusters"] == 0  # both: no k given
     assert list(options["method"].type.choices) == list(METHODS)

@@ -1,4 +1,4 @@
-"""Out-of-core path: chunked preprocessing, training from disk and chunked embedding match memory."""
+"""Rows wherever they are held: block statistics, training from disk and embedding by blocks match memory."""
 
 import anndata as ad
 import numpy as np
@@ -7,16 +7,66 @@ import scipy.sparse as sp
 import torch
 
 from contrastive_sc import ContrastiveSC
-from contrastive_sc.method.outofcore import (
-    DiskMatrix,
-    embed_chunked,
-    fit_preprocess_chunked,
-    preprocess_to_disk,
-    seurat_top_genes,
-    write_embedding,
-)
-from contrastive_sc.method.preprocess import fit_preprocess, transform
+from contrastive_sc.method.preprocess import PreprocessState, fit_preprocess, seurat_top_genes, transform, transform_rows
+from contrastive_sc.method.rows import BackedRows, DiskMatrix, InMemoryRows, as_rows, collect
 from contrastive_sc.method.train import encode, fit_encoder
+
+
+def scanpy_state(counts, names, *, n_genes, min_cells=2, clip=None) -> PreprocessState:
+    """The paper's preprocessing on the whole matrix, the genes ranked by scanpy: what the block fit must equal."""
+    import scanpy as sc
+
+    from contrastive_sc.method.preprocess import _log_normalise
+
+    counts = sp.csr_matrix(counts, dtype=np.float32)
+    names = np.asarray(names, dtype=str)
+    keep = np.asarray((counts > 0).sum(axis=0)).ravel() >= min_cells
+    counts, names = counts[:, keep], names[keep]
+    share = np.asarray(counts.sum(axis=0), dtype=np.float64).ravel()
+    totals = np.asarray(counts.sum(axis=1)).ravel()
+    target = float(np.median(totals[totals > 0]))
+    lognorm = _log_normalise(counts, totals, target)
+    chosen = np.arange(len(names))
+    if n_genes != "all" and n_genes < len(names):
+        adata = ad.AnnData(lognorm)
+        sc.pp.highly_variable_genes(adata, n_top_genes=n_genes, flavor="seurat")
+        chosen = np.flatnonzero(adata.var["highly_variable"].to_numpy())
+    selected = lognorm[:, chosen].toarray().astype(np.float64)
+    return PreprocessState.from_arrays(names[chosen], selected.mean(axis=0), selected.std(axis=0, ddof=1),
+                                       target_sum=target, library_genes=names, library_share=share / share.sum(),
+                                       clip=clip, n_cells_fit=counts.shape[0])
+
+
+@pytest.fixture
+def both_containers(synthetic, tmp_path):
+    """The same cells in memory and as a backed ``.h5ad``."""
+    path = tmp_path / "cells.h5ad"
+    synthetic.write_h5ad(path)
+    backed = ad.read_h5ad(path, backed="r")
+    yield {"memory": synthetic, "backed": backed}
+    backed.file.close()
+
+
+def test_every_kind_of_rows_gives_the_same_blocks_and_rows(both_containers, tmp_path):
+    memory, backed = both_containers["memory"], both_containers["backed"]
+    expected = memory.X.toarray()
+    dense = as_rows(expected)
+    with DiskMatrix.write(dense.blocks(64), expected.shape, path=tmp_path / "x.f32") as on_disk:
+        kinds = {"sparse": as_rows(memory.X), "dense": dense, "backed": as_rows(backed.X), "disk": on_disk}
+        assert [type(k).__name__ for k in kinds.values()] == ["InMemoryRows", "InMemoryRows", "BackedRows",
+                                                                 "DiskMatrix"]
+        picks = np.array([5, 299, 0, 17, 5])
+        for name, rows in kinds.items():
+            assert rows.shape == expected.shape, name
+            blocks = [b.toarray() if sp.issparse(b) else b for _, _, b in rows.blocks(37)]
+            np.testing.assert_array_equal(np.concatenate(blocks), expected, err_msg=name)
+            taken = rows.take(picks)
+            np.testing.assert_array_equal(taken.toarray() if sp.issparse(taken) else taken, expected[picks])
+            np.testing.assert_array_equal(collect(lambda b: np.asarray(b.sum(axis=1)).reshape(-1, 1), rows, 1),
+                                          expected.sum(axis=1, keepdims=True), err_msg=name)
+    assert isinstance(as_rows(backed.X), BackedRows) and isinstance(as_rows(memory.X), InMemoryRows)
+    with pytest.raises(ValueError, match="positive number of cells"):
+        next(dense.blocks(0))
 
 
 def _assert_same_state(chunked, memory):
@@ -30,19 +80,19 @@ def _assert_same_state(chunked, memory):
 
 
 @pytest.mark.parametrize("n_genes", [50, 100, 250, "all"])
-def test_chunked_state_equals_in_memory(synthetic, n_genes):
-    memory = fit_preprocess(synthetic.X, synthetic.var_names, n_genes=n_genes)
-    chunked = fit_preprocess_chunked(synthetic.X, synthetic.var_names, n_genes=n_genes, chunk_size=37)
+def test_block_statistics_give_scanpys_state(synthetic, n_genes):
+    memory = scanpy_state(synthetic.X, synthetic.var_names, n_genes=n_genes)
+    chunked = fit_preprocess(synthetic.X, synthetic.var_names, n_genes=n_genes, block_size=37)
     _assert_same_state(chunked, memory)
 
 
-def test_chunked_state_from_dense_and_from_a_backed_file(synthetic, tmp_path):
-    memory = fit_preprocess(synthetic.X, synthetic.var_names, n_genes=80, min_cells=3)
-    dense = fit_preprocess_chunked(synthetic.X.toarray(), synthetic.var_names, n_genes=80, min_cells=3, chunk_size=64)
+def test_the_state_is_the_same_from_dense_and_from_a_backed_file(synthetic, tmp_path):
+    memory = scanpy_state(synthetic.X, synthetic.var_names, n_genes=80, min_cells=3)
+    dense = fit_preprocess(synthetic.X.toarray(), synthetic.var_names, n_genes=80, min_cells=3, block_size=64)
     _assert_same_state(dense, memory)
     synthetic.write_h5ad(tmp_path / "cells.h5ad")
     backed = ad.read_h5ad(tmp_path / "cells.h5ad", backed="r")
-    from_file = fit_preprocess_chunked(backed.X, backed.var_names, n_genes=80, min_cells=3, chunk_size=100)
+    from_file = fit_preprocess(backed.X, backed.var_names, n_genes=80, min_cells=3, block_size=100)
     _assert_same_state(from_file, memory)
     backed.file.close()
 
@@ -60,21 +110,33 @@ def test_seurat_ranking_matches_scanpy(rng):
     np.testing.assert_array_equal(seurat_top_genes(mean, var, 60), np.flatnonzero(adata.var["highly_variable"]))
 
 
-def test_chunked_preprocessing_rejects_other_flavors(synthetic):
-    with pytest.raises(ValueError, match="only the 'seurat'"):
-        fit_preprocess_chunked(synthetic.X, synthetic.var_names, hvg_flavor="cell_ranger")
+def test_other_flavors_are_ranked_by_scanpy_and_bad_names_refused(synthetic):
+    import scanpy as sc
+
+    state = fit_preprocess(synthetic.X, synthetic.var_names, n_genes=60, hvg_flavor="cell_ranger", block_size=64)
+    adata = synthetic.copy()
+    adata.X = adata.X.astype(np.float32)
+    sc.pp.filter_genes(adata, min_cells=2)
+    sc.pp.normalize_total(adata, target_sum=state.target_sum)
+    sc.pp.log1p(adata)
+    sc.pp.highly_variable_genes(adata, n_top_genes=60, flavor="cell_ranger")
+    assert state.genes == tuple(adata.var_names[adata.var["highly_variable"]])
     with pytest.raises(ValueError, match="gene names for a matrix"):
-        fit_preprocess_chunked(synthetic.X, synthetic.var_names[:5])
+        fit_preprocess(synthetic.X, synthetic.var_names[:5])
 
 
-def test_disk_matrix_reads_what_transform_writes(synthetic, tmp_path):
+def test_rows_of_a_backed_file_are_transformed_to_a_temporary_file(both_containers, tmp_path):
+    synthetic, backed = both_containers["memory"], both_containers["backed"]
     state = fit_preprocess(synthetic.X, synthetic.var_names, n_genes=100)
     expected = transform(synthetic.X, synthetic.var_names, state)
-    with preprocess_to_disk(synthetic.X, synthetic.var_names, state, directory=tmp_path, chunk_size=70) as x:
-        assert x.shape == expected.shape
-        np.testing.assert_array_equal(x[10:40], expected[10:40])
+    with transform_rows(synthetic.X, synthetic.var_names, state) as in_memory:
+        assert isinstance(in_memory, InMemoryRows)
+        np.testing.assert_array_equal(in_memory.matrix, expected)
+    with transform_rows(backed.X, backed.var_names, state, directory=tmp_path) as x:
+        assert isinstance(x, DiskMatrix) and x.shape == expected.shape and x.path.parent == tmp_path
+        np.testing.assert_array_equal(np.concatenate([b for _, _, b in x.blocks(70)]), expected)
         picks = np.array([5, 299, 0, 17, 5])
-        np.testing.assert_array_equal(x.take_rows(picks), expected[picks])
+        np.testing.assert_array_equal(x.take(picks), expected[picks])
         path = x.path
     assert not path.exists()  # the temporary file goes with the matrix
     (tmp_path / "short.f32").write_bytes(b"\0" * 12)
@@ -86,7 +148,7 @@ def test_training_from_disk_equals_training_in_memory(synthetic, tiny_config, tm
     state = fit_preprocess(synthetic.X, synthetic.var_names, n_genes=100)
     x = transform(synthetic.X, synthetic.var_names, state)
     in_memory, history = fit_encoder(x, tiny_config.encoder, tiny_config.train)
-    with preprocess_to_disk(synthetic.X, synthetic.var_names, state, directory=tmp_path) as on_disk:
+    with DiskMatrix.write(as_rows(x).blocks(), x.shape, path=tmp_path / "x.f32") as on_disk:
         from_disk, disk_history = fit_encoder(on_disk, tiny_config.encoder, tiny_config.train)
     # Same permutation, same masks, same float32 inputs: the same weights.
     for a, b in zip(in_memory.state_dict().values(), from_disk.state_dict().values()):
@@ -100,7 +162,7 @@ def test_backed_fit_and_embedding_match_memory(synthetic, tiny_config, tmp_path)
     synthetic.write_h5ad(path)
     backed = ad.read_h5ad(path, backed="r")
     model = ContrastiveSC(tiny_config).fit(backed)
-    assert model.history.cells_per_second > 0 and model.reference_centroids is not None
+    assert model.history.cells_per_second > 0 and model.training_clusters.centroids is not None
     reference = ContrastiveSC(tiny_config).fit(synthetic)
     _assert_same_state(model.state, reference.state)
     assert len(model.history.loss) == tiny_config.train.epochs
@@ -111,10 +173,6 @@ def test_backed_fit_and_embedding_match_memory(synthetic, tiny_config, tmp_path)
     model.embed(backed)
     np.testing.assert_allclose(backed.obsm["X_contrastive"], expected, atol=1e-6)
     state = model.state
-    np.testing.assert_allclose(embed_chunked(model.encoder, backed.X, backed.var_names, state, chunk_size=33),
-                               expected, atol=1e-6)
-    out = write_embedding(model.encoder, backed.X, backed.var_names, state, tmp_path / "emb.npy", chunk_size=64)
-    np.testing.assert_allclose(np.load(out), expected, atol=1e-6)
     np.testing.assert_allclose(encode(model.encoder, transform(synthetic.X, synthetic.var_names, state)), expected,
                                atol=1e-6)
     backed.file.close()
@@ -136,16 +194,6 @@ def test_backed_fit_of_the_fused_preset_equals_memory(synthetic, tmp_path):
     backed.file.close()
 
 
-@pytest.fixture
-def both_containers(synthetic, tmp_path):
-    """The same cells in memory and as a backed ``.h5ad``."""
-    path = tmp_path / "cells.h5ad"
-    synthetic.write_h5ad(path)
-    backed = ad.read_h5ad(path, backed="r")
-    yield {"memory": synthetic, "backed": backed}
-    backed.file.close()
-
-
 @pytest.mark.parametrize("container", ["memory", "backed"])
 def test_the_model_api_works_alike_on_either_container(both_containers, tiny_config, container):
     # fit, preprocess, transform and embed accept backed and in-memory AnnData, with the same results.
@@ -162,10 +210,10 @@ def test_the_model_api_works_alike_on_either_container(both_containers, tiny_con
 
 def test_the_pca_sample_depends_on_the_number_of_cells_not_the_container(both_containers, monkeypatch):
     # Above PCA_SAMPLE_CELLS cells the PCA block is fitted on a sample, in memory as on disk.
-    import contrastive_sc.method.model as model_module
+    import contrastive_sc.method.fusion as fusion
     from contrastive_sc.method.config import get_preset
 
-    monkeypatch.setattr(model_module, "PCA_SAMPLE_CELLS", 120)
+    monkeypatch.setattr(fusion, "PCA_SAMPLE_CELLS", 120)
     config = get_preset("fused").replace(n_genes=100, pca_genes=50, pca_components=8, epochs=2, batch_size=64,
                                          n_clusters=3)
     synthetic, backed = both_containers["memory"], both_containers["backed"]
@@ -175,7 +223,7 @@ def test_the_pca_sample_depends_on_the_number_of_cells_not_the_container(both_co
                                atol=1e-4)
     np.testing.assert_allclose(from_file.transform(backed), in_memory.transform(synthetic), atol=1e-4)
     everything = ContrastiveSC(config.replace(seed=0))
-    monkeypatch.setattr(model_module, "PCA_SAMPLE_CELLS", 10_000)
+    monkeypatch.setattr(fusion, "PCA_SAMPLE_CELLS", 10_000)
     everything.fit(synthetic)
     # a sample of 120 of the 300 cells gives another PCA than all of them
     assert not np.allclose(everything.encoder.pca_mean.numpy(), in_memory.encoder.pca_mean.numpy(), atol=1e-4)
@@ -191,8 +239,8 @@ def test_block_statistics_pick_scanpys_genes_and_input_on_real_data(name):
 
     adata = read(shared_file(name))
     for n_genes, clip in ((500, None), (2000, 10.0)):
-        scanpy_state = fit_preprocess(adata.X, adata.var_names, n_genes=n_genes, clip=clip)
-        blocks_state = fit_preprocess_chunked(adata.X, adata.var_names, n_genes=n_genes, clip=clip, chunk_size=1000)
-        assert blocks_state.genes == scanpy_state.genes
+        reference = scanpy_state(adata.X, adata.var_names, n_genes=n_genes, clip=clip)
+        blocks_state = fit_preprocess(adata.X, adata.var_names, n_genes=n_genes, clip=clip, block_size=1000)
+        assert blocks_state.genes == reference.genes
         np.testing.assert_array_equal(transform(adata.X, adata.var_names, blocks_state),
-                                      transform(adata.X, adata.var_names, scanpy_state))
+                                      transform(adata.X, adata.var_names, reference))

@@ -364,8 +364,8 @@ def train(data, label_key, batch_key, layer, methods, preset, experiment, run_na
     from .mlops import tracking
 
     config = _build_config(preset, values)
-    # the layer is the model's data setup: recorded at fit and read again by later calls
-    adata = load(data, label_key, validate=layer is None)
+    # the layer is the model's data setup, recorded at fit; the model checks the counts it reads
+    adata = load(data, label_key, validate=False)
     label_key = label_key or default_label_key(adata)
     uri = tracking.setup(tracking_uri, experiment)
     result = tracking.train_run(

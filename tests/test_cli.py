@@ -75,9 +75,9 @@ def test_research_presets_stay_out_of_help_and_presets_lists_them():
 
 
 def test_overwrite_is_a_plain_flag(tmp_path):
-    from contrastive_sc.cli import _overwrite_option
-
     import click
+
+    from contrastive_sc.cli import _overwrite_option
 
     @click.command()
     @click.argument("rest", nargs=-1)

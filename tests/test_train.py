@@ -119,7 +119,8 @@ def test_training_equals_a_plain_loop(x, input_dropout):
     torch.manual_seed(cfg.seed)
     sparse = input_dropout >= SPARSE_MASK_RATE
     encoder = ContrastiveEncoder(x.shape[1], (16, 8)).train()
-    batches = _row_batches(as_rows(x), cfg, torch.device("cpu"), True) if sparse else _dense_batches(x, cfg, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    batches = _row_batches(as_rows(x), cfg, cpu, True) if sparse else _dense_batches(x, cfg, cpu)
     criterion, losses = NTXentLoss(cfg.temperature), []
     with _single_threaded(True), _transposed_weight(encoder.linears[0], sparse):
         optimizer = torch.optim.Adam(encoder.parameters(), lr=cfg.lr, fused=True)

@@ -31,10 +31,22 @@ def loss_curve(loss: list[float], path: str | Path) -> Path:
     return Path(path)
 
 
-def _palette(n: int) -> list:
-    plt = _pyplot()
-    colours = [plt.get_cmap("tab20")(i) for i in range(20)] + [plt.get_cmap("tab20b")(i) for i in range(20)]
-    return [colours[i % len(colours)] for i in range(n)]
+#: Distinct colours: matplotlib's tab10, then ten of Kelly's colours of maximum contrast that tab10
+#: lacks. Categories beyond them, and any holding under :data:`RARE_SHARE` of the cells, are grey.
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+           "#17becf", "#f3c300", "#875692", "#a1caf1", "#be0032", "#008856", "#0067a5", "#604e97", "#f6a600",
+           "#882d17", "#8db600")
+RARE_SHARE = 0.01
+GREY = "#c8c8c8"
+#: Font size of legends and labels (points): readable when the figure is shown at 100 %.
+FONT = 9
+#: Longest name shown in a legend or on an axis (longer ones are cut with an ellipsis).
+MAX_NAME = 28
+
+
+def _short(name: str) -> str:
+    name = str(name)
+    return name if len(name) <= MAX_NAME else name[: MAX_NAME - 1] + "\u2026"
 
 
 def _ordered(values) -> list:
@@ -43,94 +55,131 @@ def _ordered(values) -> list:
     return sorted(distinct, key=lambda v: (0, int(v), "") if v.lstrip("-").isdigit() else (1, 0, v))
 
 
-def _matched_colours(labels, truth) -> dict:
-    """Colour per cluster: the colour of the label it best matches (one-to-one), so panels compare."""
+def _colours(values: np.ndarray, order: list) -> dict:
+    """A distinct colour per category in ``order`` (largest first), grey for rare ones and the overflow."""
+    counts = {v: int((values == v).sum()) for v in order}
+    common = [v for v in sorted(order, key=lambda v: -counts[v]) if counts[v] >= RARE_SHARE * len(values)]
+    colours = dict(zip(common, PALETTE))
+    return {v: colours.get(v, GREY) for v in order}
+
+
+def _matched_names(labels: np.ndarray, truth: np.ndarray | None) -> tuple[dict, dict]:
+    """Colour and legend name per cluster: the colour of the cell type it best matches (one to one),
+    named ``<cluster> (<majority type>)``, so the panels read side by side."""
     from scipy.optimize import linear_sum_assignment
 
     clusters = _ordered(labels)
     if truth is None:
-        return dict(zip(clusters, _palette(len(clusters))))
-    names = _ordered(truth)
-    table = np.zeros((len(clusters), len(names)))
-    row_of, column_of = {c: i for i, c in enumerate(clusters)}, {n: j for j, n in enumerate(names)}
-    np.add.at(table, ([row_of[c] for c in labels], [column_of[n] for n in truth]), 1)
+        return _colours(labels, clusters), {c: c for c in clusters}
+    types = _ordered(truth)
+    type_colour = _colours(truth, types)
+    row_of, column_of = {c: i for i, c in enumerate(clusters)}, {t: j for j, t in enumerate(types)}
+    table = np.zeros((len(clusters), len(types)))
+    np.add.at(table, ([row_of[c] for c in labels], [column_of[t] for t in truth]), 1)
     rows, cols = linear_sum_assignment(-table)
-    palette = _palette(len(names) + len(clusters))
-    # A cluster that shares no cell with its assigned label keeps a colour of its own.
-    colours = {clusters[r]: palette[c] for r, c in zip(rows, cols) if table[r, c] > 0}
-    spare = iter(palette[len(names):])
-    return {c: colours.get(c) or next(spare) for c in clusters}
+    matched = {clusters[r]: types[c] for r, c in zip(rows, cols) if table[r, c] > 0}
+    spare = iter([c for c in PALETTE if c not in type_colour.values()] + [GREY] * len(clusters))
+    colours = {c: type_colour[matched[c]] if c in matched and type_colour[matched[c]] != GREY else next(spare)
+               for c in clusters}
+    names = {c: f"{c} ({_short(types[int(table[i].argmax())])})" for i, c in enumerate(clusters)}
+    return colours, names
 
 
 def cluster_map(coords: np.ndarray, labels_by_method: dict[str, np.ndarray], truth, path: str | Path, *,
-                batches=None, title: str = "") -> Path:
-    """UMAP panels: one per clustering, the labels and the batches, each with a legend.
+                batches=None, title: str = "", seed: int = 0) -> Path:
+    """UMAP panels in a grid of two columns: one per clustering, the cell types and the batches.
 
-    A cluster takes the colour of the cell type it matches best (one-to-one matching on the
-    contingency table) and is named ``<cluster> (<majority type>)``, so panels read side by side.
+    Points are drawn in a random order (no category hides another), legends sit beside their
+    panel at :data:`FONT` points, categories under 1 % of the cells are grey, and a batch panel
+    is drawn only when there are two batches or more.
     """
+    from matplotlib.lines import Line2D
+
     plt = _pyplot()
     truth = None if truth is None else np.asarray(truth).astype(str)
     panels = []
     for method, labels in labels_by_method.items():
         labels = np.asarray(labels).astype(str)
-        colours = _matched_colours(labels, truth)
-        names = {}
-        for c in colours:
-            if truth is not None:
-                values, counts = np.unique(truth[labels == c], return_counts=True)
-                names[c] = f"{c} ({values[counts.argmax()]})"
-            else:
-                names[c] = str(c)
+        colours, names = _matched_names(labels, truth)
         panels.append((f"{method} clusters", labels, colours, names))
     if truth is not None:
-        colours = dict(zip(_ordered(truth), _palette(len(_ordered(truth)))))
-        panels.append(("cell types (labels)", truth, colours, {c: c for c in colours}))
-    if batches is not None:
+        panels.append(("cell types (labels)", truth, _colours(truth, _ordered(truth)),
+                       {t: _short(t) for t in _ordered(truth)}))
+    if batches is not None and len(np.unique(np.asarray(batches).astype(str))) > 1:
         batches = np.asarray(batches).astype(str)
-        values = _ordered(batches)
-        # Saturated colours (the palette's even entries): a light batch would vanish under a dark one.
-        colours = dict(zip(values, _palette(2 * len(values))[::2]))
-        panels.append(("batches", batches, colours, {c: c for c in colours}))
-    width = max(1, len(panels))
-    fig, axes = plt.subplots(1, width, figsize=(5.6 * width, 5.0), squeeze=False)
-    size = max(1.0, min(12.0, 3e4 / max(1, len(coords))))
-    for ax, (panel_title, labels, colours, names) in zip(axes[0], panels):
-        for value, colour in colours.items():
-            rows = labels == value
-            ax.scatter(coords[rows, 0], coords[rows, 1], color=colour, s=size, linewidths=0, label=names[value])
-        ax.set(title=panel_title, xlabel="UMAP 1", ylabel="UMAP 2", xticks=[], yticks=[])
-        ax.legend(fontsize=6, markerscale=2.0 / np.sqrt(size) * 2, loc="upper left", bbox_to_anchor=(1.0, 1.0),
-                  frameon=False, ncol=1 if len(colours) <= 20 else 2)
+        panels.append(("batches", batches, _colours(batches, _ordered(batches)),
+                       {b: _short(b) for b in _ordered(batches)}))
+    n_cols = min(2, len(panels))
+    n_rows = -(-len(panels) // n_cols)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(7.2 * n_cols, 5.0 * n_rows), squeeze=False,
+                             layout="constrained")
+    size = max(1.5, min(14.0, 4e4 / max(1, len(coords))))
+    order = np.random.default_rng(seed).permutation(len(coords))  # shuffled: the last category drawn hides none
+    for ax, (panel_title, labels, colours, names) in zip(axes.ravel(), panels):
+        ax.scatter(coords[order, 0], coords[order, 1], c=[colours[v] for v in labels[order]], s=size,
+                   linewidths=0, rasterized=len(coords) > 5000)
+        ax.set_title(panel_title, fontsize=FONT + 2)
+        ax.set(xticks=[], yticks=[])
+        ax.set_xlabel("UMAP 1", fontsize=FONT)
+        ax.set_ylabel("UMAP 2", fontsize=FONT)
+        shown = [v for v in colours if colours[v] != GREY]
+        handles = [Line2D([], [], marker="o", linestyle="", color=colours[v], markersize=6, label=names[v])
+                   for v in shown]
+        rare = [v for v in colours if colours[v] == GREY]
+        if rare:
+            handles.append(Line2D([], [], marker="o", linestyle="", color=GREY, markersize=6,
+                                  label=f"{len(rare)} smaller (grey)"))
+        ax.legend(handles=handles, fontsize=FONT, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False,
+                  ncol=1 if len(handles) <= 16 else 2, handletextpad=0.2, borderaxespad=0.3)
+    for ax in axes.ravel()[len(panels):]:
+        ax.axis("off")
     if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+        fig.suptitle(title, fontsize=FONT + 2)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return Path(path)
 
 
+def diagonal_order(table) -> tuple[list, list]:
+    """Rows (cell types) and columns (clusters) of a contingency table ordered so the large counts sit on the diagonal.
+
+    Each cluster is placed under the cell type holding most of its cells; cell types keep the
+    order of their first cluster, and types that lead no cluster come last, largest first.
+    """
+    shares = table.div(table.sum(axis=0), axis=1)
+    leader = shares.idxmax(axis=0)  # the majority cell type of each cluster
+    rows = list(dict.fromkeys(leader.loc[table.sum(axis=0).sort_values(ascending=False).index]))
+    rows = sorted(rows, key=lambda r: -table.loc[r].sum())
+    rows += [r for r in table.sum(axis=1).sort_values(ascending=False).index if r not in rows]
+    columns = sorted(table.columns, key=lambda c: (rows.index(leader[c]), -shares.at[leader[c], c]))
+    return rows, columns
+
+
 def contingency_heatmap(truth, labels, path: str | Path, *, title: str = "") -> Path:
-    """Share of each cell type (rows) in each cluster (columns), with the cell counts written in."""
+    """Share of each cell type (rows, named) in each cluster (columns, named by their majority type), in diagonal order."""
     import pandas as pd
 
     plt = _pyplot()
     table = pd.crosstab(pd.Series(np.asarray(truth).astype(str), name="cell type"),
                         pd.Series(np.asarray(labels).astype(str), name="cluster"))
-    table = table.loc[_ordered(table.index), _ordered(table.columns)]
+    rows, columns = diagonal_order(table)
+    table = table.loc[rows, columns]
     shares = table.div(table.sum(axis=1), axis=0)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.45 * table.shape[1], 1.2 + 0.35 * table.shape[0]))
+    leader = table.idxmax(axis=0)
+    fig, ax = plt.subplots(figsize=(2.5 + 0.42 * table.shape[1], 2.2 + 0.32 * table.shape[0]), layout="constrained")
     image = ax.imshow(shares.to_numpy(), cmap="Blues", vmin=0, vmax=1, aspect="auto")
-    ax.set_xticks(range(table.shape[1]), table.columns, rotation=90, fontsize=7)
-    ax.set_yticks(range(table.shape[0]), table.index, fontsize=7)
-    ax.set(xlabel="cluster", ylabel="cell type", title=title or "share of each cell type per cluster")
+    ax.set_xticks(range(table.shape[1]), [f"{c} \u00b7 {_short(leader[c])}" for c in table.columns], rotation=90,
+                  fontsize=FONT)
+    ax.set_yticks(range(table.shape[0]), [_short(r) for r in table.index], fontsize=FONT)
+    ax.set_xlabel("cluster (majority cell type)", fontsize=FONT)
+    ax.set_ylabel("cell type", fontsize=FONT)
+    ax.set_title(title or "share of each cell type per cluster", fontsize=FONT + 1, wrap=True)
     for (i, j), count in np.ndenumerate(table.to_numpy()):
         if count:
-            ax.text(j, i, str(count), ha="center", va="center", fontsize=5,
+            ax.text(j, i, str(count), ha="center", va="center", fontsize=max(6, FONT - 2),
                     color="white" if shares.iat[i, j] > 0.5 else "black")
     fig.colorbar(image, ax=ax, fraction=0.04, label="share of the cell type")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
 

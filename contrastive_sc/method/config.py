@@ -265,6 +265,21 @@ class ContrastiveConfig:
             raise ValueError(msg)
         return ContrastiveConfig(preset=overrides.get("preset", self.preset), **sections)
 
+    def check_data_size(self, n_cells: int, n_genes: int) -> None:
+        """Refuse, before any training, data too small for these settings (clusters, kNN graph, genes)."""
+        cluster = self.cluster
+        problems = [
+            (n_cells < 3, f"training needs at least 3 cells, got {n_cells}"),
+            (cluster.n_clusters is not None and cluster.n_clusters > n_cells,
+             f"n_clusters={cluster.n_clusters} but the data has only {n_cells} cells; ask for at most {n_cells}"),
+            (cluster.n_neighbors >= n_cells,
+             f"n_neighbors={cluster.n_neighbors} needs more cells than neighbours; the data has {n_cells}"),
+            (n_genes < 2, f"the data has {n_genes} gene(s); at least 2 are needed"),
+        ]
+        for failed, msg in problems:
+            if failed:
+                raise ValueError(msg)
+
     def to_json(self) -> str:
         return json.dumps(self.to_params(), indent=2, sort_keys=True)
 

@@ -47,6 +47,21 @@ class DataSetup:
     def from_dict(cls, values: dict | None) -> DataSetup:
         return cls(**{k: v for k, v in (values or {}).items() if k in ("layer", "label_key", "batch_key")})
 
+    def read(self, adata) -> Cells:
+        """Everything a fit reads from ``adata``: raw counts (checked), genes, labels and batches.
+
+        Raises
+        ------
+        KeyError
+            When the layer, the label column or the batch column is missing.
+        ValueError
+            When the values are not raw counts.
+        """
+        labels, batches = self.labels(adata), self.batches(adata)
+        view = counts_view(adata, self.layer)
+        counts, genes = self._checked(view)
+        return Cells(self, counts, genes, labels, batches, view)
+
     def counts(self, adata) -> tuple[Rows, np.ndarray]:
         """The raw counts of ``adata`` as rows, and their gene names, checked to be raw counts.
 
@@ -57,7 +72,9 @@ class DataSetup:
         ValueError
             When the values are not raw counts (normalised or log-transformed, negative, NaN).
         """
-        counts = counts_view(adata, self.layer)
+        return self._checked(counts_view(adata, self.layer))
+
+    def _checked(self, counts) -> tuple[Rows, np.ndarray]:
         where = f"layers[{self.layer!r}]" if self.layer not in (None, RAW_LAYER) else (
             "adata.raw" if self.layer == RAW_LAYER else "adata.X")
         try:
@@ -84,6 +101,36 @@ class DataSetup:
             msg = f"{what} key {key!r} not found in obs; available columns: {list(adata.obs.columns)}"
             raise KeyError(msg)
         return np.asarray(adata.obs[key].astype(str))
+
+
+@dataclass(frozen=True)
+class Cells:
+    """The cells of an AnnData as a fit reads them (:meth:`DataSetup.read`).
+
+    Attributes
+    ----------
+    setup
+        Where they were read from.
+    counts
+        Raw counts as rows, checked.
+    genes
+        One name per column of ``counts``.
+    labels, batches
+        Cell type and batch of each cell as text, or ``None``.
+    view
+        The AnnData with these counts in ``X`` (for marker genes and the dataset's record).
+    """
+
+    setup: DataSetup
+    counts: Rows
+    genes: np.ndarray
+    labels: np.ndarray | None
+    batches: np.ndarray | None
+    view: object
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.counts.shape
 
 
 def counts_view(adata, layer: str | None = None):

@@ -32,15 +32,9 @@ def load(spec: str | Path, label_key: str | None = None, *, layer: str | None = 
          validate: bool = True) -> ad.AnnData:
     """:func:`read` a file, or build the simulated dataset when ``spec`` is ``simulated[:GROUPS]``.
 
-    ``layer`` and ``validate`` as in :func:`read`.
+    ``label_key``, ``layer`` and ``validate`` as in :func:`read`.
     """
-    if str(spec).startswith(SIMULATED):
-        adata = simulated_dataset(str(spec))
-        if label_key is not None and label_key not in adata.obs:
-            msg = f"label key {label_key!r} not found in the simulated data; it has {list(adata.obs.columns)}"
-            raise KeyError(msg)
-        return counts_view(adata, layer)
-    return read(spec, label_key, layer=layer, validate=validate)
+    return _load(spec, label_key, layer, validate, simulated=str(spec).startswith(SIMULATED))
 
 
 def read(path: str | Path, label_key: str | None = None, *, layer: str | None = None,
@@ -67,7 +61,26 @@ def read(path: str | Path, label_key: str | None = None, *, layer: str | None = 
     -------
     AnnData with ``uns["dataset"]`` naming the source file (and the layer read).
     """
-    path = Path(path)
+    return _load(path, label_key, layer, validate, simulated=False)
+
+
+def _load(spec, label_key: str | None, layer: str | None, validate: bool, *, simulated: bool) -> ad.AnnData:
+    adata = _read_file(Path(spec), label_key) if not simulated else simulated_dataset(str(spec))
+    if label_key is not None and label_key not in adata.obs:
+        source = "the simulated data" if simulated else Path(spec).name
+        msg = (f"label key {label_key!r} not found in {source}; available obs columns: {list(adata.obs.columns)}. "
+               "Pass one of those, or omit --label-key")
+        raise KeyError(msg)
+    counts = counts_view(adata, layer)
+    if layer:
+        counts.uns["dataset"] = counts.uns["dataset"] | {"layer": layer}
+    if validate:
+        validate_counts(counts)
+    return counts
+
+
+def _read_file(path: Path, label_key: str | None) -> ad.AnnData:
+    """The AnnData in ``path`` in whichever format it is, ``uns["dataset"]`` naming it."""
     if not path.exists():
         msg = f"input {str(path)!r} does not exist; expected a .h5ad, .h5, .csv/.tsv file or a 10x folder"
         raise FileNotFoundError(msg)
@@ -90,31 +103,17 @@ def read(path: str | Path, label_key: str | None = None, *, layer: str | None = 
             ".csv, .tsv, .txt (optionally .gz) or a 10x matrix-market folder"
         )
         raise ValueError(msg)
-
-    if label_key is not None and label_key not in adata.obs:
-        msg = (
-            f"label key {label_key!r} not found in {path.name}; available obs columns: "
-            f"{list(adata.obs.columns)}. Pass one of those, or omit --label-key"
-        )
-        raise KeyError(msg)
-    adata = counts_view(adata, layer)
-    adata.uns["dataset"] = {"name": _dataset_name(path), "path": str(path)} | ({"layer": layer} if layer else {})
-    if validate:
-        validate_counts(adata)
+    name = path.name
+    for suffix in (".gz", ".h5ad", ".h5", ".csv", ".tsv", ".txt"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+    adata.uns["dataset"] = {"name": name, "path": str(path)}
     return adata
 
 
 def default_label_key(adata: ad.AnnData) -> str | None:
     """The label column to use when none is given: ``obs["label"]`` if present."""
     return BENCHMARK_LABEL_KEY if BENCHMARK_LABEL_KEY in adata.obs else None
-
-
-def _dataset_name(path: Path) -> str:
-    name = path.name
-    for suffix in (".gz", ".h5ad", ".h5", ".csv", ".tsv", ".txt"):
-        if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-    return name
 
 
 def _is_benchmark_h5(path: Path) -> bool:

@@ -8,11 +8,12 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from ..analysis.annotate import CellTypeAnnotator
 from ..analysis.cluster import TrainingClusters
 from .config import DEFAULT_PRESET, ContrastiveConfig, get_preset
-from .data import DataSetup
+from .data import Cells, DataSetup
 from .encoder import load_checkpoint, save_checkpoint
 from .gene_search import search_gene_count
 from .pipeline import fit_embedding
@@ -70,8 +71,10 @@ class ContrastiveSC:
 
     # ------------------------------------------------------------------ training
     def check(self, adata, *, layer: str | None = None, label_key: str | None = None,
-              batch_key: str | None = None) -> DataSetup:
-        """Refuse, before any training, data this model cannot be fitted on; return the data setup.
+              batch_key: str | None = None) -> Cells:
+        """Read ``adata`` as :meth:`fit` would and refuse, before any training, data it cannot be fitted on.
+
+        Returns the cells read (:class:`~contrastive_sc.method.data.Cells`), for :meth:`fit_cells`.
 
         Raises
         ------
@@ -81,22 +84,9 @@ class ContrastiveSC:
             When the counts are not raw counts, or there are too few cells for the clusters,
             the kNN graph or a batch, or too few genes.
         """
-        setup = DataSetup(layer, label_key, batch_key)
-        setup.labels(adata), setup.batches(adata)  # the columns exist
-        n_cells, n_genes = setup.counts(adata)[0].shape
-        cluster = self.config.cluster
-        problems = [
-            (n_cells < 3, f"training needs at least 3 cells, got {n_cells}"),
-            (cluster.n_clusters is not None and cluster.n_clusters > n_cells,
-             f"n_clusters={cluster.n_clusters} but the data has only {n_cells} cells; ask for at most {n_cells}"),
-            (cluster.n_neighbors >= n_cells,
-             f"n_neighbors={cluster.n_neighbors} needs more cells than neighbours; the data has {n_cells}"),
-            (n_genes < 2, f"the data has {n_genes} gene(s); at least 2 are needed"),
-        ]
-        for failed, msg in problems:
-            if failed:
-                raise ValueError(msg)
-        return setup
+        cells = DataSetup(layer, label_key, batch_key).read(adata)
+        self.config.check_data_size(*cells.shape)
+        return cells
 
     def fit(self, adata, *, layer: str | None = None, label_key: str | None = None, batch_key: str | None = None,
             clusters: bool = True, progress: bool = False, on_epoch=None) -> ContrastiveSC:
@@ -126,24 +116,27 @@ class ContrastiveSC:
         With ``n_genes="auto"`` one embedding is fitted per gene count in
         :data:`~contrastive_sc.method.config.AUTO_GENE_COUNTS` and the best separated is kept.
         """
-        setup = self.check(adata, layer=layer, label_key=label_key, batch_key=batch_key)
-        counts, genes = setup.counts(adata)
+        cells = self.check(adata, layer=layer, label_key=label_key, batch_key=batch_key)
+        return self.fit_cells(cells, clusters=clusters, progress=progress, on_epoch=on_epoch)
+
+    def fit_cells(self, cells: Cells, *, clusters: bool = True, progress: bool = False,
+                  on_epoch=None) -> ContrastiveSC:
+        """:meth:`fit` on cells already read by :meth:`check` (a tracked run starts between the two)."""
         if self.config.preprocess.n_genes == "auto":
-            fitted, self.gene_search = search_gene_count(counts, genes, self.config, progress=progress,
+            fitted, self.gene_search = search_gene_count(cells.counts, cells.genes, self.config, progress=progress,
                                                          on_epoch=on_epoch)
         else:
-            fitted, self.gene_search = fit_embedding(counts, genes, self.config, progress=progress,
+            fitted, self.gene_search = fit_embedding(cells.counts, cells.genes, self.config, progress=progress,
                                                      on_epoch=on_epoch), []
-        self.setup, self.model_id = setup, uuid.uuid4().hex  # a new fit is a new model
+        self.setup, self.model_id = cells.setup, uuid.uuid4().hex  # a new fit is a new model
         self.state, self.encoder, self.history = fitted.state, fitted.encoder, fitted.history
         self.training_embedding = embedding = fitted.embedding
         cluster, seed = self.config.cluster, self.config.train.seed
         self.training_clusters = (TrainingClusters.fit(embedding, n_clusters=cluster.n_clusters,
                                                        n_neighbors=cluster.n_neighbors, seed=seed)
                                   if clusters else None)
-        labels = setup.labels(adata)
-        self.annotator = (CellTypeAnnotator.fit(embedding, labels, label_key=label_key, seed=seed)
-                          if labels is not None else None)
+        self.annotator = (CellTypeAnnotator.fit(embedding, cells.labels, label_key=cells.setup.label_key, seed=seed)
+                          if cells.labels is not None else None)
         return self
 
     # ------------------------------------------------------------------ inference
@@ -208,7 +201,7 @@ class ContrastiveSC:
         embedding = self.transform(adata, layer=layer)
         types, confidence = self.annotator.annotate(embedding, min_confidence)
         adata.obsm[EMBEDDING_KEY] = embedding
-        adata.obs[CELL_TYPE_KEY] = _categorical(types)
+        adata.obs[CELL_TYPE_KEY] = pd.Categorical(np.asarray(types, dtype=str))
         adata.obs[CONFIDENCE_KEY] = confidence
         used = self.setup.layer if layer == RECORDED else layer
         threshold = self.annotator.min_confidence if min_confidence is None else min_confidence
@@ -300,9 +293,3 @@ def _saved_model_id(path: Path) -> str | None:
         return str(json.loads((path / _FILES["history"]).read_text()).get("model_id", ""))
     except (OSError, ValueError, AttributeError):
         return ""
-
-
-def _categorical(values):
-    import pandas as pd
-
-    return pd.Categorical(np.asarray(values, dtype=str))

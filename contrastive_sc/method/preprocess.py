@@ -143,7 +143,7 @@ def fit_preprocess(counts, gene_names, *, n_genes: int | str = 500, min_cells: i
     block_size
         Cells per block; bounds the memory of every pass.
     """
-    rows = as_rows(counts)
+    rows = counts if isinstance(counts, Rows) else as_rows(counts)
     gene_names = np.asarray(gene_names, dtype=str)
     n_cells, n_columns = rows.shape
     if n_columns != len(gene_names):
@@ -360,7 +360,8 @@ def transform_rows(counts, gene_names, state: PreprocessState, *, directory: str
     :class:`~contrastive_sc.method.rows.DiskMatrix` in a temporary file (in ``directory``), deleted
     when the rows are closed: use the result as a context manager.
     """
-    return as_rows(counts).map(lambda block: transform(block, gene_names, state), state.n_genes, directory=directory)
+    rows = counts if isinstance(counts, Rows) else as_rows(counts)
+    return rows.map(lambda block: transform(block, gene_names, state), state.n_genes, directory=directory)
 
 
 def transform_in_memory(counts, gene_names, state: PreprocessState) -> np.ndarray:

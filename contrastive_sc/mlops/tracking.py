@@ -145,16 +145,12 @@ def train_run(adata, config, *, layer: str | None = None, label_key: str | None 
     from ..analysis.evaluation import as_metrics, cluster_and_score
     from ..analysis.metrics import batch_mixing
     from ..analysis.run_report import write_run_report
-    from ..method.data import DataSetup, counts_view
     from ..method.model import ContrastiveSC
 
-    truth = DataSetup(label_key=label_key).labels(adata)
-    n_clusters = config.cluster.n_clusters or (len(np.unique(truth)) if truth is not None else None)
-    model = ContrastiveSC(config.replace(n_clusters=n_clusters))
-    setup = model.check(adata, layer=layer, label_key=label_key, batch_key=batch_key)  # before a run exists
-    batches = setup.batches(adata)
+    cells = ContrastiveSC(config).check(adata, layer=layer, label_key=label_key, batch_key=batch_key)  # before a run
+    n_clusters = config.cluster.n_clusters or (len(np.unique(cells.labels)) if cells.labels is not None else None)
+    model = ContrastiveSC(config.replace(n_clusters=n_clusters))  # k defaults to the number of cell types
     methods = [m for m in methods if m != "kmeans" or n_clusters]
-    counts = counts_view(adata, layer)
     dataset_name = adata.uns.get("dataset", {}).get("name", "anndata")
 
     with mlflow.start_run(run_name=run_name, nested=nested) as run, _ended_as_killed_on_interrupt():
@@ -164,26 +160,25 @@ def train_run(adata, config, *, layer: str | None = None, label_key: str | None 
         mlflow.log_params(_as_param_strings(params | {"cluster_methods": ",".join(methods)}))
         mlflow.set_tags({"preset": model.config.preset, "contrastive_sc_version": __version__,
                          "git_commit": git_commit(), "dataset": dataset_name})
-        _log_dataset(counts, dataset_name, setup)
+        _log_dataset(cells.view, dataset_name, cells.setup)
 
         started = time.perf_counter()
-        model.fit(adata, layer=layer, label_key=label_key, batch_key=batch_key, progress=progress,
-                  on_epoch=_log_epoch_loss)
+        model.fit_cells(cells, progress=progress, on_epoch=_log_epoch_loss)
         fit_seconds = time.perf_counter() - started
         embedding = model.training_embedding
-        cluster = model.config.cluster
-        clusterings = cluster_and_score(embedding, methods, truth, n_clusters=n_clusters, resolution=cluster.resolution,
-                                        n_neighbors=cluster.n_neighbors, seed=model.config.train.seed)
+        cluster, seed = model.config.cluster, model.config.train.seed
+        clusterings = cluster_and_score(embedding, methods, cells.labels, n_clusters=n_clusters,
+                                        resolution=cluster.resolution, n_neighbors=cluster.n_neighbors, seed=seed)
         metrics = {"fit_seconds": fit_seconds, "train_seconds": model.history.seconds,
                    "cells_per_second": model.history.cells_per_second, "n_genes_used": model.state.n_genes,
                    **as_metrics(clusterings)}
-        if batches is not None:
-            metrics["batch_mixing"] = batch_mixing(embedding, batches)
+        if cells.batches is not None:
+            metrics["batch_mixing"] = batch_mixing(embedding, cells.batches)
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
-            report = write_run_report(tmp, counts, embedding, {c.method: c.labels for c in clusterings},
-                                      loss=model.history.loss, truth=truth, batches=batches, map_plot=map_plot,
-                                      seed=model.config.train.seed,
+            labels_by_method = {c.method: c.labels for c in clusterings}
+            report = write_run_report(tmp, cells.view, embedding, labels_by_method, loss=model.history.loss,
+                                      truth=cells.labels, batches=cells.batches, map_plot=map_plot, seed=seed,
                                       title=f"{model.config.preset} preset, UMAP of the embedding")
             model_uri = _log_results(tmp, model, metrics, report, log_model)
         return {"run_id": run.info.run_id, "metrics": metrics, "model_uri": model_uri}

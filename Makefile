@@ -1,4 +1,6 @@
 # Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+# `make test` runs the fast tier (minutes); `make test-all` adds the slow, real-data and
+# own-environment tests (what CI runs).
 # Both create .venv in the project and install what they need (`make install` alone too).
 #   ORT=gpu make install    -> onnxruntime-gpu instead of the CPU onnxruntime (never both)
 #   TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" make install
@@ -12,7 +14,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test test-all lint clean
 
 install: $(VENV)/.installed-$(ORT)
 
@@ -29,6 +31,9 @@ demo: install
 	bash serving/demo.sh
 
 test: install
+	$(PY) -m pytest -m "not slow and not realdata and not serving_env"
+
+test-all: install
 	$(PY) -m pytest
 
 lint: install

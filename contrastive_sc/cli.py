@@ -22,6 +22,7 @@ from .benchmarks.benchmark import available_methods
 from .benchmarks.experiments import EXPERIMENT_NAMES
 from .method.config import DEFAULT_PRESET, PRESETS, cli_settings, settings
 from .mlops.signals import stop_with_mlflow_run
+from .mlops.tracking import quiet_mlflow
 from .serve.inference import METHODS as PREDICT_METHODS
 
 
@@ -161,26 +162,6 @@ class _OneLineErrors(click.Group):
             sys.exit(error.exit_code)
 
 
-def _quiet_mlflow(verbose: bool) -> None:
-    """Keep MLflow's INFO logs, UserWarnings and download bars out of the command's output."""
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    if verbose:
-        return
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
-    # MLflow's advice to model authors (type hints, input examples) is not something a user of the
-    # command can act on. A filter cannot hide it: MLflow wraps log_model in catch_warnings with
-    # simplefilter("once"), which outranks ours. The display hook survives that wrapping.
-    show = warnings.showwarning
-
-    def showwarning(message, category, filename, lineno, file=None, line=None):
-        if issubclass(category, UserWarning) and f"{os.sep}mlflow{os.sep}" in str(filename):
-            return
-        show(message, category, filename, lineno, file, line)
-
-    warnings.showwarning = showwarning
-
-
 def _exit_on_signal(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
@@ -197,7 +178,7 @@ def _exit_on_signal(signum, frame) -> None:
 def main(verbose: bool, workdir: str | None) -> None:
     """Contrastive self-supervised clustering of scRNA-seq data (Ciortan & Defrance, 2021)."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    _quiet_mlflow(verbose)
+    quiet_mlflow(verbose)
     # SIGTERM (kill, a scheduler's timeout) ends the command like Ctrl-C does: runs in progress
     # are closed as KILLED instead of being left RUNNING by a process that just vanished.
     signal.signal(signal.SIGTERM, _exit_on_signal)
@@ -381,7 +362,8 @@ def train(data, label_key, batch_key, layer, methods, preset, experiment, run_na
     )
     scores = ", ".join(f"{k}={v:.3f}" for k, v in result["metrics"].items() if k.endswith(("_ari", "_silhouette")))
     click.echo(f"run {result['run_id']} logged to {uri}: {scores}")
-    click.echo(f"model: {result['model_uri']}")
+    click.echo(f"register it: contrastive-sc register --name NAME --run-id {result['run_id']} "
+               "(then serve models:/NAME@champion after `promote`)")
 
 
 @main.command()

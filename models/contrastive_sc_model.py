@@ -20,13 +20,37 @@ from __future__ import annotations
 import logging
 import os
 import uuid
+import warnings
 
 import mlflow
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import INTERNAL_ERROR
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 
 log = logging.getLogger("contrastive_sc.serving")
+# MLflow's advice to model authors, printed when this class is defined: nothing a caller can act on.
+warnings.filterwarnings("ignore", message=r".*Add type hints to the `predict` method", category=UserWarning)
+
+
+class RequestError(MlflowException):
+    """A bad request, answered 400 with the model's one-line message.
+
+    MLflow's scoring server rewrites the message of an ``MlflowException`` raised by ``predict`` as
+    ``Failed to predict data '<the whole request table>'. Error: ...``: multi-line, and echoing the
+    caller's data back. The message of this exception is set once, when it is raised.
+    """
+
+    def __init__(self, message: str, error_code=INVALID_PARAMETER_VALUE) -> None:
+        super().__init__(message, error_code=error_code)
+
+    @property
+    def message(self) -> str:
+        return self._message
+
+    @message.setter
+    def message(self, value: str) -> None:
+        if not hasattr(self, "_message"):
+            self._message = " ".join(str(value).split())
 #: Set by `mlflow models serve` for the uvicorn process that loads the model
 #: (``mlflow.pyfunc.scoring_server._SERVER_MODEL_PATH``).
 _SERVER_MODEL_PATH_ENV = "__pyfunc_model_path__"
@@ -69,7 +93,7 @@ def refuse_unknown_params() -> bool:
             unknown = sorted(map(str, set(params) - names))
             if unknown:
                 msg = f"unknown parameter(s) {unknown}; the known parameters are {sorted(names)}"
-                raise MlflowException.invalid_parameter_value(msg)
+                raise RequestError(msg)
         return original(params, schema)
 
     strict._contrastive_sc_strict = True
@@ -176,13 +200,13 @@ class EmbedThenClusterModel(PythonModel):
             return self.model.predict(model_input, params)
         except ValueError as error:
             # A bad request, not a server fault: the scoring server answers 400 with this text.
-            raise MlflowException.invalid_parameter_value(str(error)) from None
+            raise RequestError(str(error)) from None
         except Exception:
             # The traceback names files on the server: log it, answer with a reference to the log line.
             ref = uuid.uuid4().hex[:12]
             log.exception("prediction failed (ref %s)", ref)
             msg = f"internal error while clustering the request (ref {ref}); the server log has the details"
-            raise MlflowException(msg, error_code=INTERNAL_ERROR) from None
+            raise RequestError(msg, error_code=INTERNAL_ERROR) from None
 
 
 mlflow.models.set_model(EmbedThenClusterModel())

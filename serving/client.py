@@ -114,7 +114,7 @@ def model_genes(model_uri: str | None = None, genes_file: str | None = None) -> 
     if genes_file is None:
         from contrastive_sc.mlops.registry import download_run_artifacts
 
-        genes_file = download_run_artifacts(model_uri, "preprocess_state.json")
+        genes_file = download_run_artifacts(model_uri, "torch_model/preprocess_state.json")
     text = Path(genes_file).read_text()
     if genes_file.endswith(".json"):
         return list(json.loads(text)["genes"])

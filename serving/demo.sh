@@ -13,19 +13,19 @@ step() { printf '\n== %s\n' "$*"; }
 # Create the experiment first so its artifacts live in $DEMO_DIR beside the database.
 python -c "from contrastive_sc.mlops.tracking import ensure_experiment; ensure_experiment('$MLFLOW_EXPERIMENT_NAME')"
 
-step "1/6 train the paper preset on the built-in simulated dataset (mlflow run -e train)"
+step "1/6 train the default preset (fused) on the built-in simulated dataset (mlflow run -e train)"
 mlflow run . -e train --env-manager local --experiment-name "$MLFLOW_EXPERIMENT_NAME" \
-  -P data=simulated -P label_key=label 2>&1 | grep -E "^run |^model:|succeeded|failed|Error" || true
+  -P data=simulated -P label_key=label 2>&1 | grep -E "^run |succeeded|failed|Error" || true
 
 step "2/6 register the best run as $MODEL_NAME (@challenger)"
 python -m contrastive_sc register --name "$MODEL_NAME" --experiment "$MLFLOW_EXPERIMENT_NAME"
 
 step "3/6 promote it to @champion if it beats the current champion"
 python -m contrastive_sc promote --name "$MODEL_NAME"
+echo "the model to use: models:/$MODEL_NAME@champion"
 
 step "4/6 export the champion's encoder to ONNX (parity checked against torch)"
-python -m contrastive_sc export-onnx --model-uri "models:/$MODEL_NAME@champion" --out "$DEMO_DIR/encoder.onnx" 2>&1 \
-  | grep -v "Downloading artifacts"
+python -m contrastive_sc export-onnx --model-uri "models:/$MODEL_NAME@champion" --out "$DEMO_DIR/encoder.onnx"
 
 step "5/6 serve models:/$MODEL_NAME@champion on 127.0.0.1"
 PORT="$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"

@@ -25,6 +25,9 @@ PORT="${2:-5001}"
 export MLFLOW_TRACKING_URI="${MLFLOW_TRACKING_URI:-sqlite:///$PWD/mlflow.db}"
 export CONTRASTIVE_SC_WORKERS="${CONTRASTIVE_SC_WORKERS:-1}"
 export MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT="${MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT:-120}"
+# Quiet: no download bars, no INFO lines (MLFLOW_LOGGING_LEVEL=INFO brings them back).
+export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="${MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR:-false}"
+export MLFLOW_LOGGING_LEVEL="${MLFLOW_LOGGING_LEVEL:-WARNING}"
 ENV_MANAGER="${CONTRASTIVE_SC_ENV_MANAGER:-local}"
 # `mlflow models serve` execs uvicorn by name: the interpreter's bin folder must be on PATH.
 BIN_DIR="$(dirname "$(command -v python)")"

@@ -21,7 +21,7 @@ def test_unseen_type_is_unassigned_and_known_types_are_named(held_back):
     model, adata = held_back
     model.annotate(adata)
     called, truth = adata.obs["contrastive_cell_type"].astype(str), adata.obs["cell_type"]
-    confidence = adata.obs["contrastive_confidence"]
+    confidence = adata.obs["contrastive_cell_type_confidence"]
     assert confidence.between(0, 1).all()
     known = truth != "new"
     assert (called[known] == truth[known]).mean() >= 0.9

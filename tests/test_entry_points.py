@@ -111,7 +111,8 @@ def test_train_and_register_output_is_free_of_mlflow_noise(user_folder):
     done = _cli(["train", "--data", "tiny.h5", "--epochs", "1", "--n-genes", "100", "--no-map"], user_folder)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stderr == "", done.stderr[-3000:]  # no UserWarnings, INFO lines or download bars
-    assert done.stdout.startswith("run ") and "model: models:/" in done.stdout
+    assert done.stdout.startswith("run ") and "contrastive-sc register --name NAME --run-id" in done.stdout
+    assert "models:/m-" not in done.stdout  # a logged-model id is not what a newcomer should serve
     registered = _cli(["register", "--name", "quiet", "--experiment", "contrastive-sc"], user_folder)
     assert registered.returncode == 0 and registered.stderr == "", registered.stderr[-3000:]
     assert registered.stdout.count("\n") == 1 and "registered as quiet version 1" in registered.stdout

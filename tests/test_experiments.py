@@ -3,7 +3,7 @@
 import pytest
 from mlflow import MlflowClient
 
-from contrastive_sc.benchmarks.experiments import EXPERIMENT_NAMES, run_experiment
+from contrastive_sc.benchmarks.experiments import EXPERIMENT_NAMES, SETTINGS, run_experiment
 
 pytestmark = pytest.mark.slow
 
@@ -39,6 +39,20 @@ def test_experiment_logs_parent_children_table_and_figure(name, tracking_uri, sy
     assert {f"{name}_summary.csv", f"{name}_summary.md", f"{name}_runs.csv", f"{name}.png"} <= artifacts
     if name == "stability":
         assert "ari_cv" in summary.columns
+    # every child was trained with its own setting and the overrides (the settings the model used)
+    if name in SETTINGS:
+        parameter = SETTINGS[name][0]
+        expected = {",".join(map(str, v)) if isinstance(v, tuple) else str(v) for v in SMALL[name]}
+        used = [child.data.params[f"config.{parameter}"] for child in children]
+        assert sorted(used) == sorted(expected), (parameter, used)
+        for child in children:
+            assert child.data.params[f"config.{parameter}"] == child.data.params[parameter].replace("/", ",")
+    for child in children:
+        if "config.batch_size" in child.data.params:
+            assert child.data.params["config.batch_size"] == "64"
+            assert name == "epochs" or child.data.params["config.epochs"] == "1"
+    if name not in ("simulated", "scalability"):
+        assert all("config.seed" in child.data.params for child in children)
 
 
 def test_unknown_experiment(tracking_uri):

@@ -54,7 +54,7 @@ def test_train_entry_point_logs_everything(tracking_uri, tmp_path, tiny_h5):
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [0, 1, 2]
     assert {"kmeans_ari", "leiden_ari", "kmeans_silhouette", "leiden_n_clusters"} <= set(run.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"loss_curve.png", "embedding_map.png", "contingency_kmeans.csv", "preprocess_state.json"} <= artifacts
+    assert {"loss_curve.png", "embedding_map.png", "contingency_kmeans.csv", "torch_model"} <= artifacts
     assert run.data.tags["model_uri"].startswith("models:/")
 
     registered = _mlflow_run("register", {"name": "mlp", "experiment": "mlproject"}, tmp_path, tracking_uri)

@@ -175,7 +175,7 @@ def _model_genes(server):
 
         mlflow.set_tracking_uri(f"sqlite:///{server.log.parent / 'mlflow.db'}")
         path = mlflow.artifacts.download_artifacts(run_id=run_of("models:/served@champion"),
-                                                   artifact_path="preprocess_state.json")
+                                                   artifact_path="torch_model/preprocess_state.json")
         mlflow.set_tracking_uri(None)
         shutil.copyfile(path, state)
     return list(PreprocessState.from_json(state).genes)

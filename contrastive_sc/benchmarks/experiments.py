@@ -187,20 +187,21 @@ def _truth(adata) -> np.ndarray:
     return np.asarray(adata.obs[key])
 
 
-def _train_and_score(adata, config, truth, methods=("kmeans",)) -> tuple[dict, np.ndarray]:
-    """Fit, embed, cluster and score. Returns (metrics, embedding)."""
+def _train_and_score(adata, config, truth, methods=("kmeans",)) -> tuple[dict, dict]:
+    """Fit, embed, cluster and score. Returns (metrics, the settings the model was trained with as params)."""
     import time
 
     from ..method.model import ContrastiveSC
 
     started = time.perf_counter()
     model = ContrastiveSC(config).fit(adata, clusters=False)
-    embedding = model.transform(adata)
+    embedding = model.training_embedding
     metrics = {"train_seconds": model.history.seconds, "fit_seconds": time.perf_counter() - started}
     clusterings = cluster_and_score(embedding, methods, truth, n_clusters=len(np.unique(truth)),
                                     resolution=config.cluster.resolution, n_neighbors=config.cluster.n_neighbors,
                                     seed=config.train.seed)
-    return metrics | as_metrics(clusterings), embedding
+    used = {f"config.{k}": ",".join(map(str, v)) if isinstance(v, list) else v for k, v in model.config.to_params().items()}
+    return metrics | as_metrics(clusterings), used
 
 
 def _log_nested(run_name: str, params: dict, metrics: dict) -> None:
@@ -221,11 +222,11 @@ def _one_parameter(name: str):
             for value in values:
                 for seed in seeds:
                     config = get_preset("paper").replace(**(overrides | {parameter: value, "seed": seed}))
-                    metrics, _ = _train_and_score(adata, config, truth)
+                    metrics, used = _train_and_score(adata, config, truth)
                     setting = "/".join(map(str, value)) if isinstance(value, tuple) else str(value)
                     row = {"dataset": _name(adata), "setting": setting, "seed": seed, **metrics}
                     _log_nested(f"{_name(adata)} {parameter}={setting} seed={seed}",
-                                {"dataset": _name(adata), parameter: setting, "seed": seed}, metrics)
+                                {"dataset": _name(adata), parameter: setting, "seed": seed, **used}, metrics)
                     rows.append(row)
         return rows
 
@@ -241,8 +242,8 @@ def _per_method(adatas, seeds, overrides, methods) -> list[dict]:
         truth = _truth(adata)
         for seed in seeds:
             config = get_preset("paper").replace(**(overrides | {"seed": seed}))
-            metrics, _ = _train_and_score(adata, config, truth, methods=tuple(methods))
-            _log_nested(f"{_name(adata)} seed={seed}", {"dataset": _name(adata), "seed": seed}, metrics)
+            metrics, used = _train_and_score(adata, config, truth, methods=tuple(methods))
+            _log_nested(f"{_name(adata)} seed={seed}", {"dataset": _name(adata), "seed": seed, **used}, metrics)
             for method in methods:
                 scores = {k.removeprefix(f"{method}_"): v for k, v in metrics.items() if k.startswith(f"{method}_")}
                 rows.append({"dataset": _name(adata), "setting": method, "seed": seed, **scores})
@@ -275,9 +276,10 @@ def _downsampling(adatas, seeds, overrides, settings):
                     sub = adata
                 for seed in seeds:
                     config = get_preset("paper").replace(**(overrides | {"seed": seed}))
-                    metrics, _ = _train_and_score(sub, config, _truth(sub))
+                    metrics, used = _train_and_score(sub, config, _truth(sub))
                     _log_nested(f"{_name(adata)} {fraction:.0%} sample={sample} seed={seed}",
-                                {"dataset": _name(adata), "fraction": fraction, "sample": sample, "seed": seed}, metrics)
+                                {"dataset": _name(adata), "fraction": fraction, "sample": sample, "seed": seed,
+                                 "n_cells": sub.n_obs, **used}, metrics)
                     rows.append({"dataset": _name(adata), "setting": fraction, "seed": seed, "sample": sample, **metrics})
                 if fraction == 1:
                     break  # the full data has one "sample"

@@ -22,8 +22,9 @@ from .rows import collect
 from .train import TrainingHistory, encode
 
 EMBEDDING_KEY = "X_contrastive"
-#: ``obs`` columns written by :meth:`ContrastiveSC.annotate`.
-CELL_TYPE_KEY, CONFIDENCE_KEY = "contrastive_cell_type", "contrastive_confidence"
+#: ``obs`` columns written by :meth:`ContrastiveSC.annotate` (its default ``key_added``, and ``<key>_confidence``).
+CELL_TYPE_KEY = "contrastive_cell_type"
+CONFIDENCE_KEY = f"{CELL_TYPE_KEY}_confidence"
 _FILES = {"config": "config.json", "setup": "data_setup.json", "state": "preprocess_state.json",
           "weights": "encoder.pt", "history": "history.json", "clusters": "training_clusters.npy",
           "cell_types": "cell_types.npz"}
@@ -52,7 +53,7 @@ class ContrastiveSC:
     --------
     >>> model = ContrastiveSC().fit(adata, layer="counts", label_key="cell_type")  # doctest: +SKIP
     >>> model.embed(new)                 # obsm["X_contrastive"], read from new.layers["counts"]
-    >>> model.annotate(new)              # obs["contrastive_cell_type"], obs["contrastive_confidence"]
+    >>> model.annotate(new)              # obs["contrastive_cell_type"], obs["contrastive_cell_type_confidence"]
     """
 
     def __init__(self, config: ContrastiveConfig | None = None, *, preset: str = DEFAULT_PRESET, **overrides) -> None:
@@ -187,12 +188,12 @@ class ContrastiveSC:
         return self.training_clusters.assign(embedding)
 
     def annotate(self, adata, *, min_confidence: float | None = None, layer: str | None = RECORDED,
-                 copy: bool = False):
-        """Name each cell by the training labels: ``obs["contrastive_cell_type"]`` and ``obs["contrastive_confidence"]``.
+                 key_added: str = CELL_TYPE_KEY, copy: bool = False):
+        """Name each cell by the training labels: ``obs[key_added]`` and ``obs[key_added + "_confidence"]``.
 
         Cells unlike every type are ``"unassigned"`` (confidence below ``min_confidence``,
         default: the model's). The embedding goes to ``obsm["X_contrastive"]``, the settings used
-        to ``uns["contrastive_cell_type"]["params"]``. Returns the AnnData when ``copy=True``.
+        to ``uns[key_added]["params"]``. Returns the AnnData when ``copy=True``, else ``None``.
         """
         if self.annotator is None:
             msg = "this model was trained without labels; fit it with label_key=... to annotate"
@@ -201,12 +202,12 @@ class ContrastiveSC:
         embedding = self.transform(adata, layer=layer)
         types, confidence = self.annotator.annotate(embedding, min_confidence)
         adata.obsm[EMBEDDING_KEY] = embedding
-        adata.obs[CELL_TYPE_KEY] = pd.Categorical(np.asarray(types, dtype=str))
-        adata.obs[CONFIDENCE_KEY] = confidence
+        adata.obs[key_added] = pd.Categorical(np.asarray(types, dtype=str))
+        adata.obs[f"{key_added}_confidence"] = confidence
         used = self.setup.layer if layer == RECORDED else layer
         threshold = self.annotator.min_confidence if min_confidence is None else min_confidence
-        adata.uns[CELL_TYPE_KEY] = {"params": {"min_confidence": float(threshold), "layer": used or "X",
-                                               "label_key": self.setup.label_key or ""}}
+        adata.uns[key_added] = {"params": {"min_confidence": float(threshold), "layer": used or "X",
+                                           "label_key": self.setup.label_key or ""}}
         return adata if copy else None
 
     # ------------------------------------------------------------------ persistence

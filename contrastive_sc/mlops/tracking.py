@@ -59,6 +59,26 @@ def serving_requirements() -> list[str]:
     return pinned
 
 
+def quiet_mlflow(verbose: bool = False) -> None:
+    """Keep MLflow's INFO logs, UserWarnings and download bars out of the command's output."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if verbose:
+        return
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    # MLflow's advice to model authors (type hints, input examples) is not something a user of the
+    # command can act on. A filter cannot hide it: MLflow wraps log_model in catch_warnings with
+    # simplefilter("once"), which outranks ours. The display hook survives that wrapping.
+    show = warnings.showwarning
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, UserWarning) and f"{os.sep}mlflow{os.sep}" in str(filename):
+            return
+        show(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = showwarning
+
+
 def resolve_tracking_uri(uri: str | None = None) -> str:
     """``uri``, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db``."""
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"

@@ -132,8 +132,33 @@ def select_genes(counts: pd.DataFrame, genes: list[str] | None) -> pd.DataFrame:
     return counts[keep]
 
 
+def summary(result: pd.DataFrame, method: str) -> str:
+    """What a run of the client tells its user: cluster sizes, and for an annotated model the cells per type."""
+    sizes = result["cluster"].value_counts().sort_index().to_dict()
+    lines = [f"{len(result)} cells clustered ({method}); cluster sizes {sizes}"]
+    if "cell_type" in result:
+        counts = result["cell_type"].value_counts()
+        lines.append("cell types: " + ", ".join(f"{name} {count}" for name, count in counts.items()))
+        unassigned = float((result["cell_type"] == "unassigned").mean())
+        lines.append(f"unassigned: {unassigned:.1%} of the cells (confidence below the model's threshold)")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the client; a bad input or a refused request ends with one ``Error:`` line and exit code 2."""
+    try:
+        return _main(argv)
+    except (ValueError, KeyError, RuntimeError, OSError) as error:
+        message = error.args[0] if error.args else str(error)
+        print(f"Error: {' '.join(str(message).split())}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str] | None = None) -> int:
+    from contrastive_sc.mlops.tracking import quiet_mlflow
     from contrastive_sc.serve.inference import METHODS  # the served model's methods, one list
+
+    quiet_mlflow()  # the genes of --model-uri come through the registry: no download bars or INFO lines
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", default="http://127.0.0.1:5001")
@@ -146,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", default="auto", choices=["auto", *FORMATS],
                         help="request body: auto = long parquet for default 'trained' requests, JSON otherwise")
     parser.add_argument("--max-cells", type=int, default=None, help="send only the first N cells")
+    parser.add_argument("--layer", default=None,
+                        help="read the raw counts from this layer of an .h5ad, or 'raw' for adata.raw [default: X]")
+    parser.add_argument("--min-confidence", type=float, default=None,
+                        help="annotated models: call cells under this confidence 'unassigned' [default: the model's]")
     genes = parser.add_mutually_exclusive_group()
     genes.add_argument("--model-uri", default=None, help="send only this model's genes (read through the registry)")
     genes.add_argument("--genes", default=None, help="send only these genes: preprocess_state.json or one per line")
@@ -153,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from contrastive_sc.method.io import load
 
-    adata = load(args.data)
+    adata = load(args.data, layer=args.layer)
     if args.max_cells:
         adata = adata[: args.max_cells].copy()
     counts = select_genes(adata.to_df(), model_genes(args.model_uri, args.genes))
@@ -164,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         params["n_clusters"] = args.n_clusters
     if args.resolution is not None:  # left out: the model's own resolution
         params["resolution"] = args.resolution
+    if args.min_confidence is not None:
+        params["min_confidence"] = args.min_confidence
     if args.format == "json" and not args.out.endswith(".h5ad"):
         params["return_embedding"] = False
     result = cluster_dataset(args.url, counts, params, args.chunk_size, args.format)
@@ -173,11 +204,14 @@ def main(argv: list[str] | None = None) -> int:
         emb_cols = [c for c in result.columns if c.startswith("emb_")]
         adata.obsm["X_contrastive"] = result[emb_cols].to_numpy(dtype=np.float32)
         adata.obs[f"contrastive_{args.method}"] = pd.Categorical(result["cluster"].astype(str).to_numpy())
+        if "cell_type" in result:
+            adata.obs["cell_type"] = pd.Categorical(result["cell_type"].astype(str).to_numpy())
+            adata.obs["confidence"] = result["confidence"].to_numpy(dtype=np.float64)
         adata.write_h5ad(out)
     else:
-        result[["cell", "cluster", "gene_coverage"]].to_csv(out, index=False)
-    sizes = result["cluster"].value_counts().sort_index().to_dict()
-    print(f"{len(result)} cells clustered ({args.method}); cluster sizes {sizes}; wrote {out}")
+        columns = ["cell", "cluster", "gene_coverage"] + [c for c in ("cell_type", "confidence") if c in result]
+        result[columns].to_csv(out, index=False)
+    print(f"{summary(result, args.method)}\nwrote {out}")
     return 0
 
 

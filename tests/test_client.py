@@ -169,3 +169,56 @@ def test_main_writes_a_csv_of_clusters(server, sent, synthetic, packaged, tmp_pa
     # Two chunks of long parquet: the default for plain reference requests.
     assert len(sent) == 2 and {r["content_type"] for r in sent} == {"application/vnd.apache.parquet"}
     assert "300 cells clustered (trained)" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def annotated_server(_synthetic_session, tiny_config, tmp_path_factory):
+    from contrastive_sc import ContrastiveSC
+    from contrastive_sc.serve.inference import EmbedThenCluster, package_model
+
+    model = ContrastiveSC(tiny_config).fit(_synthetic_session.copy(), label_key="label")
+    folder = package_model(model, tmp_path_factory.mktemp("annotated"))
+    previous, _Scorer.model = _Scorer.model, EmbedThenCluster.from_dir(Path(folder["state"]).parent, provider="cpu")
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Scorer)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", model
+    httpd.shutdown()
+    _Scorer.model = previous
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".h5ad"])
+def test_main_writes_cell_types_and_confidence_and_prints_them(annotated_server, synthetic, tmp_path, capsys, suffix):
+    import anndata as ad
+    import scanpy as sc
+
+    url, model = annotated_server
+    data = synthetic.copy()
+    data.layers["counts"] = data.X.copy()
+    sc.pp.normalize_total(data)
+    sc.pp.log1p(data)  # X log-normalised: the counts are in a layer
+    data.write_h5ad(tmp_path / "cells.h5ad")
+    out = tmp_path / f"named{suffix}"
+    code = client.main(["--url", url, "--data", str(tmp_path / "cells.h5ad"), "--layer", "counts", "--out", str(out)])
+    assert code == 0
+    if suffix == ".csv":
+        rows = pd.read_csv(out)
+        types, confidence = rows["cell_type"].astype(str), rows["confidence"]
+    else:
+        written = ad.read_h5ad(out)
+        types, confidence = written.obs["cell_type"].astype(str), written.obs["confidence"]
+    expected = model.annotate(synthetic.copy(), copy=True).obs["contrastive_cell_type"].astype(str).to_numpy()
+    np.testing.assert_array_equal(types.to_numpy(), expected)
+    assert ((confidence >= 0) & (confidence <= 1)).all()
+    printed = capsys.readouterr().out
+    assert "cell types: " in printed and "unassigned: " in printed
+
+
+def test_main_errors_are_one_line(server, tmp_path, capsys):
+    code = client.main(["--url", server, "--data", str(tmp_path / "absent.h5ad"), "--out", str(tmp_path / "c.csv")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("Error: ") and err.count("\n") == 1 and "does not exist" in err
+    refused = client.main(["--url", server, "--data", "simulated", "--out", str(tmp_path / "c.csv"),
+                           "--method", "kmeans", "--max-cells", "50"])
+    err = capsys.readouterr().err
+    assert refused == 2 and err.startswith("Error: server answered 400: ") and "n_clusters" in err

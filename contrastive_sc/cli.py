@@ -146,7 +146,7 @@ class _OneLineErrors(click.Group):
     """A group whose usage errors (bad option values too) print as a single ``Error:`` line.
 
     Click's default shows the usage text and a hint above the error; scripts and MLflow's run
-    logs are easier to read with the one line the README promises.
+    logs are easier to read with one line.
     """
 
     def main(self, *args, **kwargs):
@@ -690,7 +690,7 @@ def write_mlproject(check) -> None:
 
 
 @main.command("training-speed")
-@click.option("--data", required=True, help="Raw counts to train on (the README measures worm neuron).")
+@click.option("--data", required=True, help="Raw counts to train on (docs/results.md measures worm neuron).")
 @click.option("--repeats", default=3, type=click.IntRange(min=1), help="Fits per preset; the best is kept.")
 @_friendly_errors
 def training_speed(data, repeats) -> None:

@@ -21,7 +21,7 @@ def labelled_h5(tmp_path, synthetic):
 
 def test_every_method_produces_a_row(labelled_h5):
     methods = ["paper-kmeans", "paper-auto", "paper-leiden", "pca2-kmeans", "pca50-kmeans", "scanpy-kmeans",
-               "scanpy-leiden", "reference-paper-kmeans"]
+               "scanpy-leiden", "original-loop-kmeans"]
     # Three well separated groups; 10 epochs cost no more than 2 here (warm-up and scanpy dominate)
     # and let both trainings find them: ARI 1.0 for every KMeans method, about 0.7 for the graph
     # methods that split a group (k found, not given).
@@ -36,7 +36,7 @@ def test_every_method_produces_a_row(labelled_h5):
     assert by_method.loc["scanpy-leiden", "ari"] > 0.9 and (by_method.loc[["paper-auto", "paper-leiden"], "ari"] > 0.5).all()
     # Seconds: one training shared by the paper-* methods, counted in each one's seconds; none for PCA.
     assert by_method.loc[["paper-kmeans", "paper-auto", "paper-leiden"], "train_seconds"].nunique() == 1
-    trained = ["paper-kmeans", "paper-auto", "paper-leiden", "reference-paper-kmeans"]
+    trained = ["paper-kmeans", "paper-auto", "paper-leiden", "original-loop-kmeans"]
     assert (by_method.loc[trained, "train_seconds"] > 0).all()
     assert (by_method.loc[trained, "seconds"] > by_method.loc[trained, "train_seconds"]).all()
     assert (by_method.drop(index=trained)["train_seconds"] == 0).all() and (results["seconds"] > 0).all()

@@ -9,7 +9,7 @@ pytestmark = [pytest.mark.realdata, pytest.mark.slow]
 
 
 def test_fused_beats_paper_and_pca_on_mouse_bladder():
-    # The dataset where the paper's method loses most to PCA(50) (0.38 against 0.51, README).
+    # The dataset where the paper's method loses most to PCA(50) (0.38 against 0.51, docs/results.md).
     results = run_benchmark([shared_file("mouse_bladder_cell_top2000.h5")],
                             ["fused-kmeans", "paper-kmeans", "pca50-kmeans"], seeds=[0, 1, 2])
     mean_ari = results.groupby("method")["ari"].mean()
@@ -20,7 +20,7 @@ def test_fused_beats_paper_and_pca_on_mouse_bladder():
 
 def test_fused_beats_pca_on_a_file_it_was_not_chosen_on():
     # PBMC 3k joined the development files after `fused` was chosen on the first six, so this is
-    # data its settings never saw (README: 0.610 against 0.399 over seeds 0-2).
+    # data its settings never saw (docs/results.md: 0.610 against 0.399 over seeds 0-2).
     results = run_benchmark([shared_file("pbmc3k_seurat_clustifyrdata.h5ad")],
                             ["fused-kmeans", "pca50-kmeans"], seeds=[0, 1])
     mean_ari = results.groupby("method")["ari"].mean()

@@ -133,12 +133,12 @@ def test_mlproject_parameters_are_passed_to_the_cli_option_of_that_name_with_its
     assert not differ, f"{entry}: command and parameters differ: {differ}"
 
 
-def test_readme_params_table_lists_predict_params_with_their_defaults():
+def test_the_serving_page_lists_predict_params_with_their_defaults():
     from dataclasses import fields
 
     from contrastive_sc.serve.inference import PredictParams
 
-    text = (REPO / "README.md").read_text()
+    text = (REPO / "docs" / "serving.md").read_text()
     table = text[text.index("| param | default | meaning |"):].split("\n\n")[0].splitlines()[2:]
     documented = {}
     for row in table:

@@ -12,7 +12,7 @@ def test_flops_by_hand():
 
 
 def test_flops_of_the_paper_preset_on_worm_neuron():
-    # the figure the README quotes: 6.75 GFLOP an epoch
+    # the figure docs/results.md quotes: 6.75 GFLOP an epoch
     per_epoch = training_flops(4186, 500, (200, 40, 60), 200)
     layers = 2 * 4186 * 2 * (500 * 200 + 200 * 40 + 40 * 60)
     similarities = 20 * 2 * 400**2 * 60 + 2 * 372**2 * 60

@@ -12,7 +12,7 @@ called :data:`UNASSIGNED`. The rule is calibrated on the training cells alone: w
 The nearest centroid names types better than a kNN vote when some types have only a handful of
 training cells (a vote drowns them), and the neighbour distance separates unseen types better
 than the distance to the centroid, which large, spread-out types make lenient (measured on the
-Baron pancreas donors: README, "Cell-type annotation").
+Baron pancreas donors: docs/annotation.md).
 
 Only numpy here: the served model (onnxruntime, no torch) annotates with the same code.
 """

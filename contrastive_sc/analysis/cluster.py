@@ -179,7 +179,7 @@ def knn_graph(embedding: np.ndarray, n_neighbors: int = 15, *, weighted: bool = 
     """Symmetric kNN graph as an igraph ``Graph``: an edge wherever one cell is among the other's neighbours.
 
     Neighbours are exact up to :data:`APPROXIMATE_NEIGHBORS_CELLS` cells, approximate above
-    (pynndescent, called directly: scanpy's wrapper crashes on some inputs, see the README).
+    (pynndescent, called directly: scanpy's wrapper crashes on some inputs, see docs/architecture.md).
 
     Parameters
     ----------
@@ -192,7 +192,7 @@ def knn_graph(embedding: np.ndarray, n_neighbors: int = 15, *, weighted: bool = 
         simplicial set, where a cell's nearest neighbour weighs 1, farther ones less, and an
         edge seen from both ends is the fuzzy union ``a + b - ab`` (every weight in (0, 1]).
         Off for clustering: on the ten benchmark datasets Leiden on this graph found more,
-        smaller communities at the same resolution and lost 0.02 ARI (README, Leiden at scale).
+        smaller communities at the same resolution and lost 0.02 ARI (docs/scale.md, Leiden at scale).
     """
     import igraph as ig
     from scipy import sparse

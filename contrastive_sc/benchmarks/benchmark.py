@@ -5,7 +5,7 @@ Methods are named ``<preset>-kmeans`` / ``<preset>-auto`` / ``<preset>-leiden`` 
 ``pca2-kmeans`` (the paper's naive baseline), ``pca50-kmeans`` (50 principal components of the
 paper's 500-gene input), ``scanpy-kmeans`` and ``scanpy-leiden`` (scanpy's standard recipe,
 :func:`scanpy_pcs`, then KMeans, or neighbors -> Leiden at the default resolution) and
-``reference-paper-kmeans`` (the paper's method trained with the original, straightforward
+``original-loop-kmeans`` (the paper's method trained with the original, straightforward
 PyTorch loop, for the speed comparison). KMeans methods are given the true number of classes.
 """
 
@@ -27,7 +27,7 @@ from ..method.io import default_label_key, read
 
 COLUMNS = ["dataset", "method", "seed", "ari", "nmi", "silhouette", "calinski_harabasz", "n_clusters",
            "seconds", "train_seconds"]
-BASELINES = ("pca2-kmeans", "pca50-kmeans", "scanpy-kmeans", "scanpy-leiden", "reference-paper-kmeans")
+BASELINES = ("pca2-kmeans", "pca50-kmeans", "scanpy-kmeans", "scanpy-leiden", "original-loop-kmeans")
 #: scanpy's standard recipe: genes kept (seurat dispersion on log data), clip of scaled values, components.
 SCANPY_GENES, SCANPY_CLIP, SCANPY_COMPONENTS = 2000, 10.0, 50
 
@@ -161,7 +161,7 @@ def _embed(adata, source: str, seed: int, overrides: dict) -> _Embedded:
     config = get_preset("paper").replace(**overrides).preprocess
     state = fit_preprocess(adata.X, adata.var_names, n_genes=config.n_genes, min_cells=config.min_cells)
     x = transform(adata.X, adata.var_names, state)
-    if source == "reference-paper":
+    if source == "original-loop":
         import torch
 
         from .original_loop import train_reference

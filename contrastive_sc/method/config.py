@@ -304,7 +304,7 @@ def _paper() -> ContrastiveConfig:
 
 def _fused() -> ContrastiveConfig:
     # The recommended default. Two changes to the paper, chosen on the benchmark's six datasets
-    # with the same settings for all (README, Results):
+    # with the same settings for all (docs/results.md):
     # - the encoder reads 2000 genes and trains gently (lr 1e-3, temperature 0.5): with more
     #   genes each 10 % view still carries enough signal, and the softer loss keeps rare types
     #   apart instead of spreading every cell evenly over the sphere;
@@ -323,7 +323,7 @@ def _fused() -> ContrastiveConfig:
 
 
 def _pcres() -> ContrastiveConfig:
-    # Research preset (README, Method research): scanpy's PCA baseline with the contrastive output
+    # Research preset (docs/results.md): scanpy's PCA baseline with the contrastive output
     # as a second block beside it. The PCA block reads all 2000 input genes (not 500), and scaled
     # values are clipped at 10 as scanpy's scale(max_value=10) does, for the encoder too.
     fused = _fused()
@@ -358,7 +358,7 @@ def _with_projection(name: str, projection: str) -> ContrastiveConfig:
 PRESETS = {
     "fused": _fused,
     "paper": _paper,
-    # research presets, scored by leave-one-dataset-out selection (README, Method research)
+    # research presets, scored by leave-one-dataset-out selection (docs/results.md)
     "pcres": _pcres,
     "pcres-soft": _pcres_variant("pcres-soft", temperature=1.0),  # weaker uniformity
     "pcres-nn": _pcres_variant("pcres-nn", positive_neighbours=10),  # neighbour positives

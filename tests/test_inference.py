@@ -215,6 +215,12 @@ def _write_info(folder, **changes):
     path.write_text(json.dumps(json.loads(path.read_text()) | changes))
 
 
+def _write_centroids(folder, centroids):
+    model_id = str(np.load(folder / "training_clusters.npz")["model_id"])
+    with open(folder / "training_clusters.npz", "wb") as handle:
+        np.savez(handle, centroids=centroids, model_id=model_id)
+
+
 CORRUPTIONS = {
     "short mean": (lambda d: _corrupt_state(d, mean=lambda v: v[:-1]),
                    r"preprocess_state.json: 'mean' has 99 values for 100 genes"),
@@ -225,10 +231,10 @@ CORRUPTIONS = {
     "fewer genes than the encoder": (lambda d: _corrupt_state(d, genes=lambda v: v[:-1], mean=lambda v: v[:-1],
                                                               std=lambda v: v[:-1]),
                                      r"encoder.onnx: the encoder takes 100 inputs but preprocess_state.json lists 99"),
-    "centroid width": (lambda d: np.save(d / "training_clusters.npy", np.zeros((3, 59))),
-                       r"training_clusters.npy: centroids have 59 dimensions but encoder.onnx embeds into 60"),
-    "NaN centroids": (lambda d: np.save(d / "training_clusters.npy", np.full((3, 60), np.nan)),
-                      "training_clusters.npy: holds NaN/inf"),
+    "centroid width": (lambda d: _write_centroids(d, np.zeros((3, 59))),
+                       r"training_clusters.npz: centroids have 59 dimensions but encoder.onnx embeds into 60"),
+    "NaN centroids": (lambda d: _write_centroids(d, np.full((3, 60), np.nan)),
+                      "training_clusters.npz: holds NaN/inf"),
     "info dims": (lambda d: _write_info(d, embedding_dim=32), r"model_info.json: 'embedding_dim' is 32 but encoder.onnx"),
     "info genes": (lambda d: _write_info(d, n_genes=7), r"model_info.json: 'n_genes' is 7"),
     "unreadable encoder": (lambda d: (d / "encoder.onnx").write_bytes(b"not onnx"), r"cannot load encoder.onnx"),
@@ -240,8 +246,17 @@ CORRUPTIONS = {
 def test_loading_refuses_artifacts_that_disagree(_trained_session, tmp_path, case):
     from contrastive_sc.serve.inference import ArtifactError
 
+    import json
+
+    from contrastive_sc.method.manifest import write_manifest
+
     package_model(_trained_session, tmp_path)
     corrupt, message = CORRUPTIONS[case]
     corrupt(tmp_path)
+    with pytest.raises(ArtifactError, match="does not match manifest.json"):
+        EmbedThenCluster.from_dir(tmp_path, provider="cpu")  # the digests catch any change first
+    # a model packaged inconsistently, its manifest written over the bad files: the checks behind it
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    write_manifest(tmp_path, list(manifest["files"]), manifest["model_id"])
     with pytest.raises(ArtifactError, match=message):
         EmbedThenCluster.from_dir(tmp_path, provider="cpu")

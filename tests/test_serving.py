@@ -297,7 +297,7 @@ def test_client_sends_only_the_model_genes(served, tmp_path):
 
 
 def test_a_model_whose_artifacts_disagree_never_becomes_healthy(served, tmp_path):
-    """Centroids of the wrong width: the server stops without answering /ping and its log names the file.
+    """Centroids replaced after logging: the server stops without answering /ping and its log names the file.
 
     One worker: exits non-zero. Two workers: uvicorn's supervisor stops (exit code 0, its choice)
     instead of restarting the workers forever, because the model exits with uvicorn's startup-failure code.
@@ -310,15 +310,15 @@ def test_a_model_whose_artifacts_disagree_never_becomes_healthy(served, tmp_path
         folder = Path(mlflow.artifacts.download_artifacts("models:/served@champion", dst_path=str(tmp_path / "m")))
     finally:
         mlflow.set_tracking_uri(None)
-    np.save(folder / "artifacts" / "training_clusters.npy", np.zeros((3, 7), dtype=np.float32))
+    with open(folder / "artifacts" / "training_clusters.npz", "wb") as handle:  # tampered: centroids replaced
+        np.savez(handle, centroids=np.zeros((3, 7), dtype=np.float32), model_id="someone else's")
     for workers in (1, 2):
         log = tmp_path / f"bad{workers}.log"
         with pytest.raises(RuntimeError, match="server exited with code") as error:
             Server(str(folder), f"sqlite:///{tmp_path / 'none.db'}", log, env={"CONTRASTIVE_SC_WORKERS": str(workers)},
                    ready_s=120)
         text = log.read_text()
-        assert "refusing to serve this model: training_clusters.npy: centroids have 7 dimensions but encoder.onnx " \
-               "embeds into 60" in text, text[-3000:]
+        assert "refusing to serve this model: training_clusters.npz does not match manifest.json" in text, text[-3000:]
         if workers == 1:
             assert "server exited with code 0" not in str(error.value)
         else:

@@ -153,12 +153,12 @@ class CellTypeAnnotator:
         return types, confidence
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path, *, model_id: str = "") -> Path:
         """Write the reference as one ``.npz`` (read back without pickle, torch or scanpy)."""
         with open(path, "wb") as handle:  # np.savez on a str path would append ".npz"
             np.savez(handle, names=np.asarray(self.names, dtype=str), centroids=self.centroids, cells=self.cells,
                      distance_quantiles=self.distance_quantiles, n_neighbors=self.n_neighbors,
-                     min_confidence=self.min_confidence, label_key=self.label_key)
+                     min_confidence=self.min_confidence, label_key=self.label_key, model_id=model_id)
         return Path(path)
 
     @classmethod

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import uuid
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,24 +13,17 @@ from ..analysis.annotate import CellTypeAnnotator
 from ..analysis.cluster import TrainingClusters
 from .config import DEFAULT_PRESET, ContrastiveConfig, get_preset
 from .data import Cells, DataSetup
-from .encoder import load_checkpoint, save_checkpoint
 from .gene_search import search_gene_count
 from .pipeline import fit_embedding
 from .preprocess import GeneCoverage, PreprocessState, gene_coverage, transform, transform_in_memory
 from .rows import collect
+from .saved_model import load_model, save_model
 from .train import TrainingHistory, encode
 
 EMBEDDING_KEY = "X_contrastive"
 #: ``obs`` columns written by :meth:`ContrastiveSC.annotate` (its default ``key_added``, and ``<key>_confidence``).
 CELL_TYPE_KEY = "contrastive_cell_type"
 CONFIDENCE_KEY = f"{CELL_TYPE_KEY}_confidence"
-_FILES = {"config": "config.json", "setup": "data_setup.json", "state": "preprocess_state.json",
-          "weights": "encoder.pt", "history": "history.json", "clusters": "training_clusters.npy",
-          "cell_types": "cell_types.npz"}
-#: Files a model may lack (fitted without clusters or without labels; saved before data_setup.json existed).
-_OPTIONAL_FILES = ("setup", "clusters", "cell_types")
-#: The name the first releases gave the training clusters' file, still read by :meth:`ContrastiveSC.load`.
-_FIRST_RELEASE_CLUSTERS = "reference_centroids.npy"
 #: Use the layer recorded at fit (the default of every method that reads counts).
 RECORDED = "recorded"
 
@@ -130,7 +122,8 @@ class ContrastiveSC:
             fitted, self.gene_search = fit_embedding(cells.counts, cells.genes, self.config, progress=progress,
                                                      on_epoch=on_epoch), []
         self.setup, self.model_id = cells.setup, uuid.uuid4().hex  # a new fit is a new model
-        self.state, self.encoder, self.history = fitted.state, fitted.encoder, fitted.history
+        self.state = replace(fitted.state, model_id=self.model_id)
+        self.encoder, self.history = fitted.encoder, fitted.history
         self.training_embedding = embedding = fitted.embedding
         cluster, seed = self.config.cluster, self.config.train.seed
         self.training_clusters = (TrainingClusters.fit(embedding, n_clusters=cluster.n_clusters,
@@ -212,85 +205,26 @@ class ContrastiveSC:
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
-        """Save the model to a folder: config, data setup, preprocessing state, checkpoint, history, clusters, cell types.
+        """Save the model to a folder (see :func:`~contrastive_sc.method.saved_model.save_model`).
 
-        Saving again to the folder of the same model replaces its files. A folder that holds
-        another model is refused unless ``overwrite=True``, which first removes that model's
-        files, so that a folder never mixes two models.
-
-        Raises
-        ------
-        FileExistsError
-            When ``path`` holds another model and ``overwrite`` is false.
+        Saving again to the folder of the same model replaces its files; a folder holding another
+        model is refused unless ``overwrite=True``, which first removes that model's files.
         """
         if self.state is None or self.encoder is None:
             msg = "this model is not trained yet; call fit(adata) before save"
             raise RuntimeError(msg)
-        path = Path(path)
-        saved_id = _saved_model_id(path)
-        if saved_id is not None and saved_id != self.model_id:
-            if not overwrite:
-                msg = (f"{str(path)!r} holds another saved model (id {saved_id}, this one is {self.model_id}); "
-                       "save elsewhere or pass overwrite=True to replace it")
-                raise FileExistsError(msg)
-            for name in (*_FILES.values(), _FIRST_RELEASE_CLUSTERS):
-                (path / name).unlink(missing_ok=True)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / _FILES["config"]).write_text(self.config.to_json())
-        (path / _FILES["setup"]).write_text(json.dumps(self.setup.as_dict()))
-        self.state.to_json(path / _FILES["state"])
-        save_checkpoint(self.encoder, path / _FILES["weights"], genes=self.state.genes, model_id=self.model_id)
-        (path / _FILES["history"]).write_text(json.dumps(asdict(self.history) | {"gene_search": self.gene_search}))
-        optional = {"clusters": self.training_clusters, "cell_types": self.annotator}
-        for key, part in optional.items():
-            if part is None:
-                (path / _FILES[key]).unlink(missing_ok=True)
-        if self.training_clusters is not None:
-            np.save(path / _FILES["clusters"], self.training_clusters.centroids)
-        if self.annotator is not None:
-            self.annotator.save(path / _FILES["cell_types"])
-        return path
+        return save_model(self, path, overwrite=overwrite)
 
     @classmethod
-    def load(cls, path: str | Path) -> ContrastiveSC:
-        """Load a model written by :meth:`save` (or by an earlier release)."""
-        path = Path(path)
-        missing = [name for key, name in _FILES.items() if key not in _OPTIONAL_FILES and not (path / name).exists()]
-        if missing:
-            msg = f"{str(path)!r} is not a saved ContrastiveSC model: missing {missing}"
-            raise FileNotFoundError(msg)
-        model = cls(ContrastiveConfig.from_params(json.loads((path / _FILES["config"]).read_text())))
-        model.state = PreprocessState.from_json(path / _FILES["state"])
-        checkpoint = load_checkpoint(path / _FILES["weights"])
-        if (checkpoint.genes or model.state.genes) != model.state.genes or checkpoint.module.n_inputs != model.state.n_genes:
-            msg = (f"{str(path)!r}: {_FILES['weights']} reads other genes than {_FILES['state']} lists; "
-                   "the folder mixes two models")
-            raise ValueError(msg)
-        history = json.loads((path / _FILES["history"]).read_text())
-        model.encoder, model.model_id = checkpoint.module, checkpoint.model_id or history.pop("model_id", model.model_id)
-        history.pop("model_id", None)
-        model.gene_search = history.pop("gene_search", [])
-        model.history = TrainingHistory(**history)
-        if (path / _FILES["setup"]).exists():
-            model.setup = DataSetup.from_dict(json.loads((path / _FILES["setup"]).read_text()))
-        clusters = next((path / n for n in (_FILES["clusters"], _FIRST_RELEASE_CLUSTERS) if (path / n).exists()), None)
-        model.training_clusters = TrainingClusters(np.load(clusters)) if clusters is not None else None
-        if (path / _FILES["cell_types"]).exists():
-            model.annotator = CellTypeAnnotator.load(path / _FILES["cell_types"])
+    def load(cls, path: str | Path, *, check_files: bool = True) -> ContrastiveSC:
+        """Load a model written by :meth:`save`, its files checked against its manifest.
+
+        ``check_files=False`` skips that check, for a folder saved before manifests existed.
+        A folder whose files were changed, swapped for another model's, removed or added is
+        refused with a ``ValueError`` naming the file.
+        """
+        parts = load_model(path, check_files=check_files)
+        model = cls(parts.pop("config"))
+        for name, value in parts.items():
+            setattr(model, name, value)
         return model
-
-
-def _saved_model_id(path: Path) -> str | None:
-    """The id of the model saved in ``path``, ``""`` for one saved without an id, ``None`` if none is there."""
-    if not (path / _FILES["weights"]).exists():
-        return None
-    try:
-        checkpoint = load_checkpoint(path / _FILES["weights"])
-    except Exception:  # noqa: BLE001 - a damaged file is another model's leftover, not ours
-        return ""
-    if checkpoint.model_id:
-        return checkpoint.model_id
-    try:  # the first releases kept the id in history.json
-        return str(json.loads((path / _FILES["history"]).read_text()).get("model_id", ""))
-    except (OSError, ValueError, AttributeError):
-        return ""

@@ -43,6 +43,10 @@ class PreprocessState:
         the share of the genes it has, so normalisation matches training.
     clip
         Scaled values are clipped to ``[-clip, clip]`` when set.
+    n_cells_fit
+        Cells the state was fitted on.
+    model_id
+        The model this state belongs to (set when a model is fitted; checked against its manifest).
     """
 
     genes: tuple[str, ...]
@@ -53,6 +57,7 @@ class PreprocessState:
     library_share: tuple[float, ...]
     clip: float | None = None
     n_cells_fit: int = 0
+    model_id: str = ""
     version: int = STATE_VERSION
 
     @property

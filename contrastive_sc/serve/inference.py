@@ -17,12 +17,13 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ..method.config import Setting, settings
+from ..method.manifest import MANIFEST, check_model_id, verify_manifest, write_manifest
 from ..method.preprocess import PreprocessState, gene_coverage, transform
 from ..method.validation import MAX_COUNT, check_count_values
 
 #: Artifact names of a packaged model, as logged with the MLflow pyfunc.
 ARTIFACTS = {"encoder": "encoder.onnx", "state": "preprocess_state.json",
-             "centroids": "training_clusters.npy", "info": "model_info.json"}
+             "centroids": "training_clusters.npz", "info": "model_info.json", "manifest": MANIFEST}
 #: Artifacts only some models have: the cell-type annotator of a model trained with labels.
 OPTIONAL_ARTIFACTS = {"cell_types": "cell_types.npz"}
 METHODS = ("trained", "kmeans", "auto", "leiden")
@@ -329,11 +330,30 @@ class EmbedThenCluster:
         if missing:
             msg = f"packaged model lacks artifact(s) {missing}; expected {sorted(ARTIFACTS)}"
             raise ValueError(msg)
+        # Every file against the manifest first: a changed, swapped, removed or added file never loads.
+        folder = Path(artifacts["manifest"]).parent
+        required = tuple(name for key, name in ARTIFACTS.items() if key != "manifest")
+        try:
+            self.model_id = verify_manifest(folder, required=required, optional=tuple(OPTIONAL_ARTIFACTS.values()))
+        except ValueError as error:
+            raise ArtifactError(str(error)) from None
         self.state = _load_artifact(artifacts, "state", lambda path: PreprocessState.from_json(Path(path)))
         self.encoder = _load_artifact(
             artifacts, "encoder", lambda path: OnnxEncoder(path, provider or os.environ.get(PROVIDER_ENV, "auto")))
-        self.centroids = _load_artifact(artifacts, "centroids", lambda path: np.load(path, allow_pickle=False))
+        clusters = _load_artifact(artifacts, "centroids", _read_npz)
+        self.centroids = clusters["centroids"]
         self.info = _load_artifact(artifacts, "info", lambda path: json.loads(Path(path).read_text()))
+        ids = [(ARTIFACTS["state"], self.state.model_id), (ARTIFACTS["encoder"], self.encoder.model_id),
+               (ARTIFACTS["centroids"], str(clusters.get("model_id", ""))),
+               (ARTIFACTS["info"], self.info.get("model_id") if isinstance(self.info, dict) else None)]
+        if artifacts.get("cell_types"):
+            ids.append((OPTIONAL_ARTIFACTS["cell_types"],
+                        str(_load_artifact(artifacts, "cell_types", _read_npz).get("model_id", ""))))
+        try:
+            for name, found in ids:
+                check_model_id(name, found, self.model_id)
+        except ValueError as error:
+            raise ArtifactError(str(error)) from None
         check_artifacts(self.state, self.encoder, self.centroids, self.info)
         self.cell_types = None
         if artifacts.get("cell_types"):
@@ -494,6 +514,8 @@ def package_model(model, folder: str | Path, *, check_rows: np.ndarray | None = 
 
     Returns the artifact mapping (key -> file path) expected by :class:`EmbedThenCluster`.
     """
+    from dataclasses import replace
+
     from .onnx_io import export_onnx
 
     if model.training_clusters is None:
@@ -502,13 +524,21 @@ def package_model(model, folder: str | Path, *, check_rows: np.ndarray | None = 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = {key: str(folder / name) for key, name in ARTIFACTS.items()}
-    export_onnx(model.encoder, paths["encoder"], check=check_rows)
-    model.state.to_json(paths["state"])
-    np.save(paths["centroids"], model.training_clusters.centroids)
+    model_id = model.model_id  # written into every file, and the manifest binds their contents
+    export_onnx(model.encoder, paths["encoder"], check=check_rows, model_id=model_id)
+    replace(model.state, model_id=model_id).to_json(paths["state"])
+    with open(paths["centroids"], "wb") as handle:  # np.savez on a str path would append ".npz"
+        np.savez(handle, centroids=model.training_clusters.centroids, model_id=model_id)
     if model.annotator is not None:
-        paths["cell_types"] = str(model.annotator.save(folder / OPTIONAL_ARTIFACTS["cell_types"]))
-    info = {"config": model.config.to_params(), "n_genes": model.state.n_genes,
+        paths["cell_types"] = str(model.annotator.save(folder / OPTIONAL_ARTIFACTS["cell_types"], model_id=model_id))
+    info = {"model_id": model_id, "config": model.config.to_params(), "n_genes": model.state.n_genes,
             "embedding_dim": int(model.encoder.n_outputs),
             "n_training_clusters": int(len(model.training_clusters.centroids))}
     Path(paths["info"]).write_text(json.dumps(info, indent=2))
+    write_manifest(folder, [Path(p).name for k, p in paths.items() if k != "manifest"], model_id)
     return paths
+
+
+def _read_npz(path) -> dict:
+    with np.load(path, allow_pickle=False) as data:
+        return {key: data[key] for key in data.files}

@@ -17,6 +17,8 @@ from ..method.rows import as_rows, collect
 log = logging.getLogger(__name__)
 
 INPUT_NAME = "x"
+#: Metadata key of the exported graph naming the model it belongs to.
+MODEL_ID_KEY = "model_id"
 OUTPUT_NAME = "z"
 PARITY_ATOL = 1e-5
 _PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
@@ -26,7 +28,7 @@ THREADS_ENV = "CONTRASTIVE_SC_ONNX_THREADS"
 WORKERS_ENV = "CONTRASTIVE_SC_WORKERS"
 
 
-def export_onnx(encoder, path: str | Path, *, check: np.ndarray | None = None) -> Path:
+def export_onnx(encoder, path: str | Path, *, check: np.ndarray | None = None, model_id: str | None = None) -> Path:
     """Export an encoder in eval mode to a single ONNX file with a dynamic batch axis.
 
     Parameters
@@ -38,6 +40,8 @@ def export_onnx(encoder, path: str | Path, *, check: np.ndarray | None = None) -
     check
         Optional preprocessed input rows: the export is rejected unless onnxruntime reproduces
         torch on them within :data:`PARITY_ATOL` (random rows are always checked).
+    model_id
+        Written into the graph's metadata (``model_id``), read back as :attr:`OnnxEncoder.model_id`.
     """
     import torch
 
@@ -60,6 +64,12 @@ def export_onnx(encoder, path: str | Path, *, check: np.ndarray | None = None) -
     rows = np.random.default_rng(0).normal(size=(64, encoder.n_inputs)).astype(np.float32)
     if check is not None:
         rows = np.concatenate([rows, np.asarray(check[:1024], dtype=np.float32)])
+    if model_id is not None:
+        import onnx
+
+        graph = onnx.load(str(path))
+        graph.metadata_props.add(key=MODEL_ID_KEY, value=model_id)
+        onnx.save(graph, str(path))
     diff = parity(encoder, path, rows)
     if diff > PARITY_ATOL:
         msg = f"ONNX export differs from torch by {diff:.2e} (> {PARITY_ATOL:g}); not using {path}"
@@ -150,6 +160,8 @@ class OnnxEncoder:
             msg = f"CUDA was requested but onnxruntime runs on {self.providers}; install onnxruntime-gpu on a CUDA machine"
             raise RuntimeError(msg)
         self.n_inputs = _fixed_width(self.session.get_inputs()[0], path)
+        #: The model the graph was exported for (``None`` for a graph exported without one).
+        self.model_id = self.session.get_modelmeta().custom_metadata_map.get(MODEL_ID_KEY)
         output = self.session.get_outputs()[0]
         self.n_outputs = (output.shape[1] if len(output.shape) == 2 and isinstance(output.shape[1], int)
                           else int(self(np.zeros((1, self.n_inputs), dtype=np.float32)).shape[1]))

@@ -244,11 +244,10 @@ CORRUPTIONS = {
 
 @pytest.mark.parametrize("case", list(CORRUPTIONS))
 def test_loading_refuses_artifacts_that_disagree(_trained_session, tmp_path, case):
-    from contrastive_sc.serve.inference import ArtifactError
-
     import json
 
     from contrastive_sc.method.manifest import write_manifest
+    from contrastive_sc.serve.inference import ArtifactError
 
     package_model(_trained_session, tmp_path)
     corrupt, message = CORRUPTIONS[case]

@@ -178,7 +178,7 @@ def test_cells_per_request_limit(_trained_session, tmp_path, frame, monkeypatch)
     with pytest.raises(RequestTooLarge, match=r"holds 101 cells, over this server's limit of 100 .*contrastive_sc embed"):
         model.predict(frame.iloc[:101])
     # the batch path has no such limit
-    labels, _, _ = model.embed_and_cluster(frame.to_numpy(), frame.columns, {"method": "trained"})
+    labels = model.embed_and_cluster(frame.to_numpy(), frame.columns, {"method": "trained"}).labels
     assert len(labels) == len(frame)
     monkeypatch.setenv("CONTRASTIVE_SC_MAX_CELLS", "lots")
     with pytest.raises(ValueError, match="CONTRASTIVE_SC_MAX_CELLS must be a positive integer, got 'lots'"):
@@ -259,3 +259,24 @@ def test_loading_refuses_artifacts_that_disagree(_trained_session, tmp_path, cas
     write_manifest(tmp_path, list(manifest["files"]), manifest["model_id"])
     with pytest.raises(ArtifactError, match=message):
         EmbedThenCluster.from_dir(tmp_path, provider="cpu")
+
+
+def test_cells_without_counts_are_unassigned_with_confidence_zero(_synthetic_session, tiny_config, tmp_path):
+    from contrastive_sc import ContrastiveSC
+
+    model = ContrastiveSC(tiny_config).fit(_synthetic_session.copy(), label_key="label")
+    package_model(model, tmp_path)
+    served = EmbedThenCluster.from_dir(tmp_path, provider="cpu")
+    frame = _synthetic_session.to_df().iloc[:6].astype(np.int64)
+    frame.iloc[[1, 4]] = 0
+    out = served.predict(frame, {"return_embedding": False})
+    assert list(out["cell_type"].iloc[[1, 4]]) == ["unassigned"] * 2 and (out["confidence"].iloc[[1, 4]] == 0).all()
+    assert (out["cluster"].iloc[[1, 4]] == -1).all() and (out["cluster"].drop(index=[1, 4]) >= 0).all()
+    assert (out["cell_type"].drop(index=[1, 4]) != "unassigned").any()
+    with pytest.raises(ValueError, match="every one of the 3 cell\\(s\\) has zero counts over the model's genes"):
+        served.predict(frame.iloc[:3] * 0)
+    adata = _synthetic_session[:6].copy()
+    adata.X[[1, 4]] = 0
+    named = model.annotate(adata, copy=True).obs
+    assert list(named["contrastive_cell_type"].iloc[[1, 4]]) == ["unassigned"] * 2
+    assert (named["contrastive_cell_type_confidence"].iloc[[1, 4]] == 0).all()

@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..analysis.annotate import CellTypeAnnotator
+from ..analysis.annotate import UNASSIGNED, CellTypeAnnotator
 from ..analysis.cluster import TrainingClusters
 from .config import DEFAULT_PRESET, ContrastiveConfig, get_preset
 from .data import Cells, DataSetup
 from .gene_search import search_gene_count
 from .pipeline import fit_embedding
-from .preprocess import GeneCoverage, PreprocessState, gene_coverage, transform, transform_in_memory
+from .preprocess import GeneCoverage, PreprocessState, empty_cells, gene_coverage, transform, transform_in_memory
 from .rows import collect
 from .saved_model import load_model, save_model
 from .train import TrainingHistory, encode
@@ -194,6 +194,10 @@ class ContrastiveSC:
         adata = adata.copy() if copy else adata
         embedding = self.transform(adata, layer=layer)
         types, confidence = self.annotator.annotate(embedding, min_confidence)
+        # a cell without counts on the model's genes carries no signal: no type, no confidence
+        counts, genes = self._counts(adata, layer)
+        empty = collect(lambda block: empty_cells(block, genes, self.state)[:, None], counts, 1)[:, 0]
+        types, confidence = np.where(empty, UNASSIGNED, types), np.where(empty, 0.0, confidence)
         adata.obsm[EMBEDDING_KEY] = embedding
         adata.obs[key_added] = pd.Categorical(np.asarray(types, dtype=str))
         adata.obs[f"{key_added}_confidence"] = confidence

@@ -374,6 +374,21 @@ def transform_in_memory(counts, gene_names, state: PreprocessState) -> np.ndarra
     return collect(lambda block: transform(block, gene_names, state), as_rows(counts), state.n_genes)
 
 
+def empty_cells(counts, gene_names, state: PreprocessState) -> np.ndarray:
+    """Which cells have no count on any gene the model normalises by: they carry no signal.
+
+    :func:`transform` maps such a cell to the training mean of every gene (an "average" cell),
+    so callers that name or cluster cells set them apart instead.
+    """
+    import pandas as pd
+
+    counts = sp.csr_matrix(counts) if sp.issparse(counts) else np.asarray(counts)
+    at = pd.Index(np.asarray(gene_names, dtype=str)).get_indexer(pd.Index(state.library_genes))
+    if not (at >= 0).any():
+        return np.ones(counts.shape[0], dtype=bool)
+    return _row_sums(counts, at[at >= 0]) == 0
+
+
 def _row_sums(counts, cols: np.ndarray) -> np.ndarray:
     """Per-row sums over ``cols``, summing whichever of ``cols`` or the other columns is smaller."""
     n_cols = counts.shape[1]

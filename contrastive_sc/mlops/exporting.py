@@ -46,19 +46,19 @@ def embed_with_registered(model_uri: str, data: str, out: str | Path, params: di
     from ..analysis.metrics import score_clustering
     from ..method.io import load
     from ..method.model import CELL_TYPE_KEY, CONFIDENCE_KEY, EMBEDDING_KEY
-    from ..serve.inference import PredictParams
     from .registry import load_served_model
 
     served = load_served_model(model_uri)
     adata = load(data, label_key, layer=layer)
-    labels, embedding, coverage = served.embed_and_cluster(adata.X, adata.var_names, params)
+    result = served.embed_and_cluster(adata.X, adata.var_names, params)
+    labels, embedding, coverage = result.labels, result.embedding, result.coverage
     key = f"contrastive_{params.get('method', 'reference')}"
     adata.obsm[EMBEDDING_KEY] = embedding
     adata.obsm[UMAP_KEY] = umap_coordinates(embedding)
     adata.obs[key] = pd.Categorical(labels.astype(str))
-    annotated = served.annotate(embedding, PredictParams.from_dict(params))
-    if annotated is not None:
-        adata.obs[CELL_TYPE_KEY], adata.obs[CONFIDENCE_KEY] = pd.Categorical(annotated[0].astype(str)), annotated[1]
+    if result.cell_types is not None:
+        adata.obs[CELL_TYPE_KEY] = pd.Categorical(result.cell_types.astype(str))
+        adata.obs[CONFIDENCE_KEY] = result.confidence
     # A flat table (h5ad stores DataFrames in uns) that scanpy users can read back as it is.
     adata.uns[MARKERS_KEY] = marker_genes(adata, labels).astype({"cluster": str, "gene": str})
     # None means "the model's value"; h5ad cannot store None on every anndata version.

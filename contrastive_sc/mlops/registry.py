@@ -295,7 +295,8 @@ class _Evaluation:
         if number not in self.scores:
             served = load_served_model(f"models:/{name}/{number}")
             params = {"method": "kmeans", "n_clusters": self.n_clusters}
-            labels, embedding, _ = served.embed_and_cluster(self.adata.X, self.adata.var_names, params)
+            result = served.embed_and_cluster(self.adata.X, self.adata.var_names, params)
+            labels, embedding = result.labels, result.embedding
             self.scores[number] = score_clustering(embedding, labels, self.truth)["ari"]
         return self.scores[number]
 

@@ -16,9 +16,10 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from ..analysis.annotate import UNASSIGNED
 from ..method.config import Setting, settings
 from ..method.manifest import MANIFEST, check_model_id, verify_manifest, write_manifest
-from ..method.preprocess import PreprocessState, gene_coverage, transform
+from ..method.preprocess import PreprocessState, empty_cells, gene_coverage, transform
 from ..method.validation import MAX_COUNT, check_count_values
 
 #: Artifact names of a packaged model, as logged with the MLflow pyfunc.
@@ -229,6 +230,21 @@ def _gene_codes(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     return np.where(codes >= 0, renumbered[codes], -1), names[present]
 
 
+@dataclass(frozen=True)
+class Prediction:
+    """What :meth:`EmbedThenCluster.embed_and_cluster` computes for a batch of cells.
+
+    ``labels`` is the cluster of each cell (-1 for a cell without counts on the model's genes);
+    ``cell_types`` and ``confidence`` are ``None`` for a model trained without labels.
+    """
+
+    labels: np.ndarray
+    embedding: np.ndarray
+    coverage: object
+    cell_types: np.ndarray | None
+    confidence: np.ndarray | None
+
+
 class RequestTooLarge(ValueError):
     """A request with more cells than the served model accepts in one call."""
 
@@ -406,22 +422,21 @@ class EmbedThenCluster:
                    "entry point: `python -m contrastive_sc embed --model-uri MODEL_URI --data FILE --out OUT.h5ad` "
                    "(or `mlflow run . -e embed`)")
             raise RequestTooLarge(msg)
-        labels, embedding, coverage = self.embed_and_cluster(counts, genes, params)
-        out = pd.DataFrame({"cell": cells, "cluster": labels, "gene_coverage": round(coverage.fraction, 4)})
-        annotated = self.annotate(embedding, options)
-        if annotated is not None:
-            out["cell_type"], out["confidence"] = annotated
+        result = self.embed_and_cluster(counts, genes, params)
+        out = pd.DataFrame({"cell": cells, "cluster": result.labels, "gene_coverage": round(result.coverage.fraction, 4)})
+        if result.cell_types is not None:
+            out["cell_type"], out["confidence"] = result.cell_types, result.confidence
         if options.return_embedding:
+            embedding = result.embedding
             emb = pd.DataFrame(embedding, columns=[f"emb_{i}" for i in range(embedding.shape[1])])
             out = pd.concat([out, emb], axis=1)
         return out
 
-    def embed_and_cluster(self, counts, genes, params: dict | None = None):
-        """Embed and cluster a (dense or sparse) count matrix with named gene columns.
+    def embed_and_cluster(self, counts, genes, params: dict | None = None) -> Prediction:
+        """Embed, cluster and (for a model trained with labels) name a count matrix with named gene columns.
 
-        Returns
-        -------
-        ``(labels, embedding, coverage)``.
+        Cells with no count on the model's genes carry no signal: their cluster is -1, their
+        cell type ``"unassigned"`` with confidence 0; a request of such cells only is refused.
         """
         options = PredictParams.from_dict(params)
         coverage = gene_coverage(genes, self.state)
@@ -430,17 +445,23 @@ class EmbedThenCluster:
                    f"({coverage.fraction:.0%} < min_coverage {options.min_coverage:.0%}); send raw counts with "
                    f"gene names as columns, e.g. {list(self.state.genes[:3])}")
             raise ValueError(msg)
+        if self.cell_types is None and options.min_confidence is not None:
+            msg = "min_confidence applies to models trained with labels (--label-key); this one has none"
+            raise ValueError(msg)
+        empty = empty_cells(counts, genes, self.state)
+        if empty.all():
+            msg = (f"every one of the {len(empty)} cell(s) has zero counts over the model's genes; send raw counts "
+                   f"with gene names as columns, e.g. {list(self.state.genes[:3])}")
+            raise ValueError(msg)
         embedding = self.encoder(transform(counts, genes, self.state))
-        return self._cluster(embedding, options), embedding, coverage
-
-    def annotate(self, embedding: np.ndarray, options: PredictParams):
-        """``(cell types, confidences)`` by the model's cell-type annotator, or ``None`` without one."""
-        if self.cell_types is None:
-            if options.min_confidence is not None:
-                msg = "min_confidence applies to models trained with labels (--label-key); this one has none"
-                raise ValueError(msg)
-            return None
-        return self.cell_types.annotate(embedding, options.min_confidence)
+        labels = np.full(len(embedding), -1, dtype=np.int64)
+        labels[~empty] = self._cluster(embedding[~empty], options)
+        types = confidence = None
+        if self.cell_types is not None:
+            types, confidence = self.cell_types.annotate(embedding, options.min_confidence)
+            types, confidence = np.asarray(types, dtype=object), np.asarray(confidence, dtype=np.float64)
+            types[empty], confidence[empty] = UNASSIGNED, 0.0
+        return Prediction(labels, embedding, coverage, types, confidence)
 
     def _as_counts(self, data) -> tuple[np.ndarray, np.ndarray, list[str]]:
         if isinstance(data, dict):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from .benchmarks.annotation_benchmark import METHODS as ANNOTATION_METHODS
 from .benchmarks.benchmark import available_methods
 from .benchmarks.experiments import EXPERIMENT_NAMES
 from .method.config import DEFAULT_PRESET, PRESETS, cli_settings, settings
-from .mlops.signals import stop_with_mlflow_run
+from .mlops.signals import stop_on_signals, stop_with_mlflow_run
 from .mlops.tracking import quiet_mlflow
 from .serve.inference import METHODS as PREDICT_METHODS
 
@@ -161,10 +160,6 @@ class _OneLineErrors(click.Group):
             sys.exit(error.exit_code)
 
 
-def _exit_on_signal(signum, frame) -> None:
-    raise SystemExit(128 + signum)
-
-
 @click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("-v", "--verbose", is_flag=True, help="Log progress at INFO level.")
 @click.option(
@@ -180,8 +175,8 @@ def main(verbose: bool, workdir: str | None) -> None:
     quiet_mlflow(verbose)
     # SIGTERM (kill, a scheduler's timeout) ends the command like Ctrl-C does: runs in progress
     # are closed as KILLED instead of being left RUNNING by a process that just vanished.
-    signal.signal(signal.SIGTERM, _exit_on_signal)
     # ... and so does stopping the `mlflow run` that started this entry point, which does not pass the signal on
+    stop_on_signals()
     stop_with_mlflow_run()
     if workdir:
         os.chdir(workdir)

@@ -148,6 +148,46 @@ def test_a_killed_training_run_is_marked_killed_and_cannot_be_registered(user_fo
     assert refused.returncode == 2 and "KILLED" in refused.stderr
 
 
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
+def test_a_signal_to_mlflow_run_stops_training_and_the_run_cannot_be_registered(user_folder, signum):
+    # `mlflow run` does not pass the signal on: the entry point notices its `mlflow run` is gone
+    import signal
+    import time
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{user_folder / 'mlflow.db'}")
+    client.search_experiments()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["PATH"] = f"{BIN}:{os.environ['PATH']}"
+    command = [str(BIN / "mlflow"), "run", str(REPO), "-e", "train", "--env-manager", "local", "--experiment-name",
+               "stopped", "-P", "data=tiny.h5", "-P", "epochs=100000", "-P", "n_genes=50"]
+    process = subprocess.Popen(command, cwd=user_folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    deadline = time.monotonic() + 180
+    run = None
+    while time.monotonic() < deadline and run is None and process.poll() is None:  # until a loss is logged
+        time.sleep(0.5)
+        experiment = client.get_experiment_by_name("stopped")
+        runs = client.search_runs([experiment.experiment_id]) if experiment else []
+        run = next((r for r in runs if "loss" in r.data.metrics), None)
+    if run is None:
+        process.kill()
+        pytest.fail(f"training never started: {process.communicate()[1][-3000:]}")
+    process.send_signal(getattr(signal, signum))
+    process.communicate(timeout=60)
+    # the entry point stops within a second or two of its parent (on SIGINT `mlflow run` first marks
+    # the run FAILED itself; the training process then ends it KILLED)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and client.get_run(run.info.run_id).info.status != "KILLED":
+        time.sleep(0.5)
+    assert client.get_run(run.info.run_id).info.status == "KILLED"
+    epochs = len(client.get_metric_history(run.info.run_id, "loss"))
+    time.sleep(3)
+    assert len(client.get_metric_history(run.info.run_id, "loss")) == epochs  # training has stopped
+    assert "model_uri" not in client.get_run(run.info.run_id).data.tags
+    refused = _cli(["register", "--name", "k", "--run-id", run.info.run_id], user_folder)
+    assert refused.returncode == 2 and "KILLED" in refused.stderr
+
+
 @pytest.mark.parametrize("command", [["benchmark", "--data", "tiny.h5", "--methods", "pca50-kmeans", "--seeds", "1"]])
 def test_out_never_replaces_a_users_file(user_folder, command):
     (user_folder / "notes.txt").write_text("precious")

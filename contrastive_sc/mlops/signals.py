@@ -1,9 +1,14 @@
-"""Stopping an entry point when the ``mlflow run`` that started it is stopped.
+"""Stopping a command on SIGTERM / SIGINT, and when the ``mlflow run`` that started it is stopped.
+
+A signal raises ``SystemExit`` (SIGTERM) or ``KeyboardInterrupt`` (SIGINT) where the program is,
+and also sets :data:`STOP`: a library that swallows the exception (a database driver in the
+middle of a commit, say) cannot keep training going, since the training loop's per-epoch hook
+calls :func:`raise_if_stopped`. The run then ends KILLED (``tracking``'s interrupt handling).
 
 ``mlflow run`` does not pass SIGTERM (a ``kill``, a scheduler's timeout) on to the entry point's
 process: left alone, training would go on, finish FINISHED and be registrable although the user
 stopped it. Under ``mlflow run`` the CLI watches that process and, once it is gone, stops itself
-as if signalled, so the run ends KILLED (see ``tracking``'s interrupt handling).
+as if signalled.
 """
 
 from __future__ import annotations
@@ -16,6 +21,31 @@ from pathlib import Path
 
 #: Seconds between two looks at the watched process.
 POLL_SECONDS = 0.5
+#: Set once a stop was asked for; :data:`_SIGNAL` holds which signal.
+STOP = threading.Event()
+_SIGNAL: list[int] = []
+
+
+def _stop(signum, frame) -> None:
+    STOP.set()
+    _SIGNAL.append(signum)
+    raise_if_stopped()
+
+
+def raise_if_stopped() -> None:
+    """Raise the exception of the signal received, if one was: ``KeyboardInterrupt`` for SIGINT, else ``SystemExit``."""
+    if not STOP.is_set():
+        return
+    signum = _SIGNAL[0] if _SIGNAL else signal.SIGTERM
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise SystemExit(128 + signum)
+
+
+def stop_on_signals() -> None:
+    """Turn SIGTERM and SIGINT into a stop of the command (see the module's text)."""
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
 
 
 def _parent(pid: int) -> int | None:
@@ -44,6 +74,34 @@ def mlflow_run_ancestor() -> int | None:
             return pid
         pid = _parent(pid)
     return None
+
+
+def keep_killed_after_mlflow_run(run_id: str, tracking_uri: str) -> bool:
+    """Under ``mlflow run``, mark ``run_id`` KILLED again once that ``mlflow run`` process has ended.
+
+    ``mlflow run`` marks the run FAILED after its entry point exits with an error, even when the
+    entry point already ended it KILLED: MLflow 3.17's ``_maybe_set_run_terminated`` checks
+    ``RunStatus.is_terminated`` (integer statuses) against the run's status string, which never
+    matches. A small detached process waits for ``mlflow run`` to end and writes KILLED back.
+
+    Returns whether the process was started (only under ``mlflow run``).
+    """
+    import subprocess
+    import sys
+
+    ancestor = mlflow_run_ancestor()  # (MLflow has removed MLFLOW_RUN_ID from the environment by now)
+    if ancestor is None:
+        return False
+    code = ("import sys, time\n"
+            "from contrastive_sc.mlops.signals import _is_mlflow_run\n"
+            "pid = int(sys.argv[1])\n"
+            "while _is_mlflow_run(pid):\n"
+            "    time.sleep(0.2)\n"
+            "from mlflow import MlflowClient\n"
+            "MlflowClient(tracking_uri=sys.argv[2]).set_terminated(sys.argv[3], 'KILLED')\n")
+    subprocess.Popen([sys.executable, "-c", code, str(ancestor), tracking_uri, run_id], start_new_session=True,
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return True
 
 
 def stop_with_mlflow_run() -> bool:

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
+from .signals import keep_killed_after_mlflow_run, raise_if_stopped
 
 log = logging.getLogger(__name__)
 
@@ -291,7 +292,10 @@ def _ended_as_killed_on_interrupt():
     try:
         yield
     except (KeyboardInterrupt, SystemExit):
+        run = mlflow.active_run()
         mlflow.end_run("KILLED")
+        if run is not None:  # `mlflow run` would mark it FAILED after this process ends
+            keep_killed_after_mlflow_run(run.info.run_id, mlflow.get_tracking_uri())
         raise
 
 
@@ -370,10 +374,12 @@ def _log_epoch_loss(epoch: int, loss: float) -> None:
     # hold it for a moment; wait for it a few times, and never let a missed point stop the training.
     import mlflow
 
+    raise_if_stopped()  # a stop asked for during the epoch, whose exception a library may have swallowed
     try:
         retry_while_busy(mlflow.log_metric, "loss", loss, step=epoch)
     except Exception as error:  # the run's final metrics are still written when training ends
         log.warning("epoch %d loss not logged (%s); training goes on", epoch, str(error).splitlines()[0])
+    raise_if_stopped()
 
 
 def retry_while_busy(call, *args, attempts: int = 6, **kwargs):

@@ -9,6 +9,7 @@ from contrastive_sc.analysis.cluster import cluster_labels, nearest_centroid
 from contrastive_sc.analysis.metrics import score_clustering
 from contrastive_sc.method.config import DEFAULT_PRESET, get_preset
 from contrastive_sc.method.preprocess import fit_preprocess
+from contrastive_sc.method.rows import as_rows
 from contrastive_sc.serve.inference import EmbedThenCluster, package_model
 
 
@@ -39,7 +40,7 @@ def test_blocks_are_centred_and_equally_weighted(fused, synthetic):
 
 
 def test_pca_block_reads_the_most_dispersed_genes(fused, synthetic):
-    top = fit_preprocess(synthetic.X, synthetic.var_names, n_genes=50).genes
+    top = fit_preprocess(as_rows(synthetic.X), synthetic.var_names, n_genes=50).genes
     read = [fused.state.genes[i] for i in fused.encoder.pca_index.tolist()]
     assert read == list(top)
 

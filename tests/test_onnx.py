@@ -67,12 +67,13 @@ def test_the_session_embeds_an_on_disk_matrix_a_batch_at_a_time(trained, synthet
     import anndata as ad
 
     from contrastive_sc.method.preprocess import transform_rows
+    from contrastive_sc.method.rows import as_rows
 
     session = OnnxEncoder(export_onnx(trained.encoder, tmp_path / "enc.onnx"), provider="cpu")
     expected = session(trained.preprocess(synthetic))
     synthetic.write_h5ad(tmp_path / "cells.h5ad")
     backed = ad.read_h5ad(tmp_path / "cells.h5ad", backed="r")
-    with transform_rows(backed.X, backed.var_names, trained.state, directory=tmp_path) as on_disk:
+    with transform_rows(as_rows(backed.X), backed.var_names, trained.state, directory=tmp_path) as on_disk:
         assert type(on_disk).__name__ == "DiskMatrix"
         np.testing.assert_allclose(session(on_disk, batch_size=64), expected, atol=1e-6)
     with pytest.raises(ValueError, match=r"expected input of shape \(cells, 100\), got \(3, 7\)"):

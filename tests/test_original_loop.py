@@ -19,8 +19,9 @@ def test_the_original_loop_trains_an_encoder_that_separates_groups(synthetic, ti
 
     from contrastive_sc.analysis.cluster import cluster_labels
     from contrastive_sc.method.preprocess import fit_preprocess, transform
+    from contrastive_sc.method.rows import as_rows
 
-    state = fit_preprocess(synthetic.X, synthetic.var_names, n_genes=100)
+    state = fit_preprocess(as_rows(synthetic.X), synthetic.var_names, n_genes=100)
     x = transform(synthetic.X, synthetic.var_names, state)
     encoder, seconds = train_reference(x, epochs=5, batch_size=64, lr=0.01, seed=0)
     with torch.no_grad():

@@ -3,11 +3,12 @@ import pytest
 import scipy.sparse as sp
 
 from contrastive_sc.method.preprocess import PreprocessState, fit_preprocess, gene_coverage, transform
+from contrastive_sc.method.rows import as_rows
 
 
 @pytest.fixture
 def state(synthetic):
-    return fit_preprocess(synthetic.X, synthetic.var_names, n_genes=100)
+    return fit_preprocess(as_rows(synthetic.X), synthetic.var_names, n_genes=100)
 
 
 def test_state_contents(state, synthetic):
@@ -30,7 +31,7 @@ def test_matches_scanpy_pipeline(synthetic):
     sc.pp.log1p(ref)
     sc.pp.highly_variable_genes(ref, n_top_genes=100, flavor="seurat", subset=True)
     sc.pp.scale(ref)
-    state = fit_preprocess(synthetic.X, synthetic.var_names, n_genes=100)
+    state = fit_preprocess(as_rows(synthetic.X), synthetic.var_names, n_genes=100)
     assert list(state.genes) == list(ref.var_names)
     ours = transform(synthetic.X, synthetic.var_names, state)
     np.testing.assert_allclose(ours, ref.X, atol=1e-4)
@@ -40,7 +41,7 @@ def test_drops_genes_seen_in_one_cell(synthetic):
     counts = synthetic.X.toarray()
     counts[:, 0] = 0
     counts[0, 0] = 5  # gene 0 is seen in one cell only
-    state = fit_preprocess(counts, synthetic.var_names, n_genes="all")
+    state = fit_preprocess(as_rows(counts), synthetic.var_names, n_genes="all")
     assert synthetic.var_names[0] not in state.library_genes
     assert synthetic.var_names[0] not in state.genes
 
@@ -97,7 +98,7 @@ def test_no_shared_genes_is_an_error(state):
 
 
 def test_clip(synthetic):
-    state = fit_preprocess(synthetic.X, synthetic.var_names, n_genes=50, clip=1.5)
+    state = fit_preprocess(as_rows(synthetic.X), synthetic.var_names, n_genes=50, clip=1.5)
     out = transform(synthetic.X, synthetic.var_names, state)
     assert out.max() <= 1.5 and out.min() >= -1.5
 

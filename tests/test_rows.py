@@ -82,17 +82,17 @@ def _assert_same_state(chunked, memory):
 @pytest.mark.parametrize("n_genes", [50, 100, 250, "all"])
 def test_block_statistics_give_scanpys_state(synthetic, n_genes):
     memory = scanpy_state(synthetic.X, synthetic.var_names, n_genes=n_genes)
-    chunked = fit_preprocess(synthetic.X, synthetic.var_names, n_genes=n_genes, block_size=37)
+    chunked = fit_preprocess(as_rows(synthetic.X), synthetic.var_names, n_genes=n_genes, block_size=37)
     _assert_same_state(chunked, memory)
 
 
 def test_the_state_is_the_same_from_dense_and_from_a_backed_file(synthetic, tmp_path):
     memory = scanpy_state(synthetic.X, synthetic.var_names, n_genes=80, min_cells=3)
-    dense = fit_preprocess(synthetic.X.toarray(), synthetic.var_names, n_genes=80, min_cells=3, block_size=64)
+    dense = fit_preprocess(as_rows(synthetic.X.toarray()), synthetic.var_names, n_genes=80, min_cells=3, block_size=64)
     _assert_same_state(dense, memory)
     synthetic.write_h5ad(tmp_path / "cells.h5ad")
     backed = ad.read_h5ad(tmp_path / "cells.h5ad", backed="r")
-    from_file = fit_preprocess(backed.X, backed.var_names, n_genes=80, min_cells=3, block_size=100)
+    from_file = fit_preprocess(as_rows(backed.X), backed.var_names, n_genes=80, min_cells=3, block_size=100)
     _assert_same_state(from_file, memory)
     backed.file.close()
 
@@ -113,7 +113,7 @@ def test_seurat_ranking_matches_scanpy(rng):
 def test_other_flavors_are_ranked_by_scanpy_and_bad_names_refused(synthetic):
     import scanpy as sc
 
-    state = fit_preprocess(synthetic.X, synthetic.var_names, n_genes=60, hvg_flavor="cell_ranger", block_size=64)
+    state = fit_preprocess(as_rows(synthetic.X), synthetic.var_names, n_genes=60, hvg_flavor="cell_ranger", block_size=64)
     adata = synthetic.copy()
     adata.X = adata.X.astype(np.float32)
     sc.pp.filter_genes(adata, min_cells=2)
@@ -122,17 +122,17 @@ def test_other_flavors_are_ranked_by_scanpy_and_bad_names_refused(synthetic):
     sc.pp.highly_variable_genes(adata, n_top_genes=60, flavor="cell_ranger")
     assert state.genes == tuple(adata.var_names[adata.var["highly_variable"]])
     with pytest.raises(ValueError, match="gene names for a matrix"):
-        fit_preprocess(synthetic.X, synthetic.var_names[:5])
+        fit_preprocess(as_rows(synthetic.X), synthetic.var_names[:5])
 
 
 def test_rows_of_a_backed_file_are_transformed_to_a_temporary_file(both_containers, tmp_path):
     synthetic, backed = both_containers["memory"], both_containers["backed"]
-    state = fit_preprocess(synthetic.X, synthetic.var_names, n_genes=100)
+    state = fit_preprocess(as_rows(synthetic.X), synthetic.var_names, n_genes=100)
     expected = transform(synthetic.X, synthetic.var_names, state)
-    with transform_rows(synthetic.X, synthetic.var_names, state) as in_memory:
+    with transform_rows(as_rows(synthetic.X), synthetic.var_names, state) as in_memory:
         assert isinstance(in_memory, InMemoryRows)
         np.testing.assert_array_equal(in_memory.matrix, expected)
-    with transform_rows(backed.X, backed.var_names, state, directory=tmp_path) as x:
+    with transform_rows(as_rows(backed.X), backed.var_names, state, directory=tmp_path) as x:
         assert isinstance(x, DiskMatrix) and x.shape == expected.shape and x.path.parent == tmp_path
         np.testing.assert_array_equal(np.concatenate([b for _, _, b in x.blocks(70)]), expected)
         picks = np.array([5, 299, 0, 17, 5])
@@ -145,7 +145,7 @@ def test_rows_of_a_backed_file_are_transformed_to_a_temporary_file(both_containe
 
 
 def test_training_from_disk_equals_training_in_memory(synthetic, tiny_config, tmp_path):
-    state = fit_preprocess(synthetic.X, synthetic.var_names, n_genes=100)
+    state = fit_preprocess(as_rows(synthetic.X), synthetic.var_names, n_genes=100)
     x = transform(synthetic.X, synthetic.var_names, state)
     in_memory, history = fit_encoder(x, tiny_config.encoder, tiny_config.train)
     with DiskMatrix.write(as_rows(x).blocks(), x.shape, path=tmp_path / "x.f32") as on_disk:
@@ -240,7 +240,7 @@ def test_block_statistics_pick_scanpys_genes_and_input_on_real_data(name):
     adata = read(shared_file(name))
     for n_genes, clip in ((500, None), (2000, 10.0)):
         reference = scanpy_state(adata.X, adata.var_names, n_genes=n_genes, clip=clip)
-        blocks_state = fit_preprocess(adata.X, adata.var_names, n_genes=n_genes, clip=clip, block_size=1000)
+        blocks_state = fit_preprocess(as_rows(adata.X), adata.var_names, n_genes=n_genes, clip=clip, block_size=1000)
         assert blocks_state.genes == reference.genes
         np.testing.assert_array_equal(transform(adata.X, adata.var_names, blocks_state),
                                       transform(adata.X, adata.var_names, reference))

@@ -149,6 +149,7 @@ def _cluster(embedded: _Embedded, method: str, seed: int, n_classes: int) -> np.
 def _embed(adata, source: str, seed: int, overrides: dict) -> _Embedded:
     from ..method.model import ContrastiveSC
     from ..method.preprocess import fit_preprocess, transform
+    from ..method.rows import as_rows
 
     started = time.perf_counter()
     if source in PRESETS:
@@ -159,7 +160,7 @@ def _embed(adata, source: str, seed: int, overrides: dict) -> _Embedded:
         embedding = scanpy_pcs(adata, seed=seed)
         return _Embedded(embedding, time.perf_counter() - started, 0.0)
     config = get_preset("paper").replace(**overrides).preprocess
-    state = fit_preprocess(adata.X, adata.var_names, n_genes=config.n_genes, min_cells=config.min_cells)
+    state = fit_preprocess(as_rows(adata.X), adata.var_names, n_genes=config.n_genes, min_cells=config.min_cells)
     x = transform(adata.X, adata.var_names, state)
     if source == "original-loop":
         import torch

@@ -122,6 +122,7 @@ def run_size(data_path: str | Path, n_cells: int, n_genes: int, *, n_genes_kept:
     from ..analysis.evaluation import cluster_and_score
     from ..method.config import get_preset
     from ..method.preprocess import fit_preprocess, transform_rows
+    from ..method.rows import as_rows
     from ..method.train import fit_encoder
     from ..serve.onnx_io import OnnxEncoder, export_onnx
 
@@ -144,8 +145,8 @@ def run_size(data_path: str | Path, n_cells: int, n_genes: int, *, n_genes_kept:
 
         stage = "preprocess"
         with _Stage(row, stage).measure():
-            state = fit_preprocess(adata.X, adata.var_names, n_genes=pre.n_genes, min_cells=pre.min_cells)
-            x = transform_rows(adata.X, adata.var_names, state, directory=workdir)
+            state = fit_preprocess(as_rows(adata.X), adata.var_names, n_genes=pre.n_genes, min_cells=pre.min_cells)
+            x = transform_rows(as_rows(adata.X), adata.var_names, state, directory=workdir)
         row["n_genes_kept"] = state.n_genes
         with x:
             stage = "train"

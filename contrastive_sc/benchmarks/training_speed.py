@@ -87,11 +87,12 @@ def training_seconds(adata, preset: str, repeats: int = 3) -> tuple[list[float],
     """
     from ..method.config import get_preset
     from ..method.preprocess import fit_preprocess, transform
+    from ..method.rows import as_rows
     from ..method.train import fit_encoder
 
     cfg = get_preset(preset)
     pre = cfg.preprocess
-    state = fit_preprocess(adata.X, adata.var_names, n_genes=pre.n_genes, min_cells=pre.min_cells,
+    state = fit_preprocess(as_rows(adata.X), adata.var_names, n_genes=pre.n_genes, min_cells=pre.min_cells,
                            hvg_flavor=pre.hvg_flavor, clip=pre.clip)
     x = transform(adata.X, adata.var_names, state)
     wall, cpu = [], []

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from .rows import DEFAULT_BLOCK_SIZE, Rows, as_rows, collect
+from .rows import DEFAULT_BLOCK_SIZE, Rows, collect
 
 STATE_VERSION = 1
 #: scanpy's default number of mean bins for the seurat dispersion normalisation.
@@ -117,13 +117,12 @@ class GeneCoverage:
         }
 
 
-def fit_preprocess(counts, gene_names, *, n_genes: int | str = 500, min_cells: int = 2,
+def fit_preprocess(counts: Rows, gene_names, *, n_genes: int | str = 500, min_cells: int = 2,
                    hvg_flavor: str = "seurat", clip: float | None = None,
                    block_size: int = DEFAULT_BLOCK_SIZE) -> PreprocessState:
     """Learn the preprocessing state from raw counts, from statistics accumulated over row blocks.
 
-    Three passes over the blocks of :class:`~contrastive_sc.method.rows.Rows` (any array, sparse
-    matrix, backed AnnData ``X`` or rows object): in how many cells each gene is detected; library
+    Three passes over the blocks of the counts: in how many cells each gene is detected; library
     sizes and each gene's share of all counts; per-gene sums and sums of squares of the normalised
     and log-normalised values. scanpy's seurat dispersion ranking and the scaling statistics
     follow from those sums (scanpy's ``highly_variable_genes`` ranks from ``(mean, var)`` alone),
@@ -134,7 +133,7 @@ def fit_preprocess(counts, gene_names, *, n_genes: int | str = 500, min_cells: i
     Parameters
     ----------
     counts
-        Cells x genes raw counts.
+        Cells x genes raw counts, as :class:`~contrastive_sc.method.rows.Rows` (``as_rows(matrix)``).
     gene_names
         One name per column.
     n_genes
@@ -148,7 +147,7 @@ def fit_preprocess(counts, gene_names, *, n_genes: int | str = 500, min_cells: i
     block_size
         Cells per block; bounds the memory of every pass.
     """
-    rows = counts if isinstance(counts, Rows) else as_rows(counts)
+    rows = counts
     gene_names = np.asarray(gene_names, dtype=str)
     n_cells, n_columns = rows.shape
     if n_columns != len(gene_names):
@@ -358,20 +357,20 @@ def transform(counts, gene_names, state: PreprocessState) -> np.ndarray:
     return out
 
 
-def transform_rows(counts, gene_names, state: PreprocessState, *, directory: str | Path | None = None) -> Rows:
+def transform_rows(counts: Rows, gene_names, state: PreprocessState, *,
+                   directory: str | Path | None = None) -> Rows:
     """:func:`transform` of every cell, as rows kept where the counts are kept.
 
     Cells in memory give an array in memory; the cells of a backed AnnData give a
     :class:`~contrastive_sc.method.rows.DiskMatrix` in a temporary file (in ``directory``), deleted
     when the rows are closed: use the result as a context manager.
     """
-    rows = counts if isinstance(counts, Rows) else as_rows(counts)
-    return rows.map(lambda block: transform(block, gene_names, state), state.n_genes, directory=directory)
+    return counts.map(lambda block: transform(block, gene_names, state), state.n_genes, directory=directory)
 
 
-def transform_in_memory(counts, gene_names, state: PreprocessState) -> np.ndarray:
-    """:func:`transform` of every cell as one array, the counts read a block at a time."""
-    return collect(lambda block: transform(block, gene_names, state), as_rows(counts), state.n_genes)
+def transform_in_memory(counts: Rows, gene_names, state: PreprocessState) -> np.ndarray:
+    """:func:`transform` of every cell as one array, the counts (rows) read a block at a time."""
+    return collect(lambda block: transform(block, gene_names, state), counts, state.n_genes)
 
 
 def empty_cells(counts, gene_names, state: PreprocessState) -> np.ndarray:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -16,9 +17,12 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from ..analysis.cluster import cluster_labels, nearest_centroid
 from ..method.config import Setting, settings
 from ..method.preprocess import PreprocessState, gene_coverage, transform
 from ..method.validation import MAX_COUNT, check_count_values
+from .isolation import HeavySlots, run_killable
+from .limits import HEAVY_SLOTS_ENV, OverBudget, RequestTooLarge, ServingLimits  # noqa: F401 (first defined here)
 
 #: Artifact names of a packaged model, as logged with the MLflow pyfunc.
 ARTIFACTS = {"encoder": "encoder.onnx", "state": "preprocess_state.json",
@@ -32,11 +36,6 @@ LONG_COLUMNS = ("cell", "gene", "count")
 PROVIDER_ENV = "CONTRASTIVE_SC_ONNX_PROVIDER"
 
 
-#: Environment variable capping the cells of one served request (see :data:`DEFAULT_MAX_CELLS`).
-MAX_CELLS_ENV = "CONTRASTIVE_SC_MAX_CELLS"
-#: A 2,000-cell x 2,000-gene JSON body is ~20 MB, so 10,000 cells are ~100 MB parsed in one
-#: request: larger datasets belong in the batch ``embed`` entry point, not in one REST call.
-DEFAULT_MAX_CELLS = 10_000
 #: Bounds of the per-request params: the parameter table's for the clustering settings (the same
 #: rule as training), the served model's own for the two shares.
 _PARAM_SETTINGS = {name: settings()[name] for name in ("n_clusters", "resolution", "n_neighbors", "seed")} | {
@@ -133,21 +132,6 @@ _MLFLOW_TYPES = {"str": "string", "int": "long", "float": "double", "bool": "boo
 _PYTHON_TYPES = {"str": str, "int": int, "float": float, "bool": bool}
 
 
-def max_cells_per_request() -> int:
-    """The per-request cell limit: ``CONTRASTIVE_SC_MAX_CELLS``, else :data:`DEFAULT_MAX_CELLS`."""
-    raw = os.environ.get(MAX_CELLS_ENV, "").strip()
-    if not raw:
-        return DEFAULT_MAX_CELLS
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if value < 1:
-        msg = f"{MAX_CELLS_ENV} must be a positive integer, got {raw!r}"
-        raise ValueError(msg)
-    return value
-
-
 def _check_column(name, column: pd.Series) -> None:
     """Refuse a gene column that is not raw counts, saying what it holds instead."""
     if pd.api.types.is_bool_dtype(column):
@@ -226,10 +210,6 @@ def _gene_codes(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     # a category named in no row is not an input gene (as a column left out of the wide form)
     renumbered = np.cumsum(present) - 1
     return np.where(codes >= 0, renumbered[codes], -1), names[present]
-
-
-class RequestTooLarge(ValueError):
-    """A request with more cells than the served model accepts in one call."""
 
 
 class ArtifactError(ValueError):
@@ -317,13 +297,29 @@ class EmbedThenCluster:
     provider
         onnxruntime provider choice; defaults to the ``CONTRASTIVE_SC_ONNX_PROVIDER``
         environment variable, else ``"auto"``.
+    isolate
+        Cluster requests whose work is above ``limits.inline_work`` in a separate process,
+        killed at the request's deadline, at most ``limits.heavy_slots`` at once (what the
+        served model does, :mod:`~contrastive_sc.serve.isolation`); otherwise every request
+        clusters in the caller's thread.
+
+    Attributes
+    ----------
+    limits
+        What one :meth:`predict` call may cost (:class:`~contrastive_sc.serve.limits.ServingLimits`,
+        from the environment).
     """
 
-    def __init__(self, artifacts: dict[str, str], provider: str | None = None) -> None:
+    def __init__(self, artifacts: dict[str, str], provider: str | None = None, *, isolate: bool = False) -> None:
         from .onnx_io import OnnxEncoder, intra_op_threads
 
         # Settings first: a bad environment variable is named as such, not blamed on a file.
-        self.max_cells = max_cells_per_request()
+        self.limits = ServingLimits.from_env()
+        self.max_cells = self.limits.max_cells
+        self.isolate = isolate
+        self.heavy_slots = HeavySlots(self.limits.heavy_slots, busy_message=(
+            f"busy: this server worker already clusters {self.limits.heavy_slots} large request(s), its limit "
+            f"({HEAVY_SLOTS_ENV}); retry in a few seconds, send fewer cells, or send method='trained'"))
         intra_op_threads()
         missing = sorted(set(ARTIFACTS) - set(artifacts))
         if missing:
@@ -346,14 +342,14 @@ class EmbedThenCluster:
                 raise ArtifactError(msg)
 
     @classmethod
-    def from_dir(cls, folder: str | Path, provider: str | None = None) -> EmbedThenCluster:
+    def from_dir(cls, folder: str | Path, provider: str | None = None, *, isolate: bool = False) -> EmbedThenCluster:
         """Load a folder written by :func:`package_model`."""
         folder = Path(folder)
         paths = {key: str(folder / name) for key, name in ARTIFACTS.items()}
         paths |= {key: str(folder / name) for key, name in OPTIONAL_ARTIFACTS.items() if (folder / name).exists()}
-        return cls(paths, provider)
+        return cls(paths, provider, isolate=isolate)
 
-    def predict(self, data, params: dict | None = None) -> pd.DataFrame:
+    def predict(self, data, params: dict | None = None, *, started: float | None = None) -> pd.DataFrame:
         """Cluster cells given as raw counts.
 
         Parameters
@@ -365,6 +361,9 @@ class EmbedThenCluster:
             genes in order.
         params
             :class:`PredictParams` fields.
+        started
+            ``time.monotonic()`` at which the request arrived (default: now): with ``isolate``,
+            clustering in a separate process is stopped ``limits.cluster_timeout`` seconds after it.
 
         Returns
         -------
@@ -377,16 +376,27 @@ class EmbedThenCluster:
         RequestTooLarge
             More than ``max_cells`` cells (``CONTRASTIVE_SC_MAX_CELLS``); the batch path
             :meth:`embed_and_cluster` has no such limit.
+        OverBudget
+            More cells x genes, or more clustering work, than :attr:`limits` allow (a ``ValueError``).
+        ~contrastive_sc.serve.isolation.ServerBusy, ~contrastive_sc.serve.isolation.WorkTimedOut
+            With ``isolate``: every slot for separate processes taken, or the clustering past its deadline.
         """
+        started = time.monotonic() if started is None else started
         options = PredictParams.from_dict(params)  # bad params fail before the counts are read
         counts, genes, cells = self._as_counts(data)
-        if len(cells) > self.max_cells:
-            msg = (f"the request holds {len(cells)} cells, over this server's limit of {self.max_cells} per request "
-                   f"({MAX_CELLS_ENV}); send 'trained' requests in chunks, or cluster a large dataset with the batch "
-                   "entry point: `python -m contrastive_sc embed --model-uri MODEL_URI --data FILE --out OUT.h5ad` "
-                   "(or `mlflow run . -e embed`)")
-            raise RequestTooLarge(msg)
-        labels, embedding, coverage = self.embed_and_cluster(counts, genes, params)
+        self.limits.check_input(len(cells), len(genes))
+        method, kwargs = self._clustering_call(len(cells), options)  # refused before the encoder runs
+        work = self.limits.check_clustering(method, len(cells), n_neighbors=kwargs.get("n_neighbors", 0),
+                                            n_clusters=kwargs.get("n_clusters", 0))
+        embedding, coverage = self.embed(counts, genes, options)
+        if method == "trained":
+            labels = nearest_centroid(embedding, self.centroids)
+        elif not self.isolate or self.limits.runs_inline(work):
+            labels = cluster_labels(embedding, method, **kwargs)
+        else:
+            with self.heavy_slots.hold():
+                labels = run_killable(cluster_labels, (embedding, method), kwargs,
+                                      deadline=started + self.limits.cluster_timeout)
         out = pd.DataFrame({"cell": cells, "cluster": labels, "gene_coverage": round(coverage.fraction, 4)})
         annotated = self.annotate(embedding, options)
         if annotated is not None:
@@ -404,14 +414,21 @@ class EmbedThenCluster:
         ``(labels, embedding, coverage)``.
         """
         options = PredictParams.from_dict(params)
+        embedding, coverage = self.embed(counts, genes, options)
+        method, kwargs = self._clustering_call(len(embedding), options)
+        if method == "trained":
+            return nearest_centroid(embedding, self.centroids), embedding, coverage
+        return cluster_labels(embedding, method, **kwargs), embedding, coverage
+
+    def embed(self, counts, genes, options: PredictParams):
+        """``(embedding, coverage)`` of a count matrix with named gene columns; refuses too few model genes."""
         coverage = gene_coverage(genes, self.state)
         if coverage.fraction < options.min_coverage:
             msg = (f"only {coverage.n_found} of the model's {coverage.n_model_genes} genes are in the input "
                    f"({coverage.fraction:.0%} < min_coverage {options.min_coverage:.0%}); send raw counts with "
                    f"gene names as columns, e.g. {list(self.state.genes[:3])}")
             raise ValueError(msg)
-        embedding = self.encoder(transform(counts, genes, self.state))
-        return self._cluster(embedding, options), embedding, coverage
+        return self.encoder(transform(counts, genes, self.state)), coverage
 
     def annotate(self, embedding: np.ndarray, options: PredictParams):
         """``(cell types, confidences)`` by the model's cell-type annotator, or ``None`` without one."""
@@ -464,17 +481,16 @@ class EmbedThenCluster:
         check_count_values(counts, what="input", rows=cells, columns=genes)
         return counts, genes, cells
 
-    def _cluster(self, embedding: np.ndarray, options: PredictParams) -> np.ndarray:
-        from ..analysis.cluster import cluster_labels, nearest_centroid
-
-        n_cells = embedding.shape[0]
+    def _clustering_call(self, n_cells: int, options: PredictParams) -> tuple[str, dict]:
+        """``(method, keyword arguments of cluster_labels)`` for ``n_cells`` cells; a request that cannot be
+        clustered (more clusters or neighbours than cells) is refused here, before any work."""
         if options.method == "trained":
-            return nearest_centroid(embedding, self.centroids)
+            return "trained", {}
         if options.method == "kmeans":
             if int(options.n_clusters) > n_cells:
                 msg = f"n_clusters={options.n_clusters} but only {n_cells} cell(s) were sent; send more cells than clusters"
                 raise ValueError(msg)
-            return cluster_labels(embedding, "kmeans", n_clusters=int(options.n_clusters), seed=int(options.seed))
+            return "kmeans", {"n_clusters": int(options.n_clusters), "seed": int(options.seed)}
         if n_cells < 3:
             msg = f"{options.method} needs at least 3 cells, got {n_cells}"
             raise ValueError(msg)
@@ -485,8 +501,9 @@ class EmbedThenCluster:
             msg = (f"n_neighbors={n_neighbors} needs more cells than neighbours, and {n_cells} cell(s) were sent; "
                    "send more cells or a smaller n_neighbors")
             raise ValueError(msg)
-        return cluster_labels(embedding, options.method, resolution=float(resolution), n_neighbors=int(n_neighbors),
-                              seed=int(options.seed))
+        # the graph has at most n_cells - 1 neighbours per cell (knn_graph caps the model's default)
+        return options.method, {"resolution": float(resolution), "n_neighbors": min(int(n_neighbors), n_cells - 1),
+                                "seed": int(options.seed)}
 
 
 def package_model(model, folder: str | Path, *, check_rows: np.ndarray | None = None) -> dict[str, str]:

@@ -278,11 +278,23 @@ def guard_invocations() -> bool:
                         mimetype="application/json")
 
     def guarded(data, content_type, model, input_schema):
+        from contrastive_sc.serve.scoring import in_request_process
+
         _request.started = time.monotonic()
         try:
             if not str(content_type or "").strip():
                 return refuse(415, "BAD_REQUEST", "the request has no Content-Type header; send one of "
                               f"{', '.join(ACCEPTED_CONTENT_TYPES)} (only JSON carries params)")
+            served = _served_model(model)
+            if served is not None and served.isolate and not in_request_process():
+                try:
+                    served.limits.check_body(len(data))
+                except ValueError as error:
+                    raise RequestError(str(error)) from None
+                mime = str(content_type).split(";")[0].strip().lower()
+                if mime == "application/json" and len(data) > served.limits.inline_body_bytes:
+                    status, body, mimetype = _answer_in_process(served, data, content_type, _request.started)
+                    return response(response=body, status=status, mimetype=mimetype)
             try:
                 answer = original(data, content_type, _OneLineErrors(model), input_schema)
             except RequestError:
@@ -305,13 +317,54 @@ def guard_invocations() -> bool:
     return True
 
 
+def _served_model(model):
+    """The :class:`~contrastive_sc.serve.inference.EmbedThenCluster` behind a loaded ``PyFuncModel``, if it is this one."""
+    try:
+        python_model = model.unwrap_python_model()
+    except Exception:  # another flavour, or MLflow changed: answer as MLflow does
+        return None
+    return python_model.model if isinstance(python_model, EmbedThenClusterModel) else None
+
+
+def _answer_in_process(served, data: bytes, content_type: str, started: float) -> tuple[int, str, str]:
+    """The whole request (parsing included) in a killable process: ``(status, body, media type)``."""
+    from contrastive_sc.serve.isolation import run_killable
+    from contrastive_sc.serve.scoring import answer_request
+
+    try:
+        with served.heavy_slots.hold():
+            return run_killable(answer_request, (os.environ[_SERVER_MODEL_PATH_ENV], data, content_type),
+                                deadline=started + served.limits.cluster_timeout)
+    except Exception as error:
+        raise _serving_error(error, served.limits) from None
+
+
+def _serving_error(error: Exception, limits) -> RequestError:
+    """The answer to a request whose separate process could not answer: busy (503), too slow (504), failed (500)."""
+    from contrastive_sc.serve.isolation import ServerBusy, WorkTimedOut
+
+    if isinstance(error, ServerBusy):
+        return RequestError(str(error), error_code=TEMPORARILY_UNAVAILABLE)
+    if isinstance(error, WorkTimedOut):
+        msg = (f"this request took longer than this server's limit of {limits.cluster_timeout:g} s "
+               "(CONTRASTIVE_SC_CLUSTER_TIMEOUT) and its work was stopped; send fewer cells or a smaller n_neighbors / "
+               "n_clusters, or cluster a large dataset with the batch entry point `python -m contrastive_sc embed`")
+        return RequestError(msg, error_code=DEADLINE_EXCEEDED)
+    ref = uuid.uuid4().hex[:12]
+    log.error("prediction failed in its separate process (ref %s): %s: %s", ref, type(error).__name__, error)
+    msg = f"internal error while answering the request (ref {ref}); the server log has the details"
+    return RequestError(msg, error_code=INTERNAL_ERROR)
+
+
 class EmbedThenClusterModel(PythonModel):
     """Raw counts (gene columns) -> frozen preprocessing -> ONNX encoder -> clusters."""
 
     def load_context(self, context) -> None:
         from contrastive_sc.serve.inference import EmbedThenCluster
+        from contrastive_sc.serve.scoring import SERVING_PRELOAD, in_request_process
 
-        served = bool(os.environ.get(_SERVER_MODEL_PATH_ENV))
+        # In `mlflow models serve` (and not in a process answering one of its requests).
+        served = bool(os.environ.get(_SERVER_MODEL_PATH_ENV)) and not in_request_process()
         try:
             # Served: large clustering in killable processes (an in-process caller's thread is its own).
             self.model = EmbedThenCluster(dict(context.artifacts), isolate=served)
@@ -329,7 +382,7 @@ class EmbedThenClusterModel(PythonModel):
         if served:
             from contrastive_sc.serve.isolation import start_fork_server
 
-            start_fork_server()  # now, so that the first large request does not wait for its imports
+            start_fork_server(SERVING_PRELOAD)  # now, so that the first large request does not wait for its imports
         limits = self.model.limits
         log.info("contrastive-sc model loaded: %d genes, %d training clusters, onnxruntime %s with %d thread(s), "
                  "%s", self.model.state.n_genes, len(self.model.centroids), self.model.encoder.providers,
@@ -343,14 +396,8 @@ class EmbedThenClusterModel(PythonModel):
         except ValueError as error:
             # A bad request, not a server fault: the scoring server answers 400 with this text.
             raise RequestError(str(error)) from None
-        except ServerBusy as error:
-            raise RequestError(str(error), error_code=TEMPORARILY_UNAVAILABLE) from None
-        except WorkTimedOut:
-            limits = self.model.limits
-            msg = (f"clustering this request took longer than this server's limit of {limits.cluster_timeout:g} s "
-                   "(CONTRASTIVE_SC_CLUSTER_TIMEOUT) and was stopped; send fewer cells or a smaller n_neighbors / "
-                   "n_clusters, or cluster a large dataset with the batch entry point `python -m contrastive_sc embed`")
-            raise RequestError(msg, error_code=DEADLINE_EXCEEDED) from None
+        except (ServerBusy, WorkTimedOut) as error:
+            raise _serving_error(error, self.model.limits) from None
         except Exception:
             # The traceback names files on the server: log it, answer with a reference to the log line.
             ref = uuid.uuid4().hex[:12]

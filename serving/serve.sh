@@ -3,8 +3,8 @@
 #   serving/serve.sh [MODEL_URI] [PORT]
 # MODEL_URI defaults to models:/contrastive-sc@champion; any models:/ or runs:/ URI or a local model folder works.
 # The tracking/registry store comes from MLFLOW_TRACKING_URI (default: ./mlflow.db).
-# The server has no authentication and no body-size limit: keep it on 127.0.0.1 and put a proxy
-# in front (serving/README.md).
+# The server has no authentication, and the model refuses an oversized body only once MLflow has read
+# it: keep it on 127.0.0.1 and put a proxy in front (serving/README.md).
 #
 # Settings (environment variables):
 #   CONTRASTIVE_SC_WORKERS                 uvicorn worker processes, each with its own model copy (default 1)
@@ -21,10 +21,13 @@
 #   CONTRASTIVE_SC_MAX_GRAPH_EDGES         budget of a leiden/auto request, cells x n_neighbors (default 2000000)
 #   CONTRASTIVE_SC_MAX_KMEANS_WORK         budget of a kmeans request, cells x n_clusters (default 1000000)
 #   CONTRASTIVE_SC_MAX_INPUT_VALUES        budget of any request's table, cells x genes (default 20000000)
-#                                          A request over a budget is answered 400 naming it and what fits. The
-#                                          defaults keep the largest request to about a third of the 60 s on 2 cores
-#                                          (docs/serving.md, Serving under load, has the measurements and
-#                                          `contrastive-sc load-benchmark` measures a server under slow requests)
+#   CONTRASTIVE_SC_MAX_BODY_BYTES          longest body, refused before parsing (default 32000000: MLflow parses
+#                                          JSON at ~0.6 us a byte, so 32 MB takes ~20 s on 2 busy cores)
+#   CONTRASTIVE_SC_INLINE_BODY_BYTES       JSON bodies longer than this are parsed and answered whole in a killable
+#                                          process too, under the same slots and limit (default 4000000)
+#     A request over a budget is answered 400 naming it and what fits. The defaults were measured on 2 cores
+#     (docs/serving.md, Serving under load; contrastive_sc/serve/limits.py): the largest clustering they admit
+#     takes about a third of the 60 s; `contrastive-sc load-benchmark` measures a server under slow requests.
 #   CONTRASTIVE_SC_ONNX_THREADS            onnxruntime threads per worker (default: cores // workers)
 #                                          Many concurrent clients: one worker per core and 1 thread each
 #                                          (CONTRASTIVE_SC_WORKERS=$(nproc) CONTRASTIVE_SC_ONNX_THREADS=1);

@@ -36,6 +36,7 @@ CHILD_NICENESS = 10
 CHILD_ALARM_MARGIN = 30
 
 _start_lock = threading.Lock()
+_preload_chosen: list[bool] = []  # non-empty once the fork server's modules are chosen
 
 
 class ServerBusy(RuntimeError):
@@ -55,17 +56,21 @@ def _package_root() -> str:
     return str(Path(__file__).resolve().parents[2])
 
 
-def start_fork_server() -> None:
+def start_fork_server(extra_preload: tuple[str, ...] = ()) -> None:
     """Start this process's fork server if it is not running; idempotent and cheap when it is.
 
     The server is started with this package's folder first on ``PYTHONPATH``: a served model
     imports the package from the model's own ``code`` folder, which a new interpreter would
-    not find (or would find another installed version of).
+    not find (or would find another installed version of). ``extra_preload``: modules it
+    imports besides :data:`PRELOAD` (only the first start of the process chooses).
     """
     from multiprocessing import forkserver
 
     with _start_lock:
-        multiprocessing.get_context("forkserver").set_forkserver_preload(list(PRELOAD))
+        if not _preload_chosen:
+            preload = list(dict.fromkeys([*PRELOAD, *extra_preload]))
+            multiprocessing.get_context("forkserver").set_forkserver_preload(preload)
+            _preload_chosen.append(True)
         before = os.environ.get("PYTHONPATH")
         os.environ["PYTHONPATH"] = os.pathsep.join([_package_root(), *([before] if before else [])])
         try:

@@ -13,6 +13,9 @@ defaults were measured on a two-core machine (``docs/serving.md``, Serving under
   about 13 s per million cells x clusters, hence :data:`DEFAULT_MAX_KMEANS_WORK` (1 million).
 - clustering under :data:`DEFAULT_INLINE_WORK` (2,000 cells x 50 neighbours) takes well under a
   second and runs in the request's own thread, without a process to start.
+- MLflow parses JSON at about 0.6 us per byte, holding the GIL (60 MB in 37 s, loaded): bodies
+  over :data:`DEFAULT_INLINE_BODY_BYTES` are parsed in the killable process too, and bodies over
+  :data:`DEFAULT_MAX_BODY_BYTES` are refused before parsing.
 """
 
 from __future__ import annotations
@@ -39,6 +42,19 @@ DEFAULT_MAX_KMEANS_WORK = 1_000_000
 #: Clustering work (cells x neighbours or clusters) up to which a request clusters in its own thread.
 INLINE_WORK_ENV = "CONTRASTIVE_SC_INLINE_WORK"
 DEFAULT_INLINE_WORK = 100_000
+#: JSON bodies longer than this many bytes are answered whole in a separate process (parsing included).
+INLINE_BODY_BYTES_ENV = "CONTRASTIVE_SC_INLINE_BODY_BYTES"
+#: MLflow parses JSON at ~0.6 us per byte holding the GIL (measured: 60 MB, 37 s, loaded 2-core machine;
+#: about 4x faster idle). 4 MB keeps the 500-cell chunks serving/client.py sends as JSON (3 MB wide,
+#: 3.9 MB long for PBMC's 2,000 genes) in the worker, as before, and another request's wait under a
+#: second idle; a process costs a large request ~0.5 s more (fork, loading the model).
+DEFAULT_INLINE_BODY_BYTES = 4_000_000
+#: Longest body accepted, refused before it is parsed.
+MAX_BODY_BYTES_ENV = "CONTRASTIVE_SC_MAX_BODY_BYTES"
+#: 10,000 cells x 2,000 genes of counts as JSON is 60 MB and took MLflow 37 s to parse on a loaded
+#: two-core machine (0.6 us per byte), too long to be clustered within :data:`DEFAULT_CLUSTER_TIMEOUT`:
+#: 32 MB (5,000 such cells) parses in about 20 s there. The same cells as long parquet are ~5 MB.
+DEFAULT_MAX_BODY_BYTES = 32_000_000
 #: Requests clustering in a separate process at once, per server worker; more are answered 503.
 HEAVY_SLOTS_ENV = "CONTRASTIVE_SC_HEAVY_SLOTS"
 DEFAULT_HEAVY_SLOTS = 2
@@ -97,6 +113,11 @@ class ServingLimits:
     inline_work
         Clustering work up to which a request clusters in its own thread (``CONTRASTIVE_SC_INLINE_WORK``);
         above it the clustering runs in a process killed at ``cluster_timeout``.
+    inline_body_bytes
+        JSON bodies longer than this are answered whole (parsed, embedded, clustered) in a
+        killable process too (``CONTRASTIVE_SC_INLINE_BODY_BYTES``).
+    max_body_bytes
+        Longest body accepted; a longer one is refused before it is parsed (``CONTRASTIVE_SC_MAX_BODY_BYTES``).
     heavy_slots
         Such processes at once per worker (``CONTRASTIVE_SC_HEAVY_SLOTS``); beyond them a request
         is answered 503 at once.
@@ -109,6 +130,8 @@ class ServingLimits:
     max_graph_edges: int = DEFAULT_MAX_GRAPH_EDGES
     max_kmeans_work: int = DEFAULT_MAX_KMEANS_WORK
     inline_work: int = DEFAULT_INLINE_WORK
+    inline_body_bytes: int = DEFAULT_INLINE_BODY_BYTES
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     heavy_slots: int = DEFAULT_HEAVY_SLOTS
     cluster_timeout: float = DEFAULT_CLUSTER_TIMEOUT
 
@@ -135,8 +158,18 @@ class ServingLimits:
                    max_graph_edges=_env_number(MAX_GRAPH_EDGES_ENV, DEFAULT_MAX_GRAPH_EDGES),
                    max_kmeans_work=_env_number(MAX_KMEANS_WORK_ENV, DEFAULT_MAX_KMEANS_WORK),
                    inline_work=_env_number(INLINE_WORK_ENV, DEFAULT_INLINE_WORK, low=0),
+                   inline_body_bytes=_env_number(INLINE_BODY_BYTES_ENV, DEFAULT_INLINE_BODY_BYTES, low=0),
+                   max_body_bytes=_env_number(MAX_BODY_BYTES_ENV, DEFAULT_MAX_BODY_BYTES),
                    heavy_slots=_env_number(HEAVY_SLOTS_ENV, DEFAULT_HEAVY_SLOTS),
                    cluster_timeout=float(timeout))
+
+    def check_body(self, n_bytes: int) -> None:
+        """Refuse a body longer than :attr:`max_body_bytes`, before it is parsed."""
+        if n_bytes > self.max_body_bytes:
+            msg = (f"the request body is {n_bytes:,} bytes, over this server's limit of {self.max_body_bytes:,} "
+                   f"({MAX_BODY_BYTES_ENV}); send fewer cells per request, only the model's genes, or the long parquet "
+                   "form (columns cell, gene, count), ~10x smaller than JSON")
+            raise OverBudget(msg)
 
     def check_input(self, n_cells: int, n_genes: int) -> None:
         """Refuse a table of more cells, or more cells x genes, than one request may hold."""

@@ -34,6 +34,8 @@ def loaded(_store_with_runs, tmp_path_factory, _synthetic_session):
     mlflow.set_registry_uri(uri)
     registry.register_run(runs[0]["run_id"], "loaded")
     registry.promote("loaded")
+    state = mlflow.artifacts.download_artifacts(run_id=runs[0]["run_id"], dst_path=str(folder),
+                                                artifact_path="torch_model/preprocess_state.json")
     mlflow.set_tracking_uri(None)
     server = Server("models:/loaded@champion", uri, folder / "server.log",
                     env={"CONTRASTIVE_SC_CLUSTER_TIMEOUT": str(CLUSTER_TIMEOUT),
@@ -43,7 +45,13 @@ def loaded(_store_with_runs, tmp_path_factory, _synthetic_session):
     many = pd.DataFrame(rng.poisson(frame.to_numpy()[rng.integers(len(frame), size=SLOW_CELLS)]),
                         columns=frame.columns, index=[f"c{i}" for i in range(SLOW_CELLS)])
     time.sleep(3)  # the fork server's imports
-    yield server, frame, json.dumps(_split(many, {"method": "leiden", "n_neighbors": 999})).encode()
+    from contrastive_sc.method.preprocess import PreprocessState
+
+    genes = list(PreprocessState.from_json(state).genes)
+    slow = {"method": "leiden", "n_neighbors": 999}
+    # All 400 genes: a JSON body over CONTRASTIVE_SC_INLINE_BODY_BYTES, parsed and answered in a process.
+    # The model's 100 genes only: parsed by the worker, clustered in a process.
+    yield server, frame, json.dumps(_split(many, slow)).encode(), json.dumps(_split(many[genes], slow)).encode()
     server.stop()
 
 
@@ -81,11 +89,12 @@ def _worker_rss_mb(server) -> float:
     return total
 
 
-def test_a_request_past_its_limit_is_answered_by_the_model_and_its_process_is_gone(loaded):
-    server, _, slow = loaded
+@pytest.mark.parametrize("body", ["large JSON, answered in a process", "model genes only, clustered in a process"])
+def test_a_request_past_its_limit_is_answered_by_the_model_and_its_process_is_gone(loaded, body):
+    server, _, large, slim = loaded
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         started = time.monotonic()
-        answer = pool.submit(server.post, slow)
+        answer = pool.submit(server.post, large if body.startswith("large") else slim)
         seen = set()
         while not answer.done():
             seen |= set(_work_processes(server))
@@ -103,8 +112,8 @@ def test_a_request_past_its_limit_is_answered_by_the_model_and_its_process_is_go
 
 
 def test_a_request_over_the_budget_is_refused_naming_it(loaded):
-    server, _, slow = loaded
-    over = slow.replace(b'"n_neighbors": 999', b'"n_neighbors": 1000')
+    server, _, _, slim = loaded
+    over = slim.replace(b'"n_neighbors": 999', b'"n_neighbors": 1000')
     status, body = server.post(over)
     assert status == 400, body
     assert ("builds a graph of 10,000,000 cells x neighbours, over this server's budget of 9,990,000 "
@@ -119,7 +128,7 @@ def test_quick_requests_answer_within_5_s_while_slow_ones_are_in_flight(loaded):
     """Eight slow requests at once (issue 24): two take the worker's slots and are stopped at the
     limit, six are told at once to retry; 2-cell requests sent meanwhile answer 200 within 5 s,
     and the worker's memory comes back."""
-    server, frame, slow = loaded
+    server, frame, slow, _ = loaded
     quick = _split(frame.iloc[:2], {"return_embedding": False})
     server.post(quick)
     before = _worker_rss_mb(server)

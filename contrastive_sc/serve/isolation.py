@@ -71,15 +71,18 @@ def start_fork_server(extra_preload: tuple[str, ...] = ()) -> None:
             preload = list(dict.fromkeys([*PRELOAD, *extra_preload]))
             multiprocessing.get_context("forkserver").set_forkserver_preload(preload)
             _preload_chosen.append(True)
-        before = os.environ.get("PYTHONPATH")
-        os.environ["PYTHONPATH"] = os.pathsep.join([_package_root(), *([before] if before else [])])
+        before = {name: os.environ.get(name) for name in ("PYTHONPATH", "PYTHONSAFEPATH")}
+        os.environ["PYTHONPATH"] = os.pathsep.join([_package_root(), *filter(None, [before["PYTHONPATH"]])])
+        # `python -c` would put the working folder first on sys.path, ahead of PYTHONPATH (Python >= 3.11).
+        os.environ["PYTHONSAFEPATH"] = "1"
         try:
             forkserver.ensure_running()
         finally:
-            if before is None:
-                os.environ.pop("PYTHONPATH", None)
-            else:
-                os.environ["PYTHONPATH"] = before
+            for name, value in before.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 
 
 def run_killable(func, args: tuple = (), kwargs: dict | None = None, *, deadline: float):

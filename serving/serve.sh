@@ -14,7 +14,7 @@
 #                                          its body was read (default 60, or half the server's limit if less; at most
 #                                          the server's limit - 5, else the server refuses to start); at the
 #                                          limit the process is killed and the model answers 504 with its message
-#   CONTRASTIVE_SC_HEAVY_SLOTS             such processes at once per worker (default 2); beyond them a request is
+#   CONTRASTIVE_SC_HEAVY_SLOTS             such processes at once per worker (default 1); beyond them a request is
 #                                          answered 503 "busy, retry" at once, so quick requests always find a thread
 #   CONTRASTIVE_SC_INLINE_WORK             clustering work (cells x neighbours or clusters) up to which a request
 #                                          clusters in its own thread, without a process (default 100000)

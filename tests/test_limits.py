@@ -5,7 +5,7 @@ import pytest
 from contrastive_sc.serve.limits import OverBudget, RequestTooLarge, ServingLimits
 
 LIMITS = ServingLimits(max_cells=10_000, max_input_values=20_000_000, max_graph_edges=2_000_000,
-                       max_kmeans_work=1_000_000, inline_work=100_000, heavy_slots=2, cluster_timeout=60)
+                       max_kmeans_work=1_000_000, inline_work=100_000, heavy_slots=1, cluster_timeout=60)
 
 
 @pytest.fixture(autouse=True)
@@ -19,10 +19,10 @@ def _no_settings(monkeypatch):
 def test_defaults_and_settings_from_the_environment(monkeypatch):
     assert ServingLimits.from_env() == ServingLimits() == LIMITS
     monkeypatch.setenv("CONTRASTIVE_SC_MAX_GRAPH_EDGES", "500000")
-    monkeypatch.setenv("CONTRASTIVE_SC_HEAVY_SLOTS", "1")
+    monkeypatch.setenv("CONTRASTIVE_SC_HEAVY_SLOTS", "3")
     monkeypatch.setenv("CONTRASTIVE_SC_INLINE_WORK", "0")
     limits = ServingLimits.from_env()
-    assert (limits.max_graph_edges, limits.heavy_slots, limits.inline_work) == (500_000, 1, 0)
+    assert (limits.max_graph_edges, limits.heavy_slots, limits.inline_work) == (500_000, 3, 0)
 
 
 def test_cluster_timeout_stays_under_the_servers(monkeypatch):

@@ -57,7 +57,9 @@ MAX_BODY_BYTES_ENV = "CONTRASTIVE_SC_MAX_BODY_BYTES"
 DEFAULT_MAX_BODY_BYTES = 32_000_000
 #: Requests clustering in a separate process at once, per server worker; more are answered 503.
 HEAVY_SLOTS_ENV = "CONTRASTIVE_SC_HEAVY_SLOTS"
-DEFAULT_HEAVY_SLOTS = 2
+#: One: on two cores, two slow requests of the largest admitted size at once (8 sent, load ~7) were
+#: both stopped at 60 s, where one alone took 16 s (docs/serving.md, Serving under load).
+DEFAULT_HEAVY_SLOTS = 1
 #: Seconds a request that clusters in a separate process may take, counted from when its body was read.
 CLUSTER_TIMEOUT_ENV = "CONTRASTIVE_SC_CLUSTER_TIMEOUT"
 DEFAULT_CLUSTER_TIMEOUT = 60.0

@@ -7,6 +7,7 @@ ends with a one-line message and exit code 2, never a traceback.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import sys
@@ -655,6 +656,54 @@ def speed_benchmark(data, model_uri, n_cells, request_cells, clients, requests_p
     rows.insert(2, "seed", 0)
     rows.to_csv(out, index=False)
     click.echo(f"\nwrote {out}")
+
+
+@main.command("load-benchmark")
+@click.option("--data", required=True, help="Counts file (the slow requests' cells are drawn from it) or 'simulated'.")
+@click.option("--model-uri", default=None, callback=_none_if_empty,
+              help="A logged model (models:/, runs:/ or a folder) [default: train one on --data].")
+@click.option("--slow-cells", default=5_000, type=click.IntRange(min=3),
+              help="Cells of each slow request (5,000 x 2,000 genes is the largest JSON body the defaults accept).")
+@click.option("--slow-neighbors", default=None, type=click.IntRange(min=2),
+              help="n_neighbors of each slow leiden request [default: the most the default budget allows].")
+@click.option("--request-cells", default=500, type=click.IntRange(min=1), help="Cells per throughput request.")
+@click.option("--requests-per-client", default=4, type=click.IntRange(min=1))
+@click.option("--workers", default="1,2", help="Server worker counts, one server each (comma-separated).")
+@click.option("--epochs", default=2, type=click.IntRange(min=1), help="Epochs of the trained model.")
+@click.option("--n-genes", default=2000, type=click.IntRange(min=2), help="Genes of the trained model.")
+@click.option("--out", default=None, type=click.Path(dir_okay=False), help="Also write the measurements as JSON.")
+@_overwrite_option
+@_tracking_options
+@_friendly_errors
+def load_benchmark(data, model_uri, slow_cells, slow_neighbors, request_cells, requests_per_client, workers, epochs,
+                   n_genes, out, overwrite, tracking_uri) -> None:
+    """A served model under 8 slow requests: quick-request latency, slow-request answers, memory, throughput.
+
+    Starts the model with serving/serve.sh and its documented defaults (127.0.0.1, stopped again),
+    sends 8 slow leiden requests at once and a stream of 2-cell requests meanwhile, then 8
+    clients of 500-cell requests; once per --workers count.
+    """
+    from .benchmarks.load import markdown, run_load_benchmark
+
+    try:
+        counts = tuple(int(w) for w in str(workers).split(","))
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1:
+        raise click.BadParameter(f"expected comma-separated worker counts >= 1, got {workers!r}", param_hint="--workers")
+    if out is not None and Path(out).exists() and not overwrite:
+        raise click.ClickException(f"{out} exists; pass --overwrite to replace it")
+    if model_uri is not None:
+        from .mlops import tracking
+
+        tracking.setup(tracking_uri)
+    result = run_load_benchmark(data, model_uri=model_uri, slow_cells=slow_cells, slow_neighbors=slow_neighbors,
+                                request_cells=request_cells, requests_per_client=requests_per_client, workers=counts,
+                                epochs=epochs, n_genes=n_genes, on_step=lambda text: click.echo(text, err=True))
+    click.echo(markdown(result))
+    if out is not None:
+        Path(out).write_text(json.dumps(result, indent=1, default=float))
+        click.echo(f"\nwrote {out}")
 
 
 @main.command()

@@ -3,14 +3,31 @@
 #   serving/serve.sh [MODEL_URI] [PORT]
 # MODEL_URI defaults to models:/contrastive-sc@champion; any models:/ or runs:/ URI or a local model folder works.
 # The tracking/registry store comes from MLFLOW_TRACKING_URI (default: ./mlflow.db).
-# The server has no authentication and no body-size limit: keep it on 127.0.0.1 and put a proxy
-# in front (serving/README.md).
+# The server has no authentication, and the model refuses an oversized body only once MLflow has read
+# it: keep it on 127.0.0.1 and put a proxy in front (serving/README.md).
 #
 # Settings (environment variables):
 #   CONTRASTIVE_SC_WORKERS                 uvicorn worker processes, each with its own model copy (default 1)
-#   MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT  seconds before a request is answered 504 (default 120); the worker
-#                                          keeps computing the abandoned request, so run >= 2 workers
-#                                          if a slow request must not block the others
+#   MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT  seconds before MLflow answers a request 504 (default 120); MLflow does
+#                                          not stop the request's thread, so the model stops its own slow work first:
+#   CONTRASTIVE_SC_CLUSTER_TIMEOUT         seconds a request that clusters in a separate process may take from when
+#                                          its body was read (default 60, or half the server's limit if less; at most
+#                                          the server's limit - 5, else the server refuses to start); at the
+#                                          limit the process is killed and the model answers 504 with its message
+#   CONTRASTIVE_SC_HEAVY_SLOTS             such processes at once per worker (default 1); beyond them a request is
+#                                          answered 503 "busy, retry" at once, so quick requests always find a thread
+#   CONTRASTIVE_SC_INLINE_WORK             clustering work (cells x neighbours or clusters) up to which a request
+#                                          clusters in its own thread, without a process (default 100000)
+#   CONTRASTIVE_SC_MAX_GRAPH_EDGES         budget of a leiden/auto request, cells x n_neighbors (default 2000000)
+#   CONTRASTIVE_SC_MAX_KMEANS_WORK         budget of a kmeans request, cells x n_clusters (default 1000000)
+#   CONTRASTIVE_SC_MAX_INPUT_VALUES        budget of any request's table, cells x genes (default 20000000)
+#   CONTRASTIVE_SC_MAX_BODY_BYTES          longest body, refused before parsing (default 32000000: MLflow parses
+#                                          JSON at ~0.6 us a byte, so 32 MB takes ~20 s on 2 busy cores)
+#   CONTRASTIVE_SC_INLINE_BODY_BYTES       JSON bodies longer than this are parsed and answered whole in a killable
+#                                          process too, under the same slots and limit (default 4000000)
+#     A request over a budget is answered 400 naming it and what fits. The defaults were measured on 2 cores
+#     (docs/serving.md, Serving under load; contrastive_sc/serve/limits.py): the largest clustering they admit
+#     takes about a third of the 60 s; `contrastive-sc load-benchmark` measures a server under slow requests.
 #   CONTRASTIVE_SC_ONNX_THREADS            onnxruntime threads per worker (default: cores // workers)
 #                                          Many concurrent clients: one worker per core and 1 thread each
 #                                          (CONTRASTIVE_SC_WORKERS=$(nproc) CONTRASTIVE_SC_ONNX_THREADS=1);

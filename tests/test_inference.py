@@ -185,6 +185,48 @@ def test_cells_per_request_limit(_trained_session, tmp_path, frame, monkeypatch)
         EmbedThenCluster.from_dir(tmp_path, provider="cpu")
 
 
+def test_served_requests_are_refused_over_budget_before_the_encoder(_trained_session, tmp_path, frame, monkeypatch):
+    from contrastive_sc.serve.limits import OverBudget
+
+    package_model(_trained_session, tmp_path)
+    monkeypatch.setenv("CONTRASTIVE_SC_MAX_GRAPH_EDGES", "3000")
+    monkeypatch.setenv("CONTRASTIVE_SC_MAX_INPUT_VALUES", "100000")
+    model = EmbedThenCluster.from_dir(tmp_path, provider="cpu")
+    model.encoder = None  # a refusal must come before any embedding
+    with pytest.raises(OverBudget, match=r"300 cells with n_neighbors=15 builds a graph of 4,500 cells x neighbours, over "
+                                         r"this server's budget of 3,000 \(CONTRASTIVE_SC_MAX_GRAPH_EDGES\)"):
+        model.predict(frame.iloc[:, :200], {"method": "leiden", "n_neighbors": 15})
+    with pytest.raises(OverBudget, match=r"300 cells x 400 genes = 120,000 values"):
+        model.predict(frame)
+    # the model's own n_neighbors (15, paper preset) counts when the request sends none
+    with pytest.raises(OverBudget, match="n_neighbors=15"):
+        model.predict(frame.iloc[:, :250], {"method": "auto"})
+
+
+def test_isolated_clustering_matches_in_thread_and_stops_at_its_deadline(_trained_session, tmp_path, frame,
+                                                                         monkeypatch):
+    import time
+
+    from contrastive_sc.serve.isolation import ServerBusy, WorkTimedOut
+
+    package_model(_trained_session, tmp_path)
+    monkeypatch.setenv("CONTRASTIVE_SC_INLINE_WORK", "0")  # every clustering in a process
+    monkeypatch.setenv("CONTRASTIVE_SC_HEAVY_SLOTS", "1")
+    isolated = EmbedThenCluster.from_dir(tmp_path, provider="cpu", isolate=True)
+    in_thread = EmbedThenCluster.from_dir(tmp_path, provider="cpu")
+    params = {"method": "leiden", "resolution": 0.5, "seed": 2, "return_embedding": False}
+    pd.testing.assert_frame_equal(isolated.predict(frame, params), in_thread.predict(frame, params))
+    # a request that arrived longer ago than the limit is not started
+    with pytest.raises(WorkTimedOut):
+        isolated.predict(frame, {"method": "leiden"}, started=time.monotonic() - isolated.limits.cluster_timeout)
+    # the quick path needs no slot; clustering beyond the slots is refused at once
+    with isolated.heavy_slots.hold():
+        assert len(isolated.predict(frame.iloc[:2])) == 2
+        with pytest.raises(ServerBusy, match=r"busy: this server worker already clusters 1 large request\(s\), its "
+                                             r"limit \(CONTRASTIVE_SC_HEAVY_SLOTS\); retry in a few seconds"):
+            isolated.predict(frame, {"method": "leiden"})
+
+
 def test_onnxruntime_threads_follow_workers(_trained_session, tmp_path, monkeypatch):
     import os
 

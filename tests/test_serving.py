@@ -240,7 +240,8 @@ REFUSED = {
                        "resolution must be a finite number"),
     "inf resolution": (lambda f: _split(f.iloc[:5], {"method": "leiden", "resolution": float("inf")}),
                        "resolution must be a finite number"),
-    "huge seed": (lambda f: _split(f.iloc[:20], {"method": "leiden", "seed": 2**63}), "seed must be within [0, 4294967295]"),
+    "huge seed": (lambda f: _split(f.iloc[:20], {"method": "leiden", "seed": 2**63}),
+                  "seed must be a whole number within [0, 4294967295]"),
     "boolean n_clusters": (lambda f: _split(f.iloc[:5], {"method": "kmeans", "n_clusters": True}),
                            "Can not safely convert `<class 'bool'>` to `DataType.long`"),
     "huge n_clusters": (lambda f: _split(f.iloc[:5], {"method": "kmeans", "n_clusters": 2**70}),
@@ -272,6 +273,56 @@ def test_bad_params_and_values_get_400_naming_the_problem_without_traceback_or_p
     assert server.ping() == 200
     status, body = server.post(_split(frame.iloc[:MAX_CELLS], {"return_embedding": False}))
     assert status == 200 and len(body["predictions"]) == MAX_CELLS
+
+
+def test_a_request_without_content_type_gets_415_naming_the_accepted_types(served):
+    import http.client
+
+    server, frame = served
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    try:
+        # http.client adds no Content-Type of its own (urllib would send a form type)
+        connection.request("POST", "/invocations", body=json.dumps(_split(frame.iloc[:2])).encode())
+        answer = connection.getresponse()
+        status, body = answer.status, json.loads(answer.read())
+    finally:
+        connection.close()
+    assert status == 415, body
+    assert body["message"] == ("the request has no Content-Type header; send one of application/json, text/csv, "
+                               "application/vnd.apache.parquet (only JSON carries params)")
+    status, body = server.post(b"a,b\n1,2\n", content_type="text/tab-separated-values")
+    assert status == 415 and "unsupported Content-Type 'text/tab-separated-values'; send one of application/json" \
+        in body["message"]
+
+
+def test_error_answers_are_one_line_and_never_repeat_the_request(served):
+    """MLflow quotes the whole body after a JSON or UTF-8 error and writes 'Failed to predict data
+    <the table>' for a param its schema refuses; the model answers each in one line of its own."""
+    server, frame = served
+    cells = frame.iloc[:3].rename(index=lambda c: f"SECRETCELL{c}", columns=lambda g: f"SECRETGENE{g}"
+                                  if g == frame.columns[0] else g)
+    split = _split(cells)
+    cases = {
+        "not JSON": (json.dumps(split).encode()[:-40] + b" SECRET", "application/json", "the body is not valid JSON"),
+        "not UTF-8 JSON": (json.dumps(split).encode().replace(b"SECRETCELL", b"SECRET\xffCELL"), "application/json",
+                           "the body is not UTF-8 text (invalid start byte at byte"),
+        "not UTF-8 CSV": (cells.to_csv().encode().replace(b"SECRETGENE", b"SECRET\xffGENE"), "text/csv",
+                          "the body is not UTF-8 text"),
+        "boolean param": (json.dumps(_split(cells, {"method": "kmeans", "n_clusters": True})).encode(),
+                          "application/json", "Can not safely convert `<class 'bool'>` to `DataType.long`"),
+        "text param": (json.dumps(_split(cells, {"method": "leiden", "resolution": "high"})).encode(),
+                       "application/json", "Can not safely convert `<class 'str'>` to `DataType.double`"),
+        "bad params object": (json.dumps(split | {"params": ["SECRET"]}).encode(), "application/json", ""),
+        "too few genes": (json.dumps(_split(cells.iloc[:, :30])).encode(), "application/json",
+                          "of the model's 100 genes are in the input"),
+    }
+    for case, (body, content_type, message) in cases.items():
+        status, answer = server.post(body, content_type=content_type)
+        assert 400 <= status < 500, (case, status, answer)
+        text = answer.get("message", "")
+        assert message in text, (case, answer)
+        assert "\n" not in text and "SECRET" not in json.dumps(answer), (case, answer)
+        assert "Failed to predict data" not in text and "stack_trace" not in answer, (case, answer)
 
 
 def test_client_sends_only_the_model_genes(served, tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -17,10 +18,13 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ..analysis.annotate import UNASSIGNED
+from ..analysis.cluster import cluster_labels, nearest_centroid
 from ..method.config import Setting, settings
 from ..method.manifest import MANIFEST, check_model_id, verify_manifest, write_manifest
 from ..method.preprocess import PreprocessState, empty_cells, gene_coverage, transform
 from ..method.validation import MAX_COUNT, check_count_values
+from .isolation import HeavySlots, run_killable
+from .limits import HEAVY_SLOTS_ENV, OverBudget, RequestTooLarge, ServingLimits  # noqa: F401 (first defined here)
 
 #: Artifact names of a packaged model, as logged with the MLflow pyfunc.
 ARTIFACTS = {"encoder": "encoder.onnx", "state": "preprocess_state.json",
@@ -34,11 +38,6 @@ LONG_COLUMNS = ("cell", "gene", "count")
 PROVIDER_ENV = "CONTRASTIVE_SC_ONNX_PROVIDER"
 
 
-#: Environment variable capping the cells of one served request (see :data:`DEFAULT_MAX_CELLS`).
-MAX_CELLS_ENV = "CONTRASTIVE_SC_MAX_CELLS"
-#: A 2,000-cell x 2,000-gene JSON body is ~20 MB, so 10,000 cells are ~100 MB parsed in one
-#: request: larger datasets belong in the batch ``embed`` entry point, not in one REST call.
-DEFAULT_MAX_CELLS = 10_000
 #: Bounds of the per-request params: the parameter table's for the clustering settings (the same
 #: rule as training), the served model's own for the two shares.
 _PARAM_SETTINGS = {name: settings()[name] for name in ("n_clusters", "resolution", "n_neighbors", "seed")} | {
@@ -133,21 +132,6 @@ class PredictParams:
 #: MLflow param types of :class:`PredictParams`'s field types.
 _MLFLOW_TYPES = {"str": "string", "int": "long", "float": "double", "bool": "boolean"}
 _PYTHON_TYPES = {"str": str, "int": int, "float": float, "bool": bool}
-
-
-def max_cells_per_request() -> int:
-    """The per-request cell limit: ``CONTRASTIVE_SC_MAX_CELLS``, else :data:`DEFAULT_MAX_CELLS`."""
-    raw = os.environ.get(MAX_CELLS_ENV, "").strip()
-    if not raw:
-        return DEFAULT_MAX_CELLS
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if value < 1:
-        msg = f"{MAX_CELLS_ENV} must be a positive integer, got {raw!r}"
-        raise ValueError(msg)
-    return value
 
 
 def _check_column(name, column: pd.Series) -> None:
@@ -245,10 +229,6 @@ class Prediction:
     confidence: np.ndarray | None
 
 
-class RequestTooLarge(ValueError):
-    """A request with more cells than the served model accepts in one call."""
-
-
 class ArtifactError(ValueError):
     """The files of a packaged model are unreadable or disagree with each other."""
 
@@ -334,13 +314,29 @@ class EmbedThenCluster:
     provider
         onnxruntime provider choice; defaults to the ``CONTRASTIVE_SC_ONNX_PROVIDER``
         environment variable, else ``"auto"``.
+    isolate
+        Cluster requests whose work is above ``limits.inline_work`` in a separate process,
+        killed at the request's deadline, at most ``limits.heavy_slots`` at once (what the
+        served model does, :mod:`~contrastive_sc.serve.isolation`); otherwise every request
+        clusters in the caller's thread.
+
+    Attributes
+    ----------
+    limits
+        What one :meth:`predict` call may cost (:class:`~contrastive_sc.serve.limits.ServingLimits`,
+        from the environment).
     """
 
-    def __init__(self, artifacts: dict[str, str], provider: str | None = None) -> None:
+    def __init__(self, artifacts: dict[str, str], provider: str | None = None, *, isolate: bool = False) -> None:
         from .onnx_io import OnnxEncoder, intra_op_threads
 
         # Settings first: a bad environment variable is named as such, not blamed on a file.
-        self.max_cells = max_cells_per_request()
+        self.limits = ServingLimits.from_env()
+        self.max_cells = self.limits.max_cells
+        self.isolate = isolate
+        self.heavy_slots = HeavySlots(self.limits.heavy_slots, busy_message=(
+            f"busy: this server worker already clusters {self.limits.heavy_slots} large request(s), its limit "
+            f"({HEAVY_SLOTS_ENV}); retry in a few seconds, send fewer cells, or send method='trained'"))
         intra_op_threads()
         missing = sorted(set(ARTIFACTS) - set(artifacts))
         if missing:
@@ -382,14 +378,14 @@ class EmbedThenCluster:
                 raise ArtifactError(msg)
 
     @classmethod
-    def from_dir(cls, folder: str | Path, provider: str | None = None) -> EmbedThenCluster:
+    def from_dir(cls, folder: str | Path, provider: str | None = None, *, isolate: bool = False) -> EmbedThenCluster:
         """Load a folder written by :func:`package_model`."""
         folder = Path(folder)
         paths = {key: str(folder / name) for key, name in ARTIFACTS.items()}
         paths |= {key: str(folder / name) for key, name in OPTIONAL_ARTIFACTS.items() if (folder / name).exists()}
-        return cls(paths, provider)
+        return cls(paths, provider, isolate=isolate)
 
-    def predict(self, data, params: dict | None = None) -> pd.DataFrame:
+    def predict(self, data, params: dict | None = None, *, started: float | None = None) -> pd.DataFrame:
         """Cluster cells given as raw counts.
 
         Parameters
@@ -401,6 +397,9 @@ class EmbedThenCluster:
             genes in order.
         params
             :class:`PredictParams` fields.
+        started
+            ``time.monotonic()`` at which the request arrived (default: now): with ``isolate``,
+            clustering in a separate process is stopped ``limits.cluster_timeout`` seconds after it.
 
         Returns
         -------
@@ -413,16 +412,16 @@ class EmbedThenCluster:
         RequestTooLarge
             More than ``max_cells`` cells (``CONTRASTIVE_SC_MAX_CELLS``); the batch path
             :meth:`embed_and_cluster` has no such limit.
+        OverBudget
+            More cells x genes, or more clustering work, than :attr:`limits` allow (a ``ValueError``).
+        ~contrastive_sc.serve.isolation.ServerBusy, ~contrastive_sc.serve.isolation.WorkTimedOut
+            With ``isolate``: every slot for separate processes taken, or the clustering past its deadline.
         """
+        started = time.monotonic() if started is None else started
         options = PredictParams.from_dict(params)  # bad params fail before the counts are read
         counts, genes, cells = self._as_counts(data)
-        if len(cells) > self.max_cells:
-            msg = (f"the request holds {len(cells)} cells, over this server's limit of {self.max_cells} per request "
-                   f"({MAX_CELLS_ENV}); send 'trained' requests in chunks, or cluster a large dataset with the batch "
-                   "entry point: `python -m contrastive_sc embed --model-uri MODEL_URI --data FILE --out OUT.h5ad` "
-                   "(or `mlflow run . -e embed`)")
-            raise RequestTooLarge(msg)
-        result = self.embed_and_cluster(counts, genes, params)
+        self.limits.check_input(len(cells), len(genes))
+        result = self.embed_and_cluster(counts, genes, options, started=started, isolate=self.isolate)
         out = pd.DataFrame({"cell": cells, "cluster": result.labels, "gene_coverage": round(result.coverage.fraction, 4)})
         if result.cell_types is not None:
             out["cell_type"], out["confidence"] = result.cell_types, result.confidence
@@ -432,36 +431,58 @@ class EmbedThenCluster:
             out = pd.concat([out, emb], axis=1)
         return out
 
-    def embed_and_cluster(self, counts, genes, params: dict | None = None) -> Prediction:
+    def embed_and_cluster(self, counts, genes, params: dict | PredictParams | None = None, *,
+                          started: float | None = None, isolate: bool = False) -> Prediction:
         """Embed, cluster and (for a model trained with labels) name a count matrix with named gene columns.
 
         Cells with no count on the model's genes carry no signal: their cluster is -1, their
         cell type ``"unassigned"`` with confidence 0; a request of such cells only is refused.
+        The clustering's budget is checked before the encoder runs; with ``isolate`` clustering
+        beyond the inline work runs in a killable process with a deadline from ``started``.
         """
-        options = PredictParams.from_dict(params)
-        coverage = gene_coverage(genes, self.state)
-        if coverage.fraction < options.min_coverage:
-            msg = (f"only {coverage.n_found} of the model's {coverage.n_model_genes} genes are in the input "
-                   f"({coverage.fraction:.0%} < min_coverage {options.min_coverage:.0%}); send raw counts with "
-                   f"gene names as columns, e.g. {list(self.state.genes[:3])}")
-            raise ValueError(msg)
+        options = params if isinstance(params, PredictParams) else PredictParams.from_dict(params)
+        started = time.monotonic() if started is None else started
         if self.cell_types is None and options.min_confidence is not None:
             msg = "min_confidence applies to models trained with labels (--label-key); this one has none"
             raise ValueError(msg)
+        coverage = self._coverage(genes, options)
         empty = empty_cells(counts, genes, self.state)
         if empty.all():
             msg = (f"every one of the {len(empty)} cell(s) has zero counts over the model's genes; send raw counts "
                    f"with gene names as columns, e.g. {list(self.state.genes[:3])}")
             raise ValueError(msg)
+        n_cells = int((~empty).sum())
+        method, kwargs = self._clustering_call(n_cells, options)  # refused before the encoder runs
+        work = self.limits.check_clustering(method, n_cells, n_neighbors=kwargs.get("n_neighbors", 0),
+                                            n_clusters=kwargs.get("n_clusters", 0))
         embedding = self.encoder(transform(counts, genes, self.state))
+        cells = embedding[~empty]
+        if method == "trained":
+            found = nearest_centroid(cells, self.centroids)
+        elif not isolate or self.limits.runs_inline(work):
+            found = cluster_labels(cells, method, **kwargs)
+        else:
+            with self.heavy_slots.hold():
+                found = run_killable(cluster_labels, (cells, method), kwargs,
+                                     deadline=started + self.limits.cluster_timeout)
         labels = np.full(len(embedding), -1, dtype=np.int64)
-        labels[~empty] = self._cluster(embedding[~empty], options)
+        labels[~empty] = found
         types = confidence = None
         if self.cell_types is not None:
             types, confidence = self.cell_types.annotate(embedding, options.min_confidence)
             types, confidence = np.asarray(types, dtype=object), np.asarray(confidence, dtype=np.float64)
             types[empty], confidence[empty] = UNASSIGNED, 0.0
         return Prediction(labels, embedding, coverage, types, confidence)
+
+    def _coverage(self, genes, options: PredictParams):
+        """How many model genes the input has; refuses fewer than ``min_coverage``."""
+        coverage = gene_coverage(genes, self.state)
+        if coverage.fraction < options.min_coverage:
+            msg = (f"only {coverage.n_found} of the model's {coverage.n_model_genes} genes are in the input "
+                   f"({coverage.fraction:.0%} < min_coverage {options.min_coverage:.0%}); send raw counts with "
+                   f"gene names as columns, e.g. {list(self.state.genes[:3])}")
+            raise ValueError(msg)
+        return coverage
 
     def _as_counts(self, data) -> tuple[np.ndarray, np.ndarray, list[str]]:
         if isinstance(data, dict):
@@ -505,17 +526,16 @@ class EmbedThenCluster:
         check_count_values(counts, what="input", rows=cells, columns=genes)
         return counts, genes, cells
 
-    def _cluster(self, embedding: np.ndarray, options: PredictParams) -> np.ndarray:
-        from ..analysis.cluster import cluster_labels, nearest_centroid
-
-        n_cells = embedding.shape[0]
+    def _clustering_call(self, n_cells: int, options: PredictParams) -> tuple[str, dict]:
+        """``(method, keyword arguments of cluster_labels)`` for ``n_cells`` cells; a request that cannot be
+        clustered (more clusters or neighbours than cells) is refused here, before any work."""
         if options.method == "trained":
-            return nearest_centroid(embedding, self.centroids)
+            return "trained", {}
         if options.method == "kmeans":
             if int(options.n_clusters) > n_cells:
                 msg = f"n_clusters={options.n_clusters} but only {n_cells} cell(s) were sent; send more cells than clusters"
                 raise ValueError(msg)
-            return cluster_labels(embedding, "kmeans", n_clusters=int(options.n_clusters), seed=int(options.seed))
+            return "kmeans", {"n_clusters": int(options.n_clusters), "seed": int(options.seed)}
         if n_cells < 3:
             msg = f"{options.method} needs at least 3 cells, got {n_cells}"
             raise ValueError(msg)
@@ -526,8 +546,9 @@ class EmbedThenCluster:
             msg = (f"n_neighbors={n_neighbors} needs more cells than neighbours, and {n_cells} cell(s) were sent; "
                    "send more cells or a smaller n_neighbors")
             raise ValueError(msg)
-        return cluster_labels(embedding, options.method, resolution=float(resolution), n_neighbors=int(n_neighbors),
-                              seed=int(options.seed))
+        # the graph has at most n_cells - 1 neighbours per cell (knn_graph caps the model's default)
+        return options.method, {"resolution": float(resolution), "n_neighbors": min(int(n_neighbors), n_cells - 1),
+                                "seed": int(options.seed)}
 
 
 def package_model(model, folder: str | Path, *, check_rows: np.ndarray | None = None) -> dict[str, str]:

@@ -32,19 +32,57 @@ def test_unseen_type_is_unassigned_and_known_types_are_named(held_back):
 
 def test_threshold_is_recorded_and_can_be_overridden(held_back):
     model, adata = held_back
-    assert model.annotator.min_confidence == 0.05 and model.annotator.label_key == "cell_type"
-    types, _ = model.annotator.annotate(model.transform(adata), min_confidence=0.0)
-    assert UNASSIGNED not in set(types)  # 0 keeps every cell on its nearest type
+    assert model.annotator.min_confidence == 0.0 and model.annotator.label_key == "cell_type"
+    pre, embedding = model.preprocess(adata), model.transform(adata)
+    _, confidence = model.annotator.annotate(pre, embedding)
+    types, _ = model.annotator.annotate(pre, embedding, min_confidence=1.0)
+    assert (types == UNASSIGNED).mean() >= (confidence < 1.0).mean()  # every call under 1 is unassigned
     with pytest.raises(ValueError, match=r"min_confidence must be a number within \[0, 1\], got nan"):
-        model.annotator.annotate(model.transform(adata), min_confidence=float("nan"))
+        model.annotator.annotate(pre, embedding, min_confidence=float("nan"))
 
 
-def test_reference_survives_save_and_load(held_back, tmp_path):
+def test_few_cells_per_query_skip_the_query_adaptive_steps(held_back):
+    from contrastive_sc.analysis.annotate import MIN_QUERY_CELLS
+
+    model, adata = held_back
+    few = adata[adata.obs["cell_type"] == "new"][: MIN_QUERY_CELLS - 1]
+    types, _ = model.annotator.annotate(model.preprocess(few), model.transform(few))
+    assert UNASSIGNED not in set(types)  # an unseen type is recognised among other cells, not alone
+
+
+def test_annotator_survives_save_and_load(held_back, tmp_path):
     model, adata = held_back
     loaded = ContrastiveSC.load(model.save(tmp_path / "m"))
-    a = model.annotator.annotate(model.transform(adata))
-    b = loaded.annotator.annotate(loaded.transform(adata))
-    assert (a[0] == b[0]).all() and np.allclose(a[1], b[1])
+    a = model.annotator.annotate(model.preprocess(adata), model.transform(adata))
+    b = loaded.annotator.annotate(loaded.preprocess(adata), loaded.transform(adata))
+    assert (a[0] == b[0]).all() and np.array_equal(a[1], b[1])
+
+
+def test_the_fit_reports_out_of_fold_figures_and_unseen_type_detection(held_back):
+    model, _ = held_back
+    report = model.annotation_report
+    assert report["cv_macro_f1"] >= 0.9 and 0 <= report["cv_calibration_error"] <= 0.2
+    assert "cv_confidence_auroc" not in report or report["cv_confidence_auroc"] >= 0.5  # none when no call is wrong
+    # the types under half of the cells, each left out of one half of the reference and sought in the other
+    assert report["types_tested"] == 1 and report["held_out_type_unassigned"] >= 0.5
+    assert report["known_unassigned"] <= 0.1
+
+
+def test_the_confidence_is_calibrated_on_held_out_reference_cells():
+    from contrastive_sc.analysis.annotate import expected_calibration_error
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(scale=0.6, size=(3, 40))
+    labels = np.repeat(["a", "b", "c"], 200)
+    pre = centres[np.repeat(np.arange(3), 200)] + rng.normal(size=(600, 40))  # overlapping types: calls can be wrong
+    annotator = CellTypeAnnotator(features=("scaled",), C=(1.0,), smooth_alpha=0.0, novelty_z=None)
+    annotator.fit(pre, labels, gene_mean=np.zeros(40), gene_std=np.ones(40), target_sum=1e4)
+    test = centres[np.repeat(np.arange(3), 300)] + rng.normal(size=(900, 40))
+    types, confidence = annotator.annotate(test)
+    correct = types == np.repeat(["a", "b", "c"], 300)
+    assert 0.5 < correct.mean() < 0.98  # the task is neither trivial nor hopeless
+    assert expected_calibration_error(correct, confidence) < 0.08  # confidence ~ the chance a call is right
+    assert confidence[correct].mean() > confidence[~correct].mean()
 
 
 def test_saving_over_a_folder_leaves_no_stale_files(held_back, trained, tmp_path):
@@ -69,14 +107,22 @@ def test_a_model_without_labels_cannot_annotate(trained, synthetic):
         trained.annotate(synthetic)
 
 
-def test_reference_checks_its_input():
+def test_the_annotator_checks_its_input(caplog):
     rng = np.random.default_rng(0)
+    state = {"gene_mean": np.zeros(3), "gene_std": np.ones(3), "target_sum": 1e4}
+
+    def fit(labels):
+        return CellTypeAnnotator(features=("scaled",), C=(1.0,)).fit(rng.normal(size=(40, 3)), labels, **state)
+
     with pytest.raises(ValueError, match="at least 2 cell types"):
-        CellTypeAnnotator.fit(rng.normal(size=(40, 3)), ["a"] * 40)
+        fit(["a"] * 40)
     with pytest.raises(ValueError, match="reserved"):
-        CellTypeAnnotator.fit(rng.normal(size=(40, 3)), ["a", UNASSIGNED] * 20)
-    with pytest.raises(ValueError, match="one label per embedded cell"):
-        CellTypeAnnotator.fit(rng.normal(size=(40, 3)), ["a", "b"] * 10)
+        fit(["a", UNASSIGNED] * 20)
+    with pytest.raises(ValueError, match="one label per cell, got 20 labels for 40 cells"):
+        fit(["a", "b"] * 10)
+    with caplog.at_level("WARNING"):
+        fit(["a"] * 35 + ["b"] * 5)
+    assert "fewer than 10 cells" in caplog.text and "'b': 5" in caplog.text
 
 
 @pytest.mark.parametrize("layer", ["counts", "raw"])

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..analysis.annotate import UNASSIGNED, CellTypeAnnotator
+from ..analysis.annotate import UNASSIGNED, CellTypeAnnotator, held_out_type_detection
 from ..analysis.cluster import TrainingClusters
 from .config import DEFAULT_PRESET, ContrastiveConfig, get_preset
 from .data import Cells, DataSetup
@@ -57,6 +57,8 @@ class ContrastiveSC:
         self.history: TrainingHistory | None = None
         self.training_clusters: TrainingClusters | None = None
         self.annotator: CellTypeAnnotator | None = None
+        #: Out-of-fold annotation figures on the reference, from :meth:`fit` (not saved).
+        self.annotation_report: dict[str, float] = {}
         self.gene_search: list[dict] = []
         #: The training cells' embedding, computed once by :meth:`fit` (not saved).
         self.training_embedding: np.ndarray | None = None
@@ -129,8 +131,14 @@ class ContrastiveSC:
         self.training_clusters = (TrainingClusters.fit(embedding, n_clusters=cluster.n_clusters,
                                                        n_neighbors=cluster.n_neighbors, seed=seed)
                                   if clusters else None)
-        self.annotator = (CellTypeAnnotator.fit(embedding, cells.labels, label_key=cells.setup.label_key, seed=seed)
-                          if cells.labels is not None else None)
+        self.annotator, self.annotation_report = None, {}
+        if cells.labels is not None:  # names from the model's own input and embedding (analysis/annotate.py)
+            pre = transform_in_memory(cells.counts, cells.genes, self.state)
+            self.annotator = CellTypeAnnotator(label_key=cells.setup.label_key or "").fit(
+                pre, cells.labels, gene_mean=self.state.mean, gene_std=self.state.std,
+                target_sum=self.state.target_sum, embedding=embedding, seed=seed)
+            self.annotation_report = self.annotator.report | held_out_type_detection(self.annotator, pre, cells.labels,
+                                                                                      seed=seed)
         return self
 
     # ------------------------------------------------------------------ inference
@@ -184,20 +192,26 @@ class ContrastiveSC:
                  key_added: str = CELL_TYPE_KEY, copy: bool = False):
         """Name each cell by the training labels: ``obs[key_added]`` and ``obs[key_added + "_confidence"]``.
 
-        Cells unlike every type are ``"unassigned"`` (confidence below ``min_confidence``,
-        default: the model's). The embedding goes to ``obsm["X_contrastive"]``, the settings used
-        to ``uns[key_added]["params"]``. Returns the AnnData when ``copy=True``, else ``None``.
+        The calls use all of ``adata``'s cells together (the unseen-type rule compares them): pass
+        one sample at a time. Cells of a type the reference lacks, and calls whose confidence is
+        below ``min_confidence`` (default: the model's, 0), are ``"unassigned"``. The embedding
+        goes to ``obsm["X_contrastive"]``, the settings used to ``uns[key_added]["params"]``.
+        Returns the AnnData when ``copy=True``, else ``None``.
         """
         if self.annotator is None:
             msg = "this model was trained without labels; fit it with label_key=... to annotate"
             raise RuntimeError(msg)
         adata = adata.copy() if copy else adata
-        embedding = self.transform(adata, layer=layer)
-        types, confidence = self.annotator.annotate(embedding, min_confidence)
-        # a cell without counts on the model's genes carries no signal: no type, no confidence
         counts, genes = self._counts(adata, layer)
+        pre = transform_in_memory(counts, genes, self.state)
+        embedding = encode(self.encoder, pre)
+        # a cell without counts on the model's genes carries no signal: no type, no confidence, and
+        # no part in the calls of the others (the unseen-type rule compares the cells)
         empty = collect(lambda block: empty_cells(block, genes, self.state)[:, None], counts, 1)[:, 0]
-        types, confidence = np.where(empty, UNASSIGNED, types), np.where(empty, 0.0, confidence)
+        types = np.full(len(pre), UNASSIGNED, dtype=object)
+        confidence = np.zeros(len(pre))
+        if not empty.all():
+            types[~empty], confidence[~empty] = self.annotator.annotate(pre[~empty], embedding[~empty], min_confidence)
         adata.obsm[EMBEDDING_KEY] = embedding
         adata.obs[key_added] = pd.Categorical(np.asarray(types, dtype=str))
         adata.obs[f"{key_added}_confidence"] = confidence

@@ -372,9 +372,11 @@ class EmbedThenCluster:
             from ..analysis.annotate import CellTypeAnnotator
 
             self.cell_types = _load_artifact(artifacts, "cell_types", CellTypeAnnotator.load)
-            if self.cell_types.embedding_dim != self.encoder.n_outputs:
-                msg = (f"{OPTIONAL_ARTIFACTS['cell_types']}: cell-type centroids have {self.cell_types.embedding_dim} "
-                       f"dimensions but {ARTIFACTS['encoder']} embeds into {self.encoder.n_outputs}")
+            dims, n_genes = self.cell_types.embedding_dim, len(self.cell_types.arrays["gene_mean"])
+            if dims not in (None, self.encoder.n_outputs) or n_genes != self.state.n_genes:
+                msg = (f"{OPTIONAL_ARTIFACTS['cell_types']}: the annotator reads {n_genes} genes and a "
+                       f"{dims}-d embedding, but {ARTIFACTS['state']} lists {self.state.n_genes} genes and "
+                       f"{ARTIFACTS['encoder']} embeds into {self.encoder.n_outputs}")
                 raise ArtifactError(msg)
 
     @classmethod
@@ -455,7 +457,8 @@ class EmbedThenCluster:
         method, kwargs = self._clustering_call(n_cells, options)  # refused before the encoder runs
         work = self.limits.check_clustering(method, n_cells, n_neighbors=kwargs.get("n_neighbors", 0),
                                             n_clusters=kwargs.get("n_clusters", 0))
-        embedding = self.encoder(transform(counts, genes, self.state))
+        pre = transform(counts, genes, self.state)
+        embedding = self.encoder(pre)
         cells = embedding[~empty]
         if method == "trained":
             found = nearest_centroid(cells, self.centroids)
@@ -469,9 +472,9 @@ class EmbedThenCluster:
         labels[~empty] = found
         types = confidence = None
         if self.cell_types is not None:
-            types, confidence = self.cell_types.annotate(embedding, options.min_confidence)
-            types, confidence = np.asarray(types, dtype=object), np.asarray(confidence, dtype=np.float64)
-            types[empty], confidence[empty] = UNASSIGNED, 0.0
+            types, confidence = self.cell_types.annotate(pre[~empty], embedding[~empty], options.min_confidence)
+            # cells without counts take no part in the calls (the unseen-type rule compares the cells)
+            types, confidence = _spread(types, ~empty, UNASSIGNED), _spread(confidence, ~empty, 0.0)
         return Prediction(labels, embedding, coverage, types, confidence)
 
     def _coverage(self, genes, options: PredictParams):
@@ -579,6 +582,13 @@ def package_model(model, folder: str | Path, *, check_rows: np.ndarray | None = 
     Path(paths["info"]).write_text(json.dumps(info, indent=2))
     write_manifest(folder, [Path(p).name for k, p in paths.items() if k != "manifest"], model_id)
     return paths
+
+
+def _spread(values: np.ndarray, where: np.ndarray, fill):
+    """``values`` at the rows ``where`` of a longer array, ``fill`` elsewhere."""
+    out = np.full(len(where), fill, dtype=object if isinstance(fill, str) else np.float64)
+    out[where] = values
+    return out
 
 
 def _read_npz(path) -> dict:

@@ -329,7 +329,7 @@ def held_out_type_detection(annotator: CellTypeAnnotator, pre: np.ndarray, label
     for name in candidates[:max_types]:
         reference = half & (labels != name)
         query = ~half
-        if query.sum() <= max(MIN_QUERY_CELLS, annotator.novelty_k) or not reference.any():
+        if query.sum() <= max(MIN_QUERY_CELLS, annotator.novelty_k) or len(set(labels[reference])) < 2:
             continue
         kept = sorted(set(labels[reference]))
         probe = CellTypeAnnotator(features=("scaled",), C=(1.0,), smooth_k=annotator.smooth_k,

@@ -1,0 +1,201 @@
+"""One name per MLflow store (the encoded and plain spellings of a SQLite path), a missing store
+refused, and storage failures turned into one sentence."""
+
+import errno
+import sqlite3
+from urllib.parse import quote
+
+import mlflow
+import pytest
+from click.testing import CliRunner
+from mlflow import MlflowClient
+
+from contrastive_sc.cli import main
+from contrastive_sc.mlops import registry, store, tracking
+
+SPACED = "runs and modèles"
+
+
+@pytest.fixture
+def spaced_store(_template_store, tmp_path, monkeypatch):
+    """A migrated store in a folder whose name holds a space and a non-ASCII letter; ``(db, encoded, plain)``."""
+    import shutil
+
+    folder = tmp_path / SPACED
+    folder.mkdir()
+    db = folder / "mlflow.db"
+    shutil.copyfile(_template_store, db)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    yield db, f"sqlite:///{quote(str(db))}", f"sqlite:///{db}"
+    mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(None)
+
+
+def _strays(root):
+    return sorted(str(p) for p in root.rglob("*%*"))
+
+
+def test_every_spelling_of_a_sqlite_store_is_one_file(spaced_store, tmp_path, monkeypatch):
+    db, encoded, plain = spaced_store
+    assert "%20" in encoded and "%C3%A8" in encoded  # what `mlflow run` passes on
+    monkeypatch.chdir(tmp_path)
+    relative = f"sqlite:///{SPACED}/mlflow.db"
+    dotted = f"sqlite:///{quote(SPACED)}/../{quote(SPACED)}/mlflow.db"
+    for uri in (encoded, plain, relative, dotted):
+        assert store.sqlite_path(uri) == db
+        assert store.canonical_uri(uri) == plain
+        assert store.store_key(uri) == str(db)
+        assert registry.lock_path(uri) == db.with_name("mlflow.db.registry.lock")
+    assert store.describe(encoded) == plain
+    assert store.sqlite_path("http://host:5000") is None and store.sqlite_path("sqlite:///:memory:") is None
+
+
+def test_server_uris_are_normalised_for_the_lock():
+    key = store.store_key("http://host.example:5000")
+    assert store.store_key("HTTP://Host.Example:5000/") == key
+    assert store.store_key("http://user:secret@host.example:5000") == key
+    assert registry.lock_path("HTTP://Host.Example:5000/") == registry.lock_path("http://host.example:5000")
+    assert registry.lock_path("http://other:5000") != registry.lock_path("http://host.example:5000")
+    assert "secret" not in store.describe("https://user:secret@host.example/mlflow")
+
+
+def test_an_encoded_uri_opens_and_locks_the_real_store_and_leaves_no_folder(spaced_store, tmp_path):
+    db, encoded, plain = spaced_store
+    assert tracking.setup(encoded, "spaced") == plain
+    assert mlflow.get_tracking_uri() == plain and mlflow.get_registry_uri() == plain
+    MlflowClient().create_registered_model("spaced-model")  # MLflow opens both stores
+    with registry.registry_lock(encoded) as held:
+        assert held == db.with_name("mlflow.db.registry.lock")
+    location = MlflowClient().get_experiment_by_name("spaced").artifact_location
+    assert location == (db.parent / "mlartifacts").as_uri()
+    assert _strays(tmp_path) == []
+
+
+def test_the_empty_folder_mlflow_made_for_an_encoded_uri_is_removed(spaced_store, tmp_path):
+    db, encoded, _ = spaced_store
+    # MLflow 3.17 makes the encoded parent of a sqlite:/// path before SQLAlchemy opens the decoded one.
+    MlflowClient(tracking_uri=encoded).search_experiments()
+    twin = tmp_path / quote(SPACED)
+    assert twin.is_dir()
+    tracking.setup(encoded)
+    assert not twin.exists() and db.exists()
+    twin.mkdir()
+    (twin / "notes.txt").write_text("not ours")  # a folder with something in it is left alone
+    tracking.setup(encoded)
+    assert (twin / "notes.txt").read_text() == "not ours"
+
+
+def test_the_lock_never_creates_the_folder_of_a_misspelt_store(tmp_path):
+    uri = f"sqlite:///{tmp_path}/no%20such/mlflow.db"
+    with pytest.raises(ValueError, match="does not exist"), registry.registry_lock(uri):
+        pass
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_waiting_promotion_says_which_lock_it_waits_for(tracking_uri, tmp_path, caplog):
+    from filelock import FileLock
+
+    path = registry.lock_path(tracking_uri)
+    with FileLock(str(path)), caplog.at_level("WARNING"), pytest.raises(ValueError, match="retry once"), \
+            registry.registry_lock(tracking_uri, timeout=0.3):
+        pass
+    assert f"waiting for {path}" in caplog.text
+
+
+# ----------------------------------------------------------------------------- a missing store
+def _cli(args, env=None):
+    result = CliRunner().invoke(main, args, env=env)
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    return result, errors
+
+
+@pytest.mark.parametrize("command", [
+    ["register", "--name", "m"],
+    ["register", "--name", "m", "--run-id", "abc"],
+    ["promote", "--name", "m"],
+    ["rollback", "--name", "m"],
+    ["export-onnx", "--model-uri", "models:/m@champion", "--out", "OUT/e.onnx"],
+    ["embed", "--model-uri", "models:/m@champion", "--data", "simulated", "--out", "OUT/e.h5ad"],
+    ["speed-benchmark", "--data", "simulated", "--model-uri", "models:/m@champion", "--out", "OUT/s.csv"],
+])
+def test_commands_that_read_a_store_refuse_a_missing_one(command, tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    args = [a.replace("OUT", str(tmp_path / "out")) for a in command]
+    # the wrong folder (the default ./mlflow.db), a mistyped --tracking-uri, a mistyped MLFLOW_TRACKING_URI
+    for extra, env, origin in (([], None, f"the default ./mlflow.db in {tmp_path}"),
+                               (["--tracking-uri", "sqlite:///mlfow.db"], None, "given by --tracking-uri"),
+                               ([], {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlfow.db"},
+                                "from MLFLOW_TRACKING_URI")):
+        result, errors = _cli([*args, *extra], env=env)
+        assert result.exit_code == 2 and len(errors) == 1, result.output
+        assert errors[0].startswith("Error: no MLflow store at ") and origin in errors[0], errors[0]
+        assert "--tracking-uri sqlite:///" in errors[0] and "Traceback" not in result.output
+    assert list(tmp_path.iterdir()) == [], "a refused command created something"
+
+
+def test_a_folder_is_not_a_store(tmp_path):
+    result, errors = _cli(["promote", "--name", "m", "--tracking-uri", f"sqlite:///{tmp_path}"])
+    assert result.exit_code == 2 and "is a folder" in errors[0], result.output
+
+
+def test_train_still_creates_a_store(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    try:
+        uri = tracking.setup(f"sqlite:///{tmp_path}/new.db", "fresh")  # train, sweep and experiment call this
+    finally:
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+    assert (tmp_path / "new.db").exists() and uri == f"sqlite:///{tmp_path}/new.db"
+
+
+# ----------------------------------------------------------------------------- storage failures
+def _readonly_sqlite_error(db):
+    """The error SQLite itself gives for a write to a read-only database (no root rights involved)."""
+    try:
+        sqlite3.connect(f"file:{db}?mode=ro", uri=True).execute("CREATE TABLE t (x)")
+    except sqlite3.OperationalError as error:
+        return error
+    raise AssertionError("a read-only connection accepted a write")
+
+
+def test_a_storage_failure_is_one_sentence_without_sql(tracking_uri, tmp_path):
+    from mlflow.exceptions import MlflowException
+
+    db = tmp_path / "mlflow.db"
+    cause = _readonly_sqlite_error(db)
+    try:
+        try:
+            raise MlflowException(f"(sqlite3.OperationalError) {cause}\n[SQL: INSERT INTO x VALUES (?)]") from cause
+        except MlflowException as error:
+            raise ValueError("reading @champion failed: [SQL: INSERT ...]") from error  # as registry wraps it
+    except ValueError as wrapped:
+        message = store.storage_failure(wrapped, tracking_uri)
+    assert message.startswith(f"cannot write to the MLflow store {db}: ") and "read-only" in message
+    assert "SQL" not in message.replace("SQLite", "") and "\n" not in message
+    assert store.storage_failure(ValueError("an ordinary mistake"), tracking_uri) is None
+
+
+def test_disk_and_permission_errors_are_one_line_messages_through_the_cli():
+    from contrastive_sc.cli import _friendly_errors
+
+    @_friendly_errors
+    def failing(error):
+        raise error
+
+    full = OSError(errno.ENOSPC, "No space left on device", "/data/out.h5ad")
+    with pytest.raises(Exception, match=r"^No space left on device: /data/out.h5ad; free some space") as caught:
+        failing(full)
+    assert caught.value.exit_code == 2
+    with pytest.raises(Exception, match=r"^No such file or directory: missing/folder/x.onnx$"):  # was "Error: 2"
+        failing(FileNotFoundError(errno.ENOENT, "No such file or directory", "missing/folder/x.onnx"))
+    with pytest.raises(Exception, match="read-only"):
+        failing(MlflowLike("(sqlite3.OperationalError) attempt to write a readonly database [SQL: ...]"))
+
+
+class MlflowLike(Exception):
+    """An error whose cause is SQLite's own, as MLflow raises them."""
+
+    def __init__(self, text):
+        super().__init__(text)
+        self.__cause__ = sqlite3.OperationalError("attempt to write a readonly database")

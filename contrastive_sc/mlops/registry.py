@@ -155,6 +155,15 @@ def register_run(run_id: str, name: str, metric: str | None = None) -> dict:
     """
     client = _client()
     run = _get_run(client, run_id)
+    if run.info.lifecycle_stage == "deleted" or _experiment_deleted(client, run.info.experiment_id):
+        # Deleting an experiment deletes its runs too: name the experiment when it is the cause.
+        experiment = run.info.experiment_id
+        restore = (f"the experiment ({experiment}) of run {run_id} is deleted; restore it first "
+                   f"(`mlflow experiments restore --experiment-id {experiment}`)"
+                   if _experiment_deleted(client, experiment) else
+                   f"the run {run_id} is deleted; restore it first (`mlflow runs restore --run-id {run_id}`)")
+        msg = f"{restore} or register another run"
+        raise ValueError(msg)
     if run.info.status != "FINISHED" or not run.data.tags.get("model_uri"):
         has_model = "a" if run.data.tags.get("model_uri") else "no"
         msg = (f"run {run_id} is {run.info.status} and has {has_model} logged model; "
@@ -539,6 +548,15 @@ def _get_run(client, run_id: str):
     raise ValueError(msg)
 
 
+def _experiment_deleted(client, experiment_id: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return retry_while_busy(client.get_experiment, experiment_id).lifecycle_stage == "deleted"
+    except MlflowException:
+        return False
+
+
 def _dataset_of(client, version) -> tuple[str, str | None]:
     """``(name, digest)`` of the data a version was trained on; older versions ask their run."""
     from mlflow.exceptions import MlflowException
@@ -570,7 +588,7 @@ def _metric_value(version, metric: str | None) -> float:
 def _version_of_run(client, name: str, run_id: str) -> str | None:
     # Not _versions(): a failed read must not look like "no version yet" and register the run twice.
     versions = retry_while_busy(client.search_model_versions, _name_filter(name))
-    matching = [v for v in versions if v.run_id == run_id]
+    matching = [v for v in versions if v.name == name and v.run_id == run_id]
     return str(max(int(v.version) for v in matching)) if matching else None
 
 
@@ -578,14 +596,23 @@ def _versions(client, name: str) -> list:
     from mlflow.exceptions import MlflowException
 
     try:
-        return client.search_model_versions(_name_filter(name))
+        return [v for v in client.search_model_versions(_name_filter(name)) if v.name == name]
     except MlflowException:
         return []
 
 
 def _name_filter(name: str) -> str:
-    # The filter grammar has no escapes: quote with the quote the name lacks.
-    return f'name = "{name}"' if "'" in name else f"name = '{name}'"
+    """A search filter that matches ``name`` (and maybe more: callers keep the exact name only).
+
+    MLflow's filter strings have no escapes: a name is quoted with the quote it lacks, and a
+    name holding both quotes becomes a LIKE pattern with ``_`` (any one character) in place of
+    each single quote.
+    """
+    if "'" not in name:
+        return f"name = '{name}'"
+    if '"' not in name:
+        return f'name = "{name}"'
+    return "name LIKE '{}'".format(name.replace("'", "_"))
 
 
 def _version_numbers(client, name: str) -> list[str]:

@@ -199,3 +199,138 @@ class MlflowLike(Exception):
     def __init__(self, text):
         super().__init__(text)
         self.__cause__ = sqlite3.OperationalError("attempt to write a readonly database")
+
+
+# ----------------------------------------------------------------------------- storage failures from real processes
+def _versions_in(db):
+    """A registry in ``db`` with versions 1-3 of ``m`` scored 0.5, 0.6, 0.9 on one dataset; 3 is @challenger."""
+    uri = f"sqlite:///{db}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.create_registered_model("m")
+    for value in (0.5, 0.6, 0.9):
+        client.create_model_version("m", source="file:///nowhere/model", tags={
+            "metric": "kmeans_ari", "metric_value": repr(value), "dataset": "sim", "dataset_digest": "abc123"})
+    client.set_registered_model_alias("m", "challenger", "3")
+    return client
+
+
+def _unprivileged():
+    """A command prefix under which file permissions bind: root's capability to override them is dropped."""
+    import os
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    prefix = [setpriv, "--bounding-set=-dac_override,-dac_read_search", "--inh-caps=-all", "--"]
+    if setpriv is None or subprocess.run([*prefix, "true"], capture_output=True).returncode != 0:
+        pytest.skip("running as root without a working setpriv: read-only permissions cannot be enforced")
+    return prefix
+
+
+def _promote(db, prefix=(), **popen):
+    """``contrastive-sc promote --name m`` in a real process (MLflow's own logging included)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | {"PYTHONPATH": str(repo)}
+    return subprocess.run([*prefix, sys.executable, "-m", "contrastive_sc", "promote", "--name", "m", "--tracking-uri",
+                           f"sqlite:///{db}"], capture_output=True, text=True, timeout=300, env=env, **popen)
+
+
+def _one_line_error(done, *expected):
+    assert done.returncode == 2 and not done.stdout, (done.stdout, done.stderr)
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), done.stderr
+    for word in expected:
+        assert word in lines[0], lines[0]
+    assert "SQL:" not in lines[0] and "INSERT" not in lines[0] and "Traceback" not in done.stderr
+    return lines[0]
+
+
+@pytest.fixture
+def registry_folder(_template_store, tmp_path):
+    import shutil
+
+    folder = tmp_path / SPACED
+    folder.mkdir()
+    shutil.copyfile(_template_store, folder / "mlflow.db")
+    client = _versions_in(folder / "mlflow.db")
+    yield folder, client
+    folder.chmod(0o755)
+    (folder / "mlflow.db").chmod(0o644)
+
+
+@pytest.mark.slow
+def test_a_read_only_store_file_or_folder_is_one_line(registry_folder):
+    folder, client = registry_folder
+    db, prefix = folder / "mlflow.db", _unprivileged()
+
+    folder.chmod(0o555)  # no lock file yet: taking the lock is what fails
+    _one_line_error(_promote(db, prefix), "cannot take the registry lock", "the folder must be writable")
+    folder.chmod(0o755)
+
+    db.chmod(0o444)
+    _one_line_error(_promote(db, prefix), f"cannot write to the MLflow store {db}: the database file is read-only",
+                    "--tracking-uri")
+    db.chmod(0o644)
+
+    assert (folder / "mlflow.db.registry.lock").exists()
+    folder.chmod(0o555)  # the lock exists: SQLite cannot write its journal beside the database
+    _one_line_error(_promote(db, prefix), f"cannot write to the MLflow store {db}: its folder {folder} is read-only")
+    folder.chmod(0o755)
+
+    assert client.get_registered_model("m").aliases.get("champion") is None  # nothing half-written
+    assert "[" not in client.get_registered_model("m").tags.get("champion_history", "")
+
+
+@pytest.mark.slow
+def test_a_store_that_cannot_grow_is_one_line(registry_folder):
+    """Disk full, simulated without root: a file-size limit (RLIMIT_FSIZE, `ulimit -f`) below the store's size
+    makes every write past it fail, as a full disk does (SQLite reports a disk I/O error)."""
+    import resource
+
+    folder, client = registry_folder
+    db = folder / "mlflow.db"
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    line = _one_line_error(_promote(db, preexec_fn=small_files), f"cannot write to the MLflow store {db}",
+                           "RLIMIT_FSIZE", "65,536 bytes")
+    assert "disk I/O error" in line
+    assert client.get_registered_model("m").aliases.get("champion") is None
+    assert str(client.get_model_version_by_alias("m", "challenger").version) == "3"
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_one_line(_template_store, tmp_path):
+    """A really full file system, where one can be made (root may mount a 1 MiB tmpfs)."""
+    import os
+    import shutil
+    import subprocess
+
+    built = tmp_path / "built.db"  # made here: this process keeps its engine open, which would keep the mount busy
+    shutil.copyfile(_template_store, built)
+    _versions_in(built)
+    folder = tmp_path / "small"
+    folder.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1200k", "tmpfs", str(folder)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        shutil.copyfile(built, folder / "mlflow.db")
+        with (folder / "filler").open("wb", buffering=0) as filler:
+            try:
+                while True:
+                    filler.write(b"\0" * 4096)
+            except OSError:  # the disk is full
+                pass
+        _one_line_error(_promote(folder / "mlflow.db"), f"cannot write to the MLflow store {folder / 'mlflow.db'}",
+                        "the disk holding it is full", "database or disk is full")
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)

@@ -124,12 +124,15 @@ def storage_failure(error: BaseException, uri: str | None = None) -> str | None:
     """
     if uri is None:
         uri = _active_uri()
+    wrapper = None
     for cause in _chain(error):
         reason = _sqlite_reason(cause)
         if reason is not None:
             return _explain_sqlite(reason, uri)
-        if isinstance(cause, OSError) and cause.errno in STORAGE_ERRNOS:
+        # An OSError that the package already put in words (a ValueError raised from it) keeps those words.
+        if isinstance(cause, OSError) and cause.errno in STORAGE_ERRNOS and not isinstance(wrapper, ValueError):
             return _explain_os(cause)
+        wrapper = cause
     return None
 
 

@@ -85,6 +85,22 @@ def test_the_empty_folder_mlflow_made_for_an_encoded_uri_is_removed(spaced_store
     assert (twin / "notes.txt").read_text() == "not ours"
 
 
+def test_only_empty_encoded_folders_are_removed(tmp_path):
+    real = tmp_path / "my data" / "sub dir"
+    real.mkdir(parents=True)
+    (real / "mlflow.db").touch()
+    uri = f"sqlite:///{quote(str(real / 'mlflow.db'))}"
+    (tmp_path / "my%20data" / "sub%20dir").mkdir(parents=True)  # what MLflow's parents=True makes
+    store.remove_encoded_twin(uri)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["my data"] and (real / "mlflow.db").exists()
+    (tmp_path / "my%20data" / "sub%20dir").mkdir(parents=True)
+    (tmp_path / "my%20data" / "keep.txt").touch()
+    store.remove_encoded_twin(uri)
+    assert sorted(p.name for p in (tmp_path / "my%20data").iterdir()) == ["keep.txt"]
+    store.remove_encoded_twin(f"sqlite:///{real / 'mlflow.db'}")  # a plain URI: nothing to look for
+    assert (tmp_path / "my%20data" / "keep.txt").exists()
+
+
 def test_the_lock_never_creates_the_folder_of_a_misspelt_store(tmp_path):
     uri = f"sqlite:///{tmp_path}/no%20such/mlflow.db"
     with pytest.raises(ValueError, match="does not exist"), registry.registry_lock(uri):

@@ -96,22 +96,26 @@ def require_existing(uri: str, origin: str) -> None:
 
 
 def remove_encoded_twin(given: str) -> None:
-    """Remove the empty folder MLflow made for a percent-encoded ``sqlite:///`` URI, if there is one.
+    """Remove the empty folders MLflow made for a percent-encoded ``sqlite:///`` URI, if there are any.
 
     ``mlflow run`` opens its default store through the encoded URI before the entry point starts,
-    and MLflow creates that URI's parent folder undecoded (``runs%20and%20mod%C3%A8les``) although
-    SQLAlchemy then opens the real one. Only that exact folder, and only while empty, is removed.
+    and MLflow creates that URI's parent folder undecoded (``runs%20and%20mod%C3%A8les``, with
+    ``parents=True``) although SQLAlchemy then opens the real one. Only folders on that encoded path
+    whose name holds a ``%`` and that are not on the real path are removed, and only while empty.
     """
-    path = sqlite_path(given)
-    if path is None or "%" not in given:
+    if sqlite_path(given) is None or "%" not in given:
         return
-    twin = Path(os.path.abspath(given[len(SQLITE):].split("?", 1)[0])).parent
-    if twin == path.parent or not twin.is_dir() or twin.is_symlink():
-        return
-    try:
-        twin.rmdir()  # fails, and keeps the folder, if anything is in it
-    except OSError:
-        pass
+    raw = given[len(SQLITE):].split("?", 1)[0]
+    encoded, real = Path(os.path.abspath(raw)).parent, Path(os.path.abspath(unquote(raw))).parent
+    folder = encoded
+    while "%" in folder.name and folder != real and folder not in real.parents:
+        if folder.is_symlink():
+            return
+        try:
+            folder.rmdir()  # fails, and keeps the folder, if anything is in it
+        except OSError:
+            return
+        folder = folder.parent
 
 
 # ----------------------------------------------------------------------------- storage failures

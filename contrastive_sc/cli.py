@@ -21,7 +21,7 @@ from .benchmarks.benchmark import available_methods
 from .benchmarks.experiments import EXPERIMENT_NAMES
 from .method.config import DEFAULT_PRESET, PRESETS, cli_settings, settings
 from .mlops.signals import stop_with_mlflow_run
-from .mlops.store import storage_failure
+from .mlops.store import remove_encoded_twin, storage_failure
 from .mlops.tracking import quiet_mlflow
 from .serve.inference import METHODS as PREDICT_METHODS
 
@@ -193,6 +193,9 @@ def main(verbose: bool, workdir: str | None) -> None:
     stop_with_mlflow_run()
     if workdir:
         os.chdir(workdir)
+    # `mlflow run` opened its default store through a percent-encoded URI, and MLflow made that
+    # URI's folder undecoded: remove it while empty, before any option of the command can fail.
+    remove_encoded_twin(os.environ.get("MLFLOW_TRACKING_URI", ""))
 
 
 @main.command()

@@ -85,6 +85,15 @@ def test_the_empty_folder_mlflow_made_for_an_encoded_uri_is_removed(spaced_store
     assert (twin / "notes.txt").read_text() == "not ours"
 
 
+def test_the_cli_removes_the_encoded_folder_even_when_its_options_are_refused(spaced_store, tmp_path):
+    db, encoded, _ = spaced_store
+    (tmp_path / quote(SPACED)).mkdir()  # as the `mlflow run` process leaves it
+    result = CliRunner().invoke(main, ["embed", "--model-uri", "models:/m@champion", "--data", "x", "--out", "y.h5ad",
+                                       "--method", "bogus"], env={"MLFLOW_TRACKING_URI": encoded})
+    assert result.exit_code == 2 and "bogus" in result.output
+    assert _strays(tmp_path) == []
+
+
 def test_only_empty_encoded_folders_are_removed(tmp_path):
     real = tmp_path / "my data" / "sub dir"
     real.mkdir(parents=True)

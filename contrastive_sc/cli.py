@@ -21,6 +21,7 @@ from .benchmarks.benchmark import available_methods
 from .benchmarks.experiments import EXPERIMENT_NAMES
 from .method.config import DEFAULT_PRESET, PRESETS, cli_settings, settings
 from .mlops.signals import stop_on_signals, stop_with_mlflow_run
+from .mlops.store import remove_encoded_twin, storage_failure
 from .mlops.tracking import quiet_mlflow
 from .serve.inference import METHODS as PREDICT_METHODS
 
@@ -134,9 +135,16 @@ def _friendly_errors(func):
         try:
             return func(*args, **kwargs)
         except Exception as error:
+            # A read-only or full store first: MLflow's message for it holds the SQL statement.
+            storage = storage_failure(error)
+            if storage is not None:
+                raise UserError(" ".join(storage.split())) from None
             if not isinstance(error, _USER_ERRORS) and "MlflowException" not in {c.__name__ for c in type(error).__mro__}:
                 raise
-            message = getattr(error, "message", None) or (error.args[0] if error.args else str(error))
+            if isinstance(error, OSError) and error.strerror:  # its args[0] is the errno
+                message = f"{error.strerror}: {error.filename}" if error.filename else error.strerror
+            else:
+                message = getattr(error, "message", None) or (error.args[0] if error.args else str(error))
             raise UserError(" ".join(str(message).split())) from None
 
     return wrapper
@@ -181,6 +189,9 @@ def main(verbose: bool, workdir: str | None) -> None:
     stop_with_mlflow_run()
     if workdir:
         os.chdir(workdir)
+    # `mlflow run` opened its default store through a percent-encoded URI, and MLflow made that
+    # URI's folder undecoded: remove it while empty, before any option of the command can fail.
+    remove_encoded_twin(os.environ.get("MLFLOW_TRACKING_URI", ""))
 
 
 @main.command()
@@ -275,6 +286,28 @@ def _tracking_options(func):
         help="MLflow tracking URI [default: sqlite:///<cwd>/mlflow.db].",
     )(func)
     return func
+
+
+def _use_store(tracking_uri: str | None, *, must_exist: bool = True) -> str:
+    """Point MLflow at the store; with ``must_exist``, refuse a SQLite file that is not there.
+
+    Commands that read a store (register, promote, rollback, export-onnx, embed, speed-benchmark
+    with a model) must not create an empty one from a typo or the wrong folder.
+    """
+    from click.core import ParameterSource
+
+    from .mlops import tracking
+
+    source = click.get_current_context().get_parameter_source("tracking_uri")
+    origin = {ParameterSource.COMMANDLINE: "given by --tracking-uri",
+              ParameterSource.ENVIRONMENT: "from MLFLOW_TRACKING_URI"}.get(
+        source, f"the default ./mlflow.db in {Path.cwd()}")
+    return tracking.setup(tracking_uri, must_exist=must_exist, origin=origin)
+
+
+def _reads_store(model_uri: str) -> bool:
+    """Whether loading ``model_uri`` reads the tracking store (a registry or run URI, not a folder)."""
+    return model_uri.startswith(("models:/", "runs:/"))
 
 
 def _experiment_option(func):
@@ -400,9 +433,9 @@ def sweep(data, label_key, grid, seeds, methods, preset, epochs, experiment, tra
 @_friendly_errors
 def register(name, metric, run_id, experiment, tracking_uri) -> None:
     """Register the best run's model of an experiment (or --run-id's) and alias it @challenger."""
-    from .mlops import registry, tracking
+    from .mlops import registry
 
-    tracking.setup(tracking_uri)
+    _use_store(tracking_uri)
     if run_id:
         result = registry.register_run(run_id, name, metric)
     else:
@@ -433,11 +466,11 @@ def promote(name, version, eval_data, label_key, tracking_uri) -> None:
     Concurrent promotions of one registry are serialised by a lock file (beside a SQLite
     database); a refusal is a normal outcome and exits 0.
     """
-    from .mlops import registry, tracking
+    from .mlops import registry
 
     if label_key and not eval_data:
         raise click.UsageError("--label-key applies to --eval-data; pass --eval-data FILE too")
-    tracking.setup(tracking_uri)
+    _use_store(tracking_uri)
     click.echo(registry.promote(name, version, eval_data=eval_data, label_key=label_key).message)
 
 
@@ -447,9 +480,9 @@ def promote(name, version, eval_data, label_key, tracking_uri) -> None:
 @_friendly_errors
 def rollback(name, tracking_uri) -> None:
     """Give @champion back to the version the last promotion replaced."""
-    from .mlops import registry, tracking
+    from .mlops import registry
 
-    tracking.setup(tracking_uri)
+    _use_store(tracking_uri)
     click.echo(registry.rollback(name).message)
 
 
@@ -465,13 +498,12 @@ def rollback(name, tracking_uri) -> None:
 @_friendly_errors
 def export_onnx(model_uri, out, data, provider, overwrite, tracking_uri) -> None:
     """Export a registered model's encoder to ONNX, check parity with torch, report the provider."""
-    from .mlops import tracking
     from .mlops.exporting import export_registered
     from .mlops.outputs import check_output
 
     check_output(out, "onnx", overwrite=overwrite)
 
-    tracking.setup(tracking_uri)
+    _use_store(tracking_uri)
     report = export_registered(model_uri, out, data=data, provider=provider)
     click.echo(
         f"wrote {report['path']}: max |onnxruntime - torch| = {report['max_abs_diff']:.2e} "
@@ -495,13 +527,12 @@ def export_onnx(model_uri, out, data, provider, overwrite, tracking_uri) -> None
 @_friendly_errors
 def embed(model_uri, data, out, method, n_clusters, resolution, label_key, layer, overwrite, tracking_uri) -> None:
     """Embed and cluster a dataset with a registered model; write an .h5ad with a UMAP and marker genes."""
-    from .mlops import tracking
     from .mlops.exporting import embed_with_registered
     from .mlops.outputs import check_output
 
     check_output(out, "h5ad", overwrite=overwrite)
 
-    tracking.setup(tracking_uri)
+    _use_store(tracking_uri, must_exist=_reads_store(model_uri))
     params = {"method": method, "n_clusters": n_clusters, "resolution": resolution}
     summary = embed_with_registered(model_uri, data, out, params, label_key=label_key, layer=layer)
     click.echo(", ".join(f"{k}={v}" for k, v in summary.items()))
@@ -641,9 +672,7 @@ def speed_benchmark(data, model_uri, n_cells, request_cells, clients, requests_p
 
     out = check_output(out, "csv", overwrite=overwrite)
     if model_uri is not None:
-        from .mlops import tracking
-
-        tracking.setup(tracking_uri)
+        _use_store(tracking_uri, must_exist=_reads_store(model_uri))
     table = run_speed_benchmark(data, model_uri=model_uri, n_cells=n_cells, request_cells=request_cells,
                                 clients=clients, requests_per_client=requests_per_client, workers=workers,
                                 threads=threads, epochs=epochs, n_genes=n_genes, leiden_cells=leiden_cells,

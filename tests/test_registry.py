@@ -227,3 +227,75 @@ def test_missing_model_is_one_line_from_a_real_process(tracking_uri):
                           cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)})
     assert done.returncode == 2 and "Traceback" not in done.stderr and not done.stdout, done.stderr
     assert done.stderr.rstrip().splitlines()[-1].startswith("Error: registered model 'nosuchmodel' not found")
+
+
+# ----------------------------------------------------------------------------- what register refuses or accepts
+def test_a_deleted_run_or_experiment_is_not_registered(store_with_runs):
+    uri, runs = store_with_runs
+    client = MlflowClient()
+    run_id = runs[0]["run_id"]
+    client.delete_run(run_id)
+    line = _cli_error(["register", "--name", "trash", "--run-id", run_id, "--tracking-uri", uri],
+                      f"the run {run_id} is deleted", "mlflow runs restore")
+    assert "version" not in line
+    client.restore_run(run_id)
+    client.delete_experiment(client.get_run(run_id).info.experiment_id)
+    _cli_error(["register", "--name", "trash", "--run-id", run_id, "--tracking-uri", uri],
+               f"of run {run_id} is deleted", "mlflow experiments restore --experiment-id")
+    assert client.search_registered_models() == []
+
+
+def test_a_name_with_both_quotes_registers_promotes_and_rolls_back(store_with_runs):
+    from click.testing import CliRunner
+
+    from contrastive_sc.cli import main
+
+    uri, runs = store_with_runs
+    worse, better = _ordered(runs)
+    name = """it's "ours\""""
+    decoy = """it_s "ours\""""  # what the LIKE pattern also matches: kept apart by the exact name
+    registry.register_run(better["run_id"], decoy)
+    first = CliRunner().invoke(main, ["register", "--name", name, "--run-id", worse["run_id"], "--tracking-uri", uri])
+    assert first.exit_code == 0 and f"registered as {name} version 1" in first.output, first.output
+    again = registry.register_run(worse["run_id"], name)
+    assert again["version"] == "1" and not again["new"]
+    assert registry.promote(name).changed
+    assert registry.register_run(better["run_id"], name)["version"] == "2"
+    assert registry.promote(name).champion == "2"
+    assert registry.rollback(name).champion == "1"
+    assert registry._version_numbers(MlflowClient(), name) == ["1", "2"]
+
+
+def test_export_into_a_missing_folder_writes_it(store_with_runs, tmp_path):
+    from click.testing import CliRunner
+
+    from contrastive_sc.cli import main
+
+    uri, runs = store_with_runs
+    registry.register_run(runs[0]["run_id"], "exported")
+    out = tmp_path / "not" / "yet" / "encoder.onnx"
+    result = CliRunner().invoke(main, ["export-onnx", "--model-uri", "models:/exported@challenger", "--out", str(out),
+                                       "--tracking-uri", uri])
+    assert result.exit_code == 0 and out.stat().st_size > 0, result.output  # was "Error: 2"
+
+
+def test_a_logged_model_missing_its_cell_types_file_is_named(store_with_runs, tmp_path):
+    uri, runs = store_with_runs
+    local = mlflow.artifacts.download_artifacts(runs[0]["model_uri"], dst_path=str(tmp_path / "model"))
+    deleted = list((tmp_path / "model").rglob("cell_types.npz"))
+    assert len(deleted) == 1
+    deleted[0].unlink()
+    _cli_error(["embed", "--model-uri", local, "--data", "simulated", "--out", str(tmp_path / "e.h5ad"),
+                "--tracking-uri", uri], "cannot load cell_types.npz", "No such file")  # was "Error: cell_types"
+
+
+def test_a_run_missing_its_saved_cell_types_still_exports(trained, tmp_path):
+    """Export needs the encoder alone: torch_model/ without cell_types.npz loads without an annotator."""
+    from contrastive_sc.method.model import ContrastiveSC
+    from contrastive_sc.serve.onnx_io import export_onnx
+
+    folder = trained.save(tmp_path / "torch_model")
+    (folder / "cell_types.npz").unlink(missing_ok=True)
+    model = ContrastiveSC.load(folder)
+    assert model.annotator is None
+    assert export_onnx(model.encoder, tmp_path / "e.onnx").stat().st_size > 0

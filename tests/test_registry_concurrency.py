@@ -91,7 +91,11 @@ def test_concurrent_promotions_crown_the_best_version(tracking_uri, tmp_path):
             _wait_for(done, workers)
             reports = [json.loads(p.read_text()) for p in done]
 
-            assert all(r["code"] == 0 and not r["err"] for r in reports), reports
+            assert all(r["code"] == 0 for r in reports), reports
+            # stderr holds at most the notice of a promotion that waited, naming the store's one lock
+            lock = registry.lock_path(tracking_uri)
+            assert all(line == f"WARNING waiting for {lock}: another registry change is in progress"
+                       for r in reports for line in r["err"].splitlines()), reports
             assert registry.champion_version("race") == "3", reports
             history = json.loads(client.get_registered_model("race").tags[registry.HISTORY_TAG])
             assert len(history) == len(set(history)) and history in (["1"], ["1", "2"]), (history, reports)
@@ -111,3 +115,87 @@ def test_concurrent_promotions_crown_the_best_version(tracking_uri, tmp_path):
         for worker in workers:
             worker.wait(timeout=60)
     assert [w.returncode for w in workers] == [0] * len(CONTENDERS)
+
+
+# ----------------------------------------------------------------------------- mlflow run against the CLI
+#: Trials of `mlflow run -e promote` against `contrastive-sc promote` (each ~20 s here: mlflow run starts slowly).
+TRIALS = 3
+
+
+def _started(command, cwd, log, env):
+    handle = log.open("w")
+    return subprocess.Popen(command, cwd=cwd, env=env, stdout=handle, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_mlflow_run_and_the_cli_promote_under_one_lock(_template_store, tmp_path):
+    """`mlflow run` passes the store percent-encoded (`runs%20and%20mod%C3%A8les`), the CLI uses the plain
+    path and this test takes the lock from Python: all three must wait on one lock file.
+
+    Per trial the test holds the registry lock, starts both promotions (the better version through one,
+    the weaker through the other, swapped every trial), sees each of them wait for that same lock,
+    releases it, and checks the outcome: the best version is champion, the history has no duplicate,
+    no folder was created from the encoded path.
+    """
+    import shutil
+
+    folder = tmp_path / "runs and modèles"
+    folder.mkdir()
+    db = folder / "mlflow.db"
+    shutil.copyfile(_template_store, db)
+    plain = f"sqlite:///{db}"
+    client = MlflowClient(tracking_uri=plain, registry_uri=plain)
+    client.create_registered_model("race")
+    for value in (0.5, 0.6, 0.9):
+        client.create_model_version("race", source="file:///nowhere/model", tags={
+            "metric": "kmeans_ari", "metric_value": repr(value), "dataset": "sim", "dataset_digest": "abc123"})
+    lock = registry.lock_path(plain)
+    assert lock == folder / "mlflow.db.registry.lock"
+
+    repo = Path(__file__).resolve().parents[1]
+    bin_ = Path(sys.executable).parent
+    # No MLFLOW_TRACKING_URI: mlflow run uses (and encodes) ./mlflow.db, as for a user in that folder.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env |= {"PATH": f"{bin_}:{os.environ['PATH']}", "PYTHONPATH": str(repo)}
+    outcomes = []
+    for trial in range(TRIALS):
+        client.set_registered_model_alias("race", "champion", "1")
+        client.set_registered_model_tag("race", registry.HISTORY_TAG, "[]")
+        through_mlflow_run, through_cli = ("3", "2") if trial % 2 == 0 else ("2", "3")
+        logs = {"mlflow run": tmp_path / f"mlflow-run-{trial}.log", "cli": tmp_path / f"cli-{trial}.log"}
+        with registry.registry_lock(plain) as held:
+            assert held == lock
+            processes = {
+                "mlflow run": _started([str(bin_ / "mlflow"), "run", str(repo), "-e", "promote", "--env-manager",
+                                        "local", "-P", "name=race", "-P", f"version={through_mlflow_run}"],
+                                       folder, logs["mlflow run"], env),
+                "cli": _started([sys.executable, "-m", "contrastive_sc", "promote", "--name", "race", "--version",
+                                 through_cli], folder, logs["cli"], env),
+            }
+            try:
+                deadline = time.monotonic() + 240
+                waiting = {}
+                while len(waiting) < 2:
+                    for who, log in logs.items():
+                        found = re.search(r"waiting for (.+): another registry change", log.read_text())
+                        if found:
+                            waiting[who] = found.group(1)
+                        assert processes[who].poll() is None or who in waiting, (
+                            f"{who} finished while the lock was held:\n{log.read_text()[-3000:]}")
+                    assert time.monotonic() < deadline, {who: log.read_text()[-2000:] for who, log in logs.items()}
+                    time.sleep(0.2)
+                assert waiting == {"mlflow run": str(lock), "cli": str(lock)}, waiting
+                assert str(client.get_model_version_by_alias("race", "champion").version) == "1"
+            except BaseException:
+                for process in processes.values():
+                    process.kill()
+                raise
+        codes = {who: process.wait(timeout=300) for who, process in processes.items()}
+        assert codes == {"mlflow run": 0, "cli": 0}, {who: log.read_text()[-3000:] for who, log in logs.items()}
+        champion = str(client.get_model_version_by_alias("race", "champion").version)
+        history = json.loads(client.get_registered_model("race").tags[registry.HISTORY_TAG])
+        outcomes.append((champion, history))
+        assert champion == "3" and len(history) == len(set(history)) and history in (["1"], ["1", "2"]), outcomes
+        strays = [str(p) for p in tmp_path.rglob("*%*")]
+        assert strays == [], strays
+    assert outcomes and all(champion == "3" for champion, _ in outcomes)

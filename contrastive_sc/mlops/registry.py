@@ -17,12 +17,16 @@ import contextlib
 import hashlib
 import io
 import json
+import logging
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from .store import describe, sqlite_path, store_key
 from .tracking import retry_while_busy
+
+log = logging.getLogger(__name__)
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 HISTORY_TAG = "champion_history"
@@ -55,30 +59,42 @@ def _client():
 def lock_path(registry_uri: str) -> Path:
     """The lock file that serialises registry changes for ``registry_uri``.
 
-    Beside the database for ``sqlite:///`` URIs (every process that opens the file finds it);
-    otherwise in a per-user cache folder, keyed by a hash of the URI, which serialises the
-    promotions made from this machine only.
+    Keyed on the store, not on how its URI is spelled: for ``sqlite:///`` URIs it is
+    ``<database>.registry.lock`` beside the database file the URI opens (percent-decoded and
+    resolved, so ``mlflow run``'s encoded URI, the CLI's plain path and a relative path share it);
+    otherwise it lives in a per-user cache folder, keyed by a hash of the normalised URI, which
+    serialises the promotions made from this machine only.
     """
-    if registry_uri.startswith("sqlite:///"):
-        database = Path(registry_uri[len("sqlite:///") :].split("?", 1)[0]).expanduser().resolve()
+    database = sqlite_path(registry_uri)
+    if database is not None:
         return database.with_name(database.name + ".registry.lock")
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "contrastive-sc" / "registry-locks"
-    return cache / f"{hashlib.sha256(registry_uri.encode()).hexdigest()[:16]}.lock"
+    return cache / f"{hashlib.sha256(store_key(registry_uri).encode()).hexdigest()[:16]}.lock"
 
 
 @contextmanager
 def registry_lock(registry_uri: str | None = None, timeout: float = LOCK_TIMEOUT_S):
     """Hold the cross-process lock of ``registry_uri`` (default: the active registry URI).
 
-    The lock is an OS file lock: it is released when its holder exits, even by a crash.
+    The lock is an OS file lock: it is released when its holder exits, even by a crash. A caller
+    that has to wait says so once on stderr (naming the lock file), then waits up to ``timeout``.
     """
     from filelock import FileLock, Timeout
 
-    path = lock_path(registry_uri or _registry_uri())
+    uri = registry_uri or _active_registry_uri()
+    path = lock_path(uri)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if sqlite_path(uri) is None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        elif not path.parent.is_dir():  # never create folders from a URI: a misspelt one would stay behind
+            msg = f"cannot take the registry lock {path}: the store's folder {path.parent} does not exist"
+            raise ValueError(msg)
         lock = FileLock(str(path), timeout=timeout)
-        lock.acquire()
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            log.warning("waiting for %s: another registry change is in progress", path)
+            lock.acquire()
     except Timeout:
         msg = (f"another registry change has held {path} for more than {timeout:.0f} s; "
                "retry once it has finished")
@@ -139,6 +155,15 @@ def register_run(run_id: str, name: str, metric: str | None = None) -> dict:
     """
     client = _client()
     run = _get_run(client, run_id)
+    if run.info.lifecycle_stage == "deleted" or _experiment_deleted(client, run.info.experiment_id):
+        # Deleting an experiment deletes its runs too: name the experiment when it is the cause.
+        experiment = run.info.experiment_id
+        restore = (f"the experiment ({experiment}) of run {run_id} is deleted; restore it first "
+                   f"(`mlflow experiments restore --experiment-id {experiment}`)"
+                   if _experiment_deleted(client, experiment) else
+                   f"the run {run_id} is deleted; restore it first (`mlflow runs restore --run-id {run_id}`)")
+        msg = f"{restore} or register another run"
+        raise ValueError(msg)
     if run.info.status != "FINISHED" or not run.data.tags.get("model_uri"):
         has_model = "a" if run.data.tags.get("model_uri") else "no"
         msg = (f"run {run_id} is {run.info.status} and has {has_model} logged model; "
@@ -524,6 +549,15 @@ def _get_run(client, run_id: str):
     raise ValueError(msg)
 
 
+def _experiment_deleted(client, experiment_id: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return retry_while_busy(client.get_experiment, experiment_id).lifecycle_stage == "deleted"
+    except MlflowException:
+        return False
+
+
 def _dataset_of(client, version) -> tuple[str, str | None]:
     """``(name, digest)`` of the data a version was trained on; older versions ask their run."""
     from mlflow.exceptions import MlflowException
@@ -555,7 +589,7 @@ def _metric_value(version, metric: str | None) -> float:
 def _version_of_run(client, name: str, run_id: str) -> str | None:
     # Not _versions(): a failed read must not look like "no version yet" and register the run twice.
     versions = retry_while_busy(client.search_model_versions, _name_filter(name))
-    matching = [v for v in versions if v.run_id == run_id]
+    matching = [v for v in versions if v.name == name and v.run_id == run_id]
     return str(max(int(v.version) for v in matching)) if matching else None
 
 
@@ -563,14 +597,23 @@ def _versions(client, name: str) -> list:
     from mlflow.exceptions import MlflowException
 
     try:
-        return client.search_model_versions(_name_filter(name))
+        return [v for v in client.search_model_versions(_name_filter(name)) if v.name == name]
     except MlflowException:
         return []
 
 
 def _name_filter(name: str) -> str:
-    # The filter grammar has no escapes: quote with the quote the name lacks.
-    return f'name = "{name}"' if "'" in name else f"name = '{name}'"
+    """A search filter that matches ``name`` (and maybe more: callers keep the exact name only).
+
+    MLflow's filter strings have no escapes: a name is quoted with the quote it lacks, and a
+    name holding both quotes becomes a LIKE pattern with ``_`` (any one character) in place of
+    each single quote.
+    """
+    if "'" not in name:
+        return f"name = '{name}'"
+    if '"' not in name:
+        return f'name = "{name}"'
+    return "name LIKE '{}'".format(name.replace("'", "_"))
 
 
 def _version_numbers(client, name: str) -> list[str]:
@@ -609,12 +652,18 @@ def _one_line(text: str) -> str:
 
 
 def _tracking_uri() -> str:
+    """The tracking store for messages (a SQLite file by its plain path)."""
     import mlflow
 
-    return mlflow.get_tracking_uri()
+    return describe(mlflow.get_tracking_uri())
 
 
 def _registry_uri() -> str:
+    """The registry store for messages (a SQLite file by its plain path)."""
+    return describe(_active_registry_uri())
+
+
+def _active_registry_uri() -> str:
     import mlflow
 
     return mlflow.get_registry_uri()

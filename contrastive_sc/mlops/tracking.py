@@ -22,6 +22,7 @@ import numpy as np
 
 from .. import __version__
 from .signals import keep_killed_after_mlflow_run, raise_if_stopped
+from .store import canonical_uri, remove_encoded_twin, require_existing, sqlite_path
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,9 @@ def quiet_mlflow(verbose: bool = False) -> None:
         return
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     logging.getLogger("mlflow").setLevel(logging.WARNING)
+    # A failed write (read-only store, full disk) is logged there with two tracebacks and the SQL
+    # statement before MLflow raises it; the command reports it in one line (store.storage_failure).
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     # MLflow's advice to model authors (type hints, input examples) is not something a user of the
     # command can act on. A filter cannot hide it: MLflow wraps log_model in catch_warnings with
     # simplefilter("once"), which outranks ours. The display hook survives that wrapping.
@@ -82,15 +86,39 @@ def quiet_mlflow(verbose: bool = False) -> None:
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
-    """``uri``, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db``."""
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    """``uri``, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db``; a SQLite path made
+    plain and absolute (see :mod:`~contrastive_sc.mlops.store`)."""
+    return canonical_uri(uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}")
 
 
-def setup(tracking_uri: str | None = None, experiment: str | None = None) -> str:
-    """Point MLflow at the tracking store and experiment; return the URI in use."""
+def setup(tracking_uri: str | None = None, experiment: str | None = None, *, must_exist: bool = False,
+          origin: str | None = None) -> str:
+    """Point MLflow at the tracking store and experiment; return the URI in use.
+
+    Parameters
+    ----------
+    tracking_uri
+        The store [default: ``MLFLOW_TRACKING_URI``, else ``./mlflow.db``]. A percent-encoded SQLite
+        URI (as ``mlflow run`` passes its default) is decoded, so MLflow, the registry lock and
+        messages all see the one file.
+    experiment
+        Experiment to create if needed and make active (not under ``mlflow run``, whose run exists).
+    must_exist
+        Refuse a ``sqlite:///`` store whose file does not exist instead of letting MLflow create an
+        empty one: for commands that read a store (register, promote, embed, ...).
+    origin
+        Where the URI came from, for that refusal [default: worked out from the arguments].
+    """
     import mlflow
 
+    given = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or ""
     uri = resolve_tracking_uri(tracking_uri)
+    if must_exist:
+        if origin is None:
+            origin = ("given as the tracking URI" if tracking_uri else "from MLFLOW_TRACKING_URI" if given
+                      else f"the default ./mlflow.db in {Path.cwd()}")
+        require_existing(uri, origin)
+    remove_encoded_twin(given)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     if experiment and not os.environ.get("MLFLOW_RUN_ID"):
@@ -108,14 +136,13 @@ def ensure_experiment(name: str, uri: str | None = None) -> str:
     """
     from mlflow import MlflowClient
 
-    uri = uri or resolve_tracking_uri()
+    uri = resolve_tracking_uri(uri)
     client = MlflowClient(tracking_uri=uri)
     found = client.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
-    location = None
-    if uri.startswith("sqlite:///"):
-        location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+    database = sqlite_path(uri)
+    location = (database.parent / "mlartifacts").as_uri() if database is not None else None
     return client.create_experiment(name, artifact_location=location)
 
 

@@ -235,13 +235,14 @@ class ArtifactError(ValueError):
 
 def _load_artifact(artifacts: dict[str, str], key: str, loader):
     name = Path(artifacts[key]).name
+    expected = {**ARTIFACTS, **OPTIONAL_ARTIFACTS}[key]  # optional ones too: a missing cell_types.npz is named
     try:
         return loader(artifacts[key])
     except (OSError, ValueError, KeyError, TypeError) as error:
-        msg = f"cannot load {name} ({ARTIFACTS[key]}) of the packaged model: {error}"
+        msg = f"cannot load {name} ({expected}) of the packaged model: {error}"
         raise ArtifactError(msg) from error
     except Exception as error:  # onnxruntime raises its own exception types on a corrupt graph
-        msg = f"cannot load {name} ({ARTIFACTS[key]}) of the packaged model: {type(error).__name__}: {error}"
+        msg = f"cannot load {name} ({expected}) of the packaged model: {type(error).__name__}: {error}"
         raise ArtifactError(msg) from error
 
 

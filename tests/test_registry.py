@@ -286,7 +286,7 @@ def test_a_logged_model_missing_its_cell_types_file_is_named(store_with_runs, tm
     assert len(deleted) == 1
     deleted[0].unlink()
     _cli_error(["embed", "--model-uri", local, "--data", "simulated", "--out", str(tmp_path / "e.h5ad"),
-                "--tracking-uri", uri], "cannot load cell_types.npz", "No such file")  # was "Error: cell_types"
+                "--tracking-uri", uri], "cell_types.npz, listed in manifest.json", "is missing")  # was "Error: cell_types"
 
 
 def test_a_run_missing_its_saved_cell_types_still_exports(trained, tmp_path):

@@ -144,7 +144,8 @@ def _store_with_runs(_template_store, _synthetic_session, tiny_config, tmp_path_
         runs = [
             tracking.train_run(_synthetic_session.copy(), tiny_config.replace(epochs=6, seed=1), label_key="label",
                                run_name="good"),
-            tracking.train_run(_synthetic_session.copy(), tiny_config.replace(epochs=1, n_genes=20, layers=(2,), seed=2),
+            tracking.train_run(_noisy_labels(_synthetic_session),
+                               tiny_config.replace(epochs=1, n_genes=20, layers=(2,), seed=2),
                                label_key="label", run_name="poor", map_plot=False),
         ]
     finally:
@@ -154,6 +155,17 @@ def _store_with_runs(_template_store, _synthetic_session, tiny_config, tmp_path_
             os.environ["MLFLOW_TRACKING_URI"] = old
         mlflow.set_tracking_uri(None)
     return folder / "mlflow.db", runs
+
+
+def _noisy_labels(adata, share: float = 0.4, seed: int = 0):
+    """A copy of ``adata`` whose labels are shuffled among ``share`` of the cells: a worse reference to name cells by."""
+    noisy = adata.copy()
+    rng = np.random.default_rng(seed)
+    rows = rng.choice(noisy.n_obs, int(share * noisy.n_obs), replace=False)
+    labels = noisy.obs["label"].to_numpy().copy()
+    labels[rows] = rng.permutation(labels[rows])
+    noisy.obs["label"] = labels
+    return noisy
 
 
 @pytest.fixture

@@ -186,3 +186,17 @@ def test_checkpoint_carries_its_architecture_genes_and_model_id(trained, synthet
         ContrastiveSC.load(folder)
     with pytest.raises(ValueError, match="reads other genes than preprocess_state.json lists; the folder mixes two"):
         ContrastiveSC.load(folder, check_files=False)  # without the manifest, the checkpoint's genes still tell
+
+
+def test_well_matched_populations_are_not_read_as_new_types():
+    # every query population matches its reference type almost equally well: nothing is new
+    rng = np.random.default_rng(1)
+    centres = rng.normal(scale=3.0, size=(3, 30))
+    labels = np.repeat(["a", "b", "c"], 100)
+    reference = centres[np.repeat(np.arange(3), 100)] + 0.05 * rng.normal(size=(300, 30))
+    query = centres[np.repeat(np.arange(3), [150, 100, 50])] + 0.05 * rng.normal(size=(300, 30))
+    annotator = CellTypeAnnotator(features=("scaled",), C=(1.0,))
+    annotator.fit(reference, labels, gene_mean=np.zeros(30), gene_std=np.ones(30), target_sum=1e4)
+    types, _ = annotator.annotate(query)
+    assert UNASSIGNED not in set(types)
+    assert (types == np.repeat(["a", "b", "c"], [150, 100, 50])).all()

@@ -44,6 +44,10 @@ DEFAULT_FEATURES = ("logcp10k", "logcp10k", "scaled", "scaled", "logcp10k+embedd
 DEFAULT_C = (0.1, 1.0, 0.1, 1.0, 0.1, 1.0)
 #: Below this many cells in one call the query-adaptive steps (smoothing, unseen types) are skipped.
 MIN_QUERY_CELLS = 50
+#: Smallest spread (MAD) of the best type-profile correlations within a query: a query of
+#: populations that all match their types almost equally well is not read as holding new ones
+#: (the spreads of the eight development splits' queries were 0.04-0.14, so their calls are unchanged).
+NOVELTY_MAD_FLOOR = 0.02
 #: A reference type with fewer training cells than this is named poorly: fitting warns about it.
 FEW_CELLS = 10
 _FORMAT = 2
@@ -99,6 +103,8 @@ class CellTypeAnnotator:
         self.arrays: dict[str, np.ndarray] | None = None
         #: Out-of-fold figures on the reference, computed by :meth:`fit` (not saved).
         self.report: dict[str, float] = {}
+        #: Reference types with fewer than :data:`FEW_CELLS` cells (set by :meth:`fit`).
+        self.few_cell_types: dict[str, int] = {}
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -263,7 +269,7 @@ class CellTypeAnnotator:
         a = self.arrays
         best = _row_corr(smoothed - logcp.mean(axis=0), a["profiles"] - a["reference_mean"]).max(axis=1)
         median = np.median(best)
-        return (best - median) / max(float(np.median(np.abs(best - median))), 1e-6)
+        return (best - median) / max(float(np.median(np.abs(best - median))), NOVELTY_MAD_FLOOR)
 
     # ------------------------------------------------------------------ persistence
     def settings(self) -> dict:

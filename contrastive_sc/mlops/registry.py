@@ -32,9 +32,11 @@ CHAMPION, CHALLENGER = "champion", "challenger"
 HISTORY_TAG = "champion_history"
 #: Version tags naming the training data (the run's ``dataset`` tag and ``data.digest`` param).
 DATASET_TAG, DIGEST_TAG = "dataset", "dataset_digest"
-#: Preference order of the selection metric: ARI when labels exist, else silhouette.
-METRIC_PREFERENCE = ("kmeans_ari", "leiden_ari", "auto_ari", "kmeans_silhouette", "leiden_silhouette",
-                     "auto_silhouette")
+#: Preference order of the selection metric: a model trained with labels names cells, and is ranked
+#: on how well it names them (out-of-fold macro F1 on its reference); else ARI with labels, else silhouette.
+ANNOTATION_METRIC = "annotation_cv_macro_f1"
+METRIC_PREFERENCE = (ANNOTATION_METRIC, "kmeans_ari", "leiden_ari", "auto_ari", "kmeans_silhouette",
+                     "leiden_silhouette", "auto_silhouette")
 #: Seconds a registry change waits for another one to finish before giving up.
 LOCK_TIMEOUT_S = 300.0
 
@@ -314,6 +316,14 @@ class _Evaluation:
         self.scores: dict[str, float] = {}
 
     def score(self, name: str, version) -> float:
+        """The version's score on the data: annotation macro F1 for a model with labels, else KMeans ARI.
+
+        Both versions of one comparison must be of the same kind (a version with labels against
+        one without is refused: their scores measure different things).
+        """
+        import numpy as np
+        from sklearn.metrics import f1_score
+
         from ..analysis.metrics import score_clustering
 
         number = str(version.version)
@@ -321,28 +331,43 @@ class _Evaluation:
             served = load_served_model(f"models:/{name}/{number}")
             params = {"method": "kmeans", "n_clusters": self.n_clusters}
             result = served.embed_and_cluster(self.adata.X, self.adata.var_names, params)
-            labels, embedding = result.labels, result.embedding
-            self.scores[number] = score_clustering(embedding, labels, self.truth)["ari"]
+            if result.cell_types is not None:  # how well it names the cells (types it knows; unassigned = wrong)
+                known = set(served.cell_types.names) & set(self.truth)
+                if not known:
+                    msg = (f"version {number} names {sorted(served.cell_types.names)[:5]}..., none of which is a "
+                           f"label of the evaluation data ({sorted(set(self.truth))[:5]}...)")
+                    raise ValueError(msg)
+                rows = np.isin(self.truth, sorted(known))
+                value = f1_score(self.truth[rows], np.asarray(result.cell_types)[rows].astype(str),
+                                 labels=sorted(known), average="macro", zero_division=0)
+                self.scores[number] = ("annotation macro F1", float(value))
+            else:
+                self.scores[number] = ("ARI", score_clustering(result.embedding, result.labels, self.truth)["ari"])
         return self.scores[number]
 
     def compare(self, client, name: str, candidate, champion) -> tuple[str | None, str]:
         where = f"{self.name} [{self.digest}]"
-        ours = self.score(name, candidate)
-        self._record(client, name, candidate, ours)
-        detail = f"ARI={ours:.4f} on {where}"
+        metric, ours = self.score(name, candidate)
+        self._record(client, name, candidate, metric, ours)
+        detail = f"{metric}={ours:.4f} on {where}"
         if champion is None:
             return None, detail
-        theirs = self.score(name, champion)
-        self._record(client, name, champion, theirs)
+        their_metric, theirs = self.score(name, champion)
+        if their_metric != metric:
+            msg = (f"version {candidate.version} is scored by {metric} but @{CHAMPION} version {champion.version} by "
+                   f"{their_metric} (one was trained with labels, the other not): they cannot be compared on {where}")
+            raise ValueError(msg)
+        self._record(client, name, champion, metric, theirs)
         if not ours > theirs:
             verdict = "ties" if ours == theirs else "loses to"
-            return (f"refused: version {candidate.version} (ARI={ours:.4f}) {verdict} @{CHAMPION} version "
-                    f"{champion.version} (ARI={theirs:.4f}) on {where}"), detail
-        return None, f"{detail}; version {champion.version}: ARI={theirs:.4f}"
+            return (f"refused: version {candidate.version} ({metric}={ours:.4f}) {verdict} @{CHAMPION} version "
+                    f"{champion.version} ({metric}={theirs:.4f}) on {where}"), detail
+        return None, f"{detail}; version {champion.version}: {metric}={theirs:.4f}"
 
-    def _record(self, client, name: str, version, ari: float) -> None:
-        for key, value in ((f"eval.{self.digest}.ari", repr(ari)), (f"eval.{self.digest}.data", self.name)):
-            retry_while_busy(client.set_model_version_tag, name, str(version.version), key, value)
+    def _record(self, client, name: str, version, metric: str, value: float) -> None:
+        key = "ari" if metric == "ARI" else "annotation_macro_f1"
+        for tag, text in ((f"eval.{self.digest}.{key}", repr(value)), (f"eval.{self.digest}.data", self.name)):
+            retry_while_busy(client.set_model_version_tag, name, str(version.version), tag, text)
 
 
 def rollback(name: str) -> PromotionResult:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import random
@@ -223,6 +224,10 @@ def train_run(adata, config, *, layer: str | None = None, label_key: str | None 
                    **as_metrics(clusterings)}
         if cells.batches is not None:
             metrics["batch_mixing"] = batch_mixing(embedding, cells.batches)
+        # how well a model trained with labels names cells, measured on its reference (out of fold)
+        metrics |= {f"annotation_{key}": value for key, value in model.annotation_report.items()}
+        if model.annotator is not None and model.annotator.few_cell_types:
+            mlflow.set_tag("annotation.few_cell_types", json.dumps(model.annotator.few_cell_types))
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
             labels_by_method = {c.method: c.labels for c in clusterings}

@@ -539,6 +539,35 @@ def embed(model_uri, data, out, method, n_clusters, resolution, label_key, layer
 
 
 @main.command()
+@click.option("--model-uri", required=True,
+              help="A model trained with labels: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or a folder.")
+@click.option("--data", required=True, help="Counts file of one sample (its cells are compared with each other).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output .h5ad or .csv.")
+@click.option("--min-confidence", default=None, type=click.FloatRange(0, 1),
+              help="Call cells under this confidence 'unassigned' [default: the model's, 0].")
+@_layer_option
+@_overwrite_option
+@_tracking_options
+@_friendly_errors
+def annotate(model_uri, data, out, min_confidence, layer, overwrite, tracking_uri) -> None:
+    """Name the cells of a sample with a model trained with labels; print the cells per type."""
+    from .mlops import tracking
+    from .mlops.exporting import annotate_with_registered
+    from .mlops.outputs import check_output
+
+    suffix = Path(out).suffix.lower()
+    if suffix not in (".h5ad", ".csv"):
+        raise click.UsageError(f"--out must end in .h5ad or .csv, got {out!r}")
+    check_output(out, "h5ad" if suffix == ".h5ad" else "cell-types-csv", overwrite=overwrite)
+    tracking.setup(tracking_uri)
+    summary = annotate_with_registered(model_uri, data, out, layer=layer, min_confidence=min_confidence)
+    width = max(map(len, summary["counts"]), default=0)
+    for name, count in summary["counts"].items():
+        click.echo(f"{name:<{width}}  {count:>7}  {count / summary['cells']:6.1%}")
+    click.echo(f"{summary['cells']} cells; unassigned {summary['unassigned']:.1%}; wrote {summary['out']}")
+
+
+@main.command()
 @click.option("--name", "name", required=True, type=click.Choice(list(EXPERIMENT_NAMES)), help="Which experiment.")
 @click.option(
     "--data",

@@ -66,3 +66,34 @@ def test_embed_refuses_a_dataset_without_the_models_genes(store_with_runs, synth
     with pytest.raises(ValueError, match="only 0 of the model's 100 genes are in the input"):
         embed_with_registered(f"runs:/{runs[0]['run_id']}/model", str(tmp_path / "other.h5ad"), tmp_path / "x.h5ad", {})
     assert not (tmp_path / "x.h5ad").exists()
+
+
+def test_annotate_command_names_the_cells_of_a_sample(store_with_runs, synthetic, tmp_path):
+    import anndata as ad
+    import pandas as pd
+    from click.testing import CliRunner
+
+    from contrastive_sc.cli import main
+
+    uri, runs = store_with_runs
+    synthetic.obs["label"] = synthetic.obs["label"].astype(str)
+    synthetic.write_h5ad(tmp_path / "sample.h5ad")
+    model = f"runs:/{runs[0]['run_id']}/model"
+    for out in ("named.csv", "named.h5ad"):
+        result = CliRunner().invoke(main, ["annotate", "--model-uri", model, "--data", str(tmp_path / "sample.h5ad"),
+                                           "--out", str(tmp_path / out), "--tracking-uri", uri])
+        assert result.exit_code == 0, result.output
+        assert "300 cells; unassigned" in result.output and result.output.count("%") >= 3
+    rows = pd.read_csv(tmp_path / "named.csv")
+    assert list(rows.columns) == ["cell", "cell_type", "confidence"] and len(rows) == 300
+    named = ad.read_h5ad(tmp_path / "named.h5ad")
+    assert (named.obs["contrastive_cell_type"].astype(str).to_numpy() == rows["cell_type"].astype(str).to_numpy()).all()
+    assert (rows["cell_type"].astype(str) == synthetic.obs["label"].to_numpy()).mean() > 0.9
+    again = CliRunner().invoke(main, ["annotate", "--model-uri", model, "--data", str(tmp_path / "sample.h5ad"),
+                                      "--out", str(tmp_path / "named.csv"), "--min-confidence", "1",
+                                      "--tracking-uri", uri])  # an earlier output may be replaced
+    assert again.exit_code == 0 and "unassigned 100.0%" in again.output, again.output
+    (tmp_path / "notes.csv").write_text("precious")
+    refused = CliRunner().invoke(main, ["annotate", "--model-uri", model, "--data", str(tmp_path / "sample.h5ad"),
+                                        "--out", str(tmp_path / "notes.csv"), "--tracking-uri", uri])
+    assert refused.exit_code == 2 and "refusing to overwrite" in refused.output

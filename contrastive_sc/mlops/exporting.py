@@ -52,7 +52,7 @@ def embed_with_registered(model_uri: str, data: str, out: str | Path, params: di
     adata = load(data, label_key, layer=layer)
     result = served.embed_and_cluster(adata.X, adata.var_names, params)
     labels, embedding, coverage = result.labels, result.embedding, result.coverage
-    key = f"contrastive_{params.get('method', 'reference')}"
+    key = f"contrastive_{params.get('method', 'trained')}"
     adata.obsm[EMBEDDING_KEY] = embedding
     adata.obsm[UMAP_KEY] = umap_coordinates(embedding)
     adata.obs[key] = pd.Categorical(labels.astype(str))
@@ -71,3 +71,46 @@ def embed_with_registered(model_uri: str, data: str, out: str | Path, params: di
     scores = score_clustering(embedding, labels, truth)
     return {"cells": adata.n_obs, "gene_coverage": coverage.as_dict()["fraction"], "out": str(out),
             **{k: round(v, 4) for k, v in scores.items()}}
+
+
+def annotate_with_registered(model_uri: str, data: str, out: str | Path, *, layer: str | None = None,
+                             min_confidence: float | None = None) -> dict:
+    """Name the cells of ``data`` with a logged model trained with labels; write ``.h5ad`` or ``.csv``.
+
+    The whole file is one sample (the unseen-type rule compares its cells). An ``.h5ad`` gets
+    ``obs["contrastive_cell_type"]``, ``obs["contrastive_cell_type_confidence"]`` and the embedding;
+    a ``.csv`` one row per cell: ``cell, cell_type, confidence``.
+
+    Returns
+    -------
+    ``{"cells", "counts" (cells per type, most first), "unassigned" (share), "out"}``.
+    """
+    import pandas as pd
+
+    from ..method.io import load
+    from ..method.model import CELL_TYPE_KEY, CONFIDENCE_KEY, EMBEDDING_KEY
+    from .registry import load_served_model
+
+    served = load_served_model(model_uri)
+    if served.cell_types is None:
+        msg = (f"{model_uri} was trained without labels and names no cell types; train one with "
+               "`contrastive-sc train --label-key COLUMN` (or cluster with `contrastive-sc embed`)")
+        raise ValueError(msg)
+    adata = load(data, layer=layer)
+    params = {"method": "trained", "min_confidence": min_confidence}
+    result = served.embed_and_cluster(adata.X, adata.var_names, {k: v for k, v in params.items() if v is not None})
+    types = pd.Series(result.cell_types.astype(str), index=adata.obs_names)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".csv":
+        pd.DataFrame({"cell": adata.obs_names, "cell_type": types.to_numpy(),
+                      "confidence": result.confidence}).to_csv(out, index=False)
+    else:
+        adata.obs[CELL_TYPE_KEY] = pd.Categorical(types.to_numpy())
+        adata.obs[CONFIDENCE_KEY] = result.confidence
+        adata.obsm[EMBEDDING_KEY] = result.embedding
+        adata.uns[CELL_TYPE_KEY] = {"params": {"model_uri": model_uri, "layer": layer or "X",
+                                               "min_confidence": -1.0 if min_confidence is None else min_confidence}}
+        adata.write_h5ad(out)
+    return {"cells": adata.n_obs, "counts": types.value_counts().to_dict(),
+            "unassigned": float((types == "unassigned").mean()), "out": str(out)}

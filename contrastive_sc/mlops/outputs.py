@@ -10,9 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 
 #: What each kind of output looks like, to recognise an earlier one.
-KINDS = ("h5ad", "csv", "onnx")
+KINDS = ("h5ad", "csv", "onnx", "cell-types-csv")
 #: First columns of every benchmark CSV (see :data:`contrastive_sc.benchmarks.benchmark.COLUMNS`).
 _CSV_HEADER = "dataset,method,seed"
+#: The header of the cell types ``contrastive-sc annotate`` writes to a CSV.
+CELL_TYPES_HEADER = "cell,cell_type,confidence"
 
 
 def check_output(path: str | Path, kind: str, *, overwrite: bool = False) -> Path:
@@ -50,9 +52,9 @@ def check_output(path: str | Path, kind: str, *, overwrite: bool = False) -> Pat
 
 def _is_earlier_output(path: Path, kind: str) -> bool:
     try:
-        if kind == "csv":
+        if kind in ("csv", "cell-types-csv"):
             with path.open(encoding="utf-8") as handle:
-                return handle.readline().startswith(_CSV_HEADER)
+                return handle.readline().startswith(_CSV_HEADER if kind == "csv" else CELL_TYPES_HEADER)
         if kind == "h5ad":
             import h5py
 

@@ -167,7 +167,9 @@ def _main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method", default="trained", choices=list(METHODS))
     parser.add_argument("--n-clusters", type=int, default=0)
     parser.add_argument("--resolution", type=float, default=None, help="Leiden resolution [default: the model's]")
-    parser.add_argument("--chunk-size", type=int, default=500)
+    parser.add_argument("--chunk-size", type=int, default=5000,
+                        help="cells per request; a model trained with labels names the cells of one request together, "
+                             "so a sample is best sent whole")
     parser.add_argument("--format", default="auto", choices=["auto", *FORMATS],
                         help="request body: auto = long parquet for default 'trained' requests, JSON otherwise")
     parser.add_argument("--max-cells", type=int, default=None, help="send only the first N cells")

@@ -130,7 +130,7 @@ def test_valid_requests_in_two_json_formats_and_each_method(served):
     status, body = server.post(_split(cells, {"min_confidence": 0.0, "return_embedding": False}))
     assert status == 200 and "unassigned" not in {r["cell_type"] for r in body["predictions"]}
     status, body = server.post(_split(cells, {"min_confidence": 1.5}))
-    assert status == 400 and "min_confidence must be within [0, 1], got 1.5" in body["message"]
+    assert status == 400 and "min_confidence must be a finite number within [0, 1], got 1.5" in body["message"]
 
     status, body = server.post(_split(cells, {"method": "leiden", "resolution": 0.8, "seed": 3}))
     assert status == 200, body
@@ -245,7 +245,7 @@ REFUSED = {
     "boolean n_clusters": (lambda f: _split(f.iloc[:5], {"method": "kmeans", "n_clusters": True}),
                            "Can not safely convert `<class 'bool'>` to `DataType.long`"),
     "huge n_clusters": (lambda f: _split(f.iloc[:5], {"method": "kmeans", "n_clusters": 2**70}),
-                        "n_clusters must be within [0, 100000]"),
+                        "n_clusters must be a whole number within [1, 100000] or none"),
     "2**70 count": (_huge_value, "holds the value 1180591620717411303424, above 9007199254740992: not a count"),
     "ragged rows": (_ragged, "has 397 value(s) for 400 columns: every row must have one value per column"),
     "boolean counts": (_bool_counts, "holds true/false values"),

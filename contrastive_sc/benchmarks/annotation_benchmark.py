@@ -345,6 +345,10 @@ class ToolUnavailable(Exception):
     """The tool cannot run here (the message says why and how to fix it)."""
 
 
+class ToolFailed(Exception):
+    """The tool's process ended without calls (the message: its last line on stderr)."""
+
+
 def check_tool(method: str, python: str | None) -> str:
     """The tool's versions as text, or :class:`ToolUnavailable` with the reason."""
     name, option, why = EXTERNAL[method]
@@ -380,8 +384,9 @@ def run_tool(method: str, python: str, ref, query, seed: int, split: Split) -> t
                                    paths["query"], "--seed", str(seed), "--out", out], stdout=log, stderr=log).returncode
         if code != 0 or not os.path.exists(out):
             with open(log_path) as log:
-                reason = _last_line(log.read()) or f"exit code {code}"
-            raise RuntimeError(reason)
+                last = _last_line(log.read())
+            msg = f"{last} (exit code {code})" if last else f"exit code {code}"
+            raise ToolFailed(msg)
         with np.load(out) as result:
             return result["called"].astype(str), result["confidence"].astype(float), float(result["seconds"])
 
@@ -477,7 +482,8 @@ def run_annotation_benchmark(splits: Iterable[Split] | Mapping[str, Split] | Non
                             called, confidence = IN_PROCESS[method](ref, query, seed, split, options)
                         seconds = time.perf_counter() - started
                 except Exception as error:  # a crash of one method is a stated row, never the end of the run
-                    reason = " ".join(f"{type(error).__name__}: {error}".split())[:300]
+                    text = str(error) if isinstance(error, ToolFailed) else f"{type(error).__name__}: {error}"
+                    reason = " ".join(text.split())[:300]
                     add(split, method, seed, "failed", reason, seconds=time.perf_counter() - started)
                     say(f"{split.name} s{seed} {method}: failed: {reason}")
                     continue

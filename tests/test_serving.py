@@ -393,7 +393,9 @@ def test_the_model_serves_from_its_own_environment(served, tmp_path):
     server, frame = served
     env_root = os.environ.get("MLFLOW_ENV_ROOT") or str(tmp_path / "envs")
     own = Server("models:/served@champion", f"sqlite:///{server.log.parent / 'mlflow.db'}", tmp_path / "own.log",
-                 env={"CONTRASTIVE_SC_ENV_MANAGER": manager, "MLFLOW_ENV_ROOT": env_root}, ready_s=900)
+                 env={"CONTRASTIVE_SC_ENV_MANAGER": manager, "MLFLOW_ENV_ROOT": env_root,
+                      # serve.sh is quiet by default: the command it runs is an INFO line
+                      "MLFLOW_LOGGING_LEVEL": "INFO"}, ready_s=900)
     try:
         status, body = own.post(_split(frame.iloc[:20], {"method": "kmeans", "n_clusters": 3, "return_embedding": False}))
         assert status == 200, body

@@ -14,7 +14,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install demo test test-all lint clean
+.PHONY: install demo test test-all battery lint clean
 
 install: $(VENV)/.installed-$(ORT)
 
@@ -35,6 +35,9 @@ test: install
 
 test-all: install
 	$(PY) -m pytest
+
+battery: install  # the service audit's checks against a real store, `mlflow run` and `mlflow models serve`
+	$(PY) -m pytest -m battery
 
 lint: install
 	$(PY) -m ruff check contrastive_sc tests models serving

@@ -22,6 +22,16 @@ def shared_file(name: str) -> Path:
     return path
 
 
+def pytest_collection_modifyitems(config, items):
+    """Mark the attack battery's checks (the list in ``test_battery.py``) ``battery``."""
+    from tests.test_battery import battery_ids
+
+    named = battery_ids()
+    for item in items:
+        if f"{Path(item.path).name}::{item.originalname}" in named:
+            item.add_marker(pytest.mark.battery)
+
+
 @pytest.fixture(autouse=True)
 def _isolate_mlflow_environment():
     """Restore every MLFLOW_* variable after each test.

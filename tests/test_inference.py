@@ -135,6 +135,8 @@ def test_serving_path_never_imports_torch(tmp_path, _trained_session):
     ({"min_coverage": 1.5}, r"min_coverage must be a finite number within \[0, 1\], got 1.5"),
     ({"return_embedding": 1}, r"return_embedding must be true or false, got 1 \(int\)"),
     ({"method": 3}, "unknown method 3"),
+    # in range, but training would refuse it: five cells cannot each have ten neighbours
+    ({"method": "leiden", "n_neighbors": 10}, r"n_neighbors=10 needs more cells than neighbours, and 5 cell\(s\) were sent"),
 ])
 def test_every_param_is_checked_for_type_and_range(packaged, frame, params, message):
     with pytest.raises(ValueError, match=message):

@@ -156,3 +156,21 @@ def test_config_overrides_and_round_trip():
         ContrastiveSC(learning_rate=0.1)
     with pytest.raises(ValueError, match="unknown preset"):
         ContrastiveSC(preset="nope")
+
+
+@pytest.mark.parametrize("n_genes", [100, "auto"])
+def test_the_annotator_is_fitted_on_the_encoders_input_preprocessed_once(synthetic, tiny_config, monkeypatch, n_genes):
+    """Training preprocesses the labelled cells once: what the annotator learns from is what the encoder read."""
+    from contrastive_sc.method import gene_search, model as model_module
+
+    monkeypatch.setattr(gene_search, "AUTO_GENE_COUNTS", (50, 100))
+    seen = []
+    fit = model_module.CellTypeAnnotator.fit
+    monkeypatch.setattr(model_module.CellTypeAnnotator, "fit", lambda self, pre, *a, **k: seen.append(pre) or fit(self, pre, *a, **k))
+    calls = []
+    again = model_module.transform_in_memory
+    monkeypatch.setattr(model_module, "transform_in_memory", lambda *a, **k: calls.append(1) or again(*a, **k))
+    model = ContrastiveSC(tiny_config.replace(n_genes=n_genes, epochs=1)).fit(synthetic, label_key="label")
+    assert calls == []  # no second pass over the counts for the annotator
+    assert np.array_equal(seen[0], model.preprocess(synthetic))  # training did not alter the input it kept
+    assert model.annotator is not None

@@ -21,20 +21,23 @@ log = logging.getLogger(__name__)
 
 
 def search_gene_count(counts: Rows, genes: np.ndarray, config: ContrastiveConfig, *, progress: bool = False,
-                      on_epoch: Callable[[int, float], None] | None = None,
+                      on_epoch: Callable[[int, float], None] | None = None, keep_inputs: bool = False,
                       ) -> tuple[FittedEmbedding, list[dict]]:
     """Fit one embedding per gene count of :data:`~contrastive_sc.method.config.AUTO_GENE_COUNTS` below the genes there are.
 
     Returns
     -------
     The best fit by silhouette, and one ``{"n_genes", "silhouette"}`` per candidate. ``on_epoch``
-    replays the chosen fit's losses once it is chosen.
+    replays the chosen fit's losses once it is chosen; ``keep_inputs`` as in
+    :func:`~contrastive_sc.method.pipeline.fit_embedding` (every candidate keeps its input, the
+    others' are dropped as the search goes).
     """
     candidates = [n for n in AUTO_GENE_COUNTS if n < counts.shape[1]] or [counts.shape[1]]
     cluster, seed = config.cluster, config.train.seed
     best, search = None, []
     for n_genes in candidates:
-        fitted = fit_embedding(counts, genes, config.replace(n_genes=n_genes), progress=progress)
+        fitted = fit_embedding(counts, genes, config.replace(n_genes=n_genes), progress=progress,
+                               keep_inputs=keep_inputs)
         method = "kmeans" if cluster.n_clusters else "auto"
         labels = cluster_labels(fitted.embedding, method, n_clusters=cluster.n_clusters,
                                 n_neighbors=cluster.n_neighbors, seed=seed)

@@ -117,12 +117,13 @@ class ContrastiveSC:
     def fit_cells(self, cells: Cells, *, clusters: bool = True, progress: bool = False,
                   on_epoch=None) -> ContrastiveSC:
         """:meth:`fit` on cells already read by :meth:`check` (a tracked run starts between the two)."""
+        labelled = cells.labels is not None  # the annotator is fitted on the encoder's input: keep it
         if self.config.preprocess.n_genes == "auto":
             fitted, self.gene_search = search_gene_count(cells.counts, cells.genes, self.config, progress=progress,
-                                                         on_epoch=on_epoch)
+                                                         on_epoch=on_epoch, keep_inputs=labelled)
         else:
             fitted, self.gene_search = fit_embedding(cells.counts, cells.genes, self.config, progress=progress,
-                                                     on_epoch=on_epoch), []
+                                                     on_epoch=on_epoch, keep_inputs=labelled), []
         self.setup, self.model_id = cells.setup, uuid.uuid4().hex  # a new fit is a new model
         self.state = replace(fitted.state, model_id=self.model_id)
         self.encoder, self.history = fitted.encoder, fitted.history
@@ -132,8 +133,8 @@ class ContrastiveSC:
                                                        n_neighbors=cluster.n_neighbors, seed=seed)
                                   if clusters else None)
         self.annotator, self.annotation_report = None, {}
-        if cells.labels is not None:  # names from the model's own input and embedding (analysis/annotate.py)
-            pre = transform_in_memory(cells.counts, cells.genes, self.state)
+        if labelled:  # names from the model's own input and embedding (analysis/annotate.py)
+            pre = fitted.inputs
             self.annotator = CellTypeAnnotator(label_key=cells.setup.label_key or "").fit(
                 pre, cells.labels, gene_mean=self.state.mean, gene_std=self.state.std,
                 target_sum=self.state.target_sum, embedding=embedding, seed=seed)

@@ -18,23 +18,28 @@ import numpy as np
 from .config import ContrastiveConfig
 from .fusion import fit_pca_block, fuse, pca_sample
 from .preprocess import PreprocessState, fit_preprocess, transform_rows
-from .rows import Rows
+from .rows import InMemoryRows, Rows, collect
 from .train import TrainingHistory, encode, fit_encoder
 
 
 @dataclass
 class FittedEmbedding:
-    """What one fit produced: the preprocessing state, the trained module, its history and the training cells' embedding."""
+    """What one fit produced: the preprocessing state, the trained module, its history and the training cells' embedding.
+
+    ``inputs`` is the training cells' preprocessed input (the encoder's input), kept when the
+    caller asked for it (the cell-type annotator is fitted on it), else ``None``.
+    """
 
     state: PreprocessState
     encoder: object
     history: TrainingHistory
     embedding: np.ndarray
+    inputs: np.ndarray | None = None
 
 
 def fit_embedding(counts: Rows, genes: np.ndarray, config: ContrastiveConfig, *, progress: bool = False,
                   on_epoch: Callable[[int, float], None] | None = None,
-                  directory: str | Path | None = None) -> FittedEmbedding:
+                  directory: str | Path | None = None, keep_inputs: bool = False) -> FittedEmbedding:
     """Fit the preprocessing and the encoder on raw counts, then embed the training cells once.
 
     Parameters
@@ -49,6 +54,9 @@ def fit_embedding(counts: Rows, genes: np.ndarray, config: ContrastiveConfig, *,
         Passed to :func:`~contrastive_sc.method.train.fit_encoder`.
     directory
         Folder of the temporary preprocessed file when the counts are on disk.
+    keep_inputs
+        Also return the preprocessed input as one array (``FittedEmbedding.inputs``): the
+        counts are then preprocessed once for training and for what is fitted after it.
     """
     pre, enc, seed = config.preprocess, config.encoder, config.train.seed
     state = fit_preprocess(counts, genes, n_genes=pre.n_genes, min_cells=pre.min_cells, hvg_flavor=pre.hvg_flavor,
@@ -66,4 +74,7 @@ def fit_embedding(counts: Rows, genes: np.ndarray, config: ContrastiveConfig, *,
         if block is not None:
             encoder = fuse(encoder, block, sample, enc.encoder_weight)
         embedding = encode(encoder, x)
-    return FittedEmbedding(state, encoder, history, embedding)
+        inputs = None
+        if keep_inputs:  # cells on disk: read the temporary file back before it is deleted
+            inputs = x.matrix if isinstance(x, InMemoryRows) else collect(lambda block: block, x, state.n_genes)
+    return FittedEmbedding(state, encoder, history, embedding, inputs)

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from contrastive_sc.benchmarks.load import group_processes
 from tests.test_serving import Server, _split
 
 pytestmark = pytest.mark.slow
@@ -57,20 +58,7 @@ def loaded(_store_with_runs, tmp_path_factory, _synthetic_session):
 
 def _group_processes(server) -> dict[int, tuple[int, str]]:
     """``{pid: (parent pid, command line)}`` of the server's process group."""
-    out = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-            if int(fields[2]) != server.process.pid or fields[0] == "Z":
-                continue
-            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
-                out[int(entry)] = (int(fields[1]), cmdline.read().replace(b"\0", b" ").decode(errors="replace"))
-        except (FileNotFoundError, ProcessLookupError, ValueError):
-            continue
-    return out
+    return group_processes(server.process.pid)
 
 
 def _work_processes(server) -> list[int]:

@@ -45,24 +45,31 @@ def _rss_mb(pid: int) -> float:
         return 0.0
 
 
-def server_memory(group: int) -> dict[str, float]:
-    """RSS (MB) of a server's process group: ``workers`` (the uvicorn processes: with ``-w 2`` and more,
-    the supervisor and the workers it spawned) and ``total`` (with the MLflow launcher, the fork
-    servers and the processes they forked; pages shared between forked processes count once per process)."""
-    workers = total = 0.0
+def group_processes(group: int) -> dict[int, tuple[int, str]]:
+    """``{pid: (parent pid, command line)}`` of the live (not zombie) processes of a process group."""
+    out = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/stat") as stat:
                 fields = stat.read().rsplit(")", 1)[1].split()
-            if int(fields[2]) != group:
+            if int(fields[2]) != group or fields[0] == "Z":
                 continue
             with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
-                command = cmdline.read().replace(b"\0", b" ").decode(errors="replace")
+                out[int(entry)] = (int(fields[1]), cmdline.read().replace(b"\0", b" ").decode(errors="replace"))
         except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
             continue
-        rss = _rss_mb(int(entry))
+    return out
+
+
+def server_memory(group: int) -> dict[str, float]:
+    """RSS (MB) of a server's process group: ``workers`` (the uvicorn processes: with ``-w 2`` and more,
+    the supervisor and the workers it spawned) and ``total`` (with the MLflow launcher, the fork
+    servers and the processes they forked; pages shared between forked processes count once per process)."""
+    workers = total = 0.0
+    for pid, (_, command) in group_processes(group).items():
+        rss = _rss_mb(pid)
         total += rss
         if ("uvicorn" in command and "multiprocessing" not in command) or "multiprocessing.spawn" in command:
             workers += rss

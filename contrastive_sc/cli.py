@@ -103,6 +103,14 @@ def _layer_option(func):
     )(func)
 
 
+def _scvi_python_option(func):
+    return click.option(
+        "--scvi-python", default=None, callback=_none_if_empty,
+        help="Python of an environment with scvi-tools, for the scvi-kmeans / scvi-leiden baselines "
+             "(scvi-tools is not a dependency of contrastive-sc) [default: none; asking for them is an error].",
+    )(func)
+
+
 def _overwrite_option(func):
     # A plain flag for people; MLproject entry points pass `--overwrite-if true|false` (hidden),
     # since an MLflow parameter always has a value. Either one set means overwrite.
@@ -212,9 +220,10 @@ def main(verbose: bool, workdir: str | None) -> None:
               help="Override the presets' gene count.")
 @click.option("--epochs", default=None, type=_PresetDefault(_SettingType("epochs")), help="Override the presets' epochs.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="CSV with one row per run.")
+@_scvi_python_option
 @_overwrite_option
 @_friendly_errors
-def benchmark(data, more_data, label_key, methods, seeds, n_genes, epochs, out, overwrite) -> None:
+def benchmark(data, more_data, label_key, methods, seeds, n_genes, epochs, out, scvi_python, overwrite) -> None:
     """Score methods on labelled datasets; write a CSV and print a mean ± sd table.
 
     Usage: contrastive-sc benchmark --data A.h5 B.h5ad --methods paper-kmeans,pca50-kmeans --seeds 3 --out r.csv
@@ -232,7 +241,10 @@ def benchmark(data, more_data, label_key, methods, seeds, n_genes, epochs, out, 
         )
 
     overrides = {"n_genes": n_genes, "epochs": epochs}
-    results = run_benchmark([data, *more_data], methods, range(seeds), label_key=label_key, overrides=overrides, on_row=show)
+    results = run_benchmark([data, *more_data], methods, range(seeds), label_key=label_key, overrides=overrides,
+                            on_row=show, interpreters={"scvi": scvi_python})
+    for source, tool in results.attrs.get("tools", {}).items():
+        click.echo(f"{source}: {tool}", err=True)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     results.to_csv(out, index=False)
     click.echo(summarise(results).to_markdown(index=False) if _has_tabulate() else summarise(results).to_string())
@@ -254,8 +266,9 @@ def benchmark(data, more_data, label_key, methods, seeds, n_genes, epochs, out, 
               help="CSV cache, one row per dataset x method x seed; appended to, and read back on the next call.")
 @click.option("--any-code", is_flag=True,
               help="Reuse cached rows run by other versions of this package (default: rerun them).")
+@_scvi_python_option
 @_friendly_errors
-def select(data, more_data, label_key, candidates, baselines, seeds, out, any_code) -> None:
+def select(data, more_data, label_key, candidates, baselines, seeds, out, any_code, scvi_python) -> None:
     """Leave-one-dataset-out choice among candidate methods: per dataset, the candidate best on the others.
 
     Usage: contrastive-sc select --data A.h5 B.h5ad C.h5 --candidates paper-kmeans,fused-kmeans --seeds 3 --out lodo.csv
@@ -271,7 +284,8 @@ def select(data, more_data, label_key, candidates, baselines, seeds, out, any_co
                    f"k={row['n_clusters']} {row['seconds']:.1f}s", err=True)
 
     methods = list(dict.fromkeys([*candidates, *baselines]))
-    results = run_missing(paths, methods, range(seeds), out, label_key=label_key, on_row=show, any_code=any_code)
+    results = run_missing(paths, methods, range(seeds), out, label_key=label_key, on_row=show, any_code=any_code,
+                          interpreters={"scvi": scvi_python}, on_message=lambda text: click.echo(text, err=True))
     table, lines = report(results, candidates, baselines)
     click.echo(table.to_markdown(index=False) if _has_tabulate() else table.to_string(index=False))
     click.echo("\n" + "\n".join(lines))

@@ -1,4 +1,8 @@
+import importlib.util
+import sys
+import textwrap
 import time
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -100,3 +104,126 @@ def test_scanpy_recipe_pcs(synthetic):
     labels = cluster_labels(pcs, "kmeans", n_clusters=3, seed=0)
     assert adjusted_rand_score(synthetic.obs["label"], labels) > 0.9
     assert scanpy_pcs(synthetic, seed=0, n_components=5).shape == (300, 5)
+
+
+# ---------------------------------------------------------------------- scVI, run by another environment
+#: The interpreter of an environment with scvi-tools, for the one real-scVI test (scvi-tools is not a dependency).
+SCVI_PYTHON = os.environ.get("CONTRASTIVE_SC_SCVI_PYTHON", "")
+
+#: Stands in for scvi-tools: checks like the real one, and "embeds" with the first 10 PCs of log1p counts,
+#: counting its runs in a file beside the script (the warm-up must not run it).
+FAKE_SCVI = textwrap.dedent("""
+    import json, os, sys
+    import numpy as np
+    action, tool = sys.argv[1], sys.argv[2]
+    if action == "check":
+        print(json.dumps({"scvi-tools": "9.9", "torch": "0"}))
+        sys.exit(0)
+    args = dict(zip(sys.argv[3::2], sys.argv[4::2]))
+    with open(os.path.join(os.path.dirname(__file__), "runs.txt"), "a") as runs:
+        runs.write(args["--seed"] + "\\n")
+    if os.environ.get("FAKE_SCVI_CRASH"):
+        raise RuntimeError("training diverged")
+    import anndata as ad
+    x = np.log1p(ad.read_h5ad(args["--query"]).X.toarray())
+    x -= x.mean(axis=0)
+    latent = np.linalg.svd(x, full_matrices=False)[0][:, :10]
+    with open(args["--out"], "wb") as handle:
+        np.savez(handle, latent=latent, seconds=2.5, train_seconds=2.0, epochs=400)
+""")
+
+
+@pytest.fixture
+def fake_scvi(tmp_path, monkeypatch):
+    from contrastive_sc.benchmarks import annotation_benchmark
+
+    script = tmp_path / "fake_scvi.py"
+    script.write_text(FAKE_SCVI)
+    monkeypatch.setattr(annotation_benchmark, "SCRIPT", script)
+    return tmp_path / "runs.txt"
+
+
+def test_scvi_methods_cluster_the_tools_latent_once_per_seed(labelled_h5, fake_scvi):
+    methods = ["scvi-kmeans", "scvi-leiden", "pca2-kmeans"]
+    results = run_benchmark([labelled_h5], methods, seeds=[0, 1], interpreters={"scvi": sys.executable})
+    assert fake_scvi.read_text().split() == ["0", "1"]  # one latent per seed, none in the warm-up
+    scvi = results[results["method"].str.startswith("scvi-")].set_index(["method", "seed"])
+    # three well separated groups: KMeans at k finds them; Leiden (k not given) splits one a little
+    assert (scvi.loc["scvi-kmeans", "ari"] == 1.0).all() and (scvi.loc["scvi-leiden", "ari"] > 0.7).all(), scvi["ari"]
+    assert (scvi["train_seconds"] == 2.0).all() and (scvi["seconds"] > 2.5).all()  # the tool's own time + clustering
+    assert scvi.loc[("scvi-kmeans", 0), "n_clusters"] == 3
+    assert results.attrs["tools"] == {"scvi": f"scvi-tools 9.9, torch 0 ({sys.executable})"}
+
+
+def test_scvi_methods_without_interpreter_name_the_option(labelled_h5, tmp_path):
+    with pytest.raises(ValueError, match="scvi-leiden need.* pass --scvi-python PYTHON"):
+        run_benchmark([labelled_h5], ["pca2-kmeans", "scvi-leiden"], seeds=[0])
+    for command in (["benchmark", "--data", str(labelled_h5), "--methods", "scvi-kmeans"],
+                    ["select", "--data", str(labelled_h5), str(labelled_h5), "--candidates", "pca2-kmeans",
+                     "--baselines", "scvi-kmeans"]):
+        result = CliRunner().invoke(main, [*command, "--out", str(tmp_path / "x.csv")])
+        assert result.exit_code == 2, result.output
+        assert "scvi-kmeans need(s) scVI from another environment; pass --scvi-python PYTHON" in result.output
+        assert "Traceback" not in result.output
+        assert "--scvi-python" in CliRunner().invoke(main, [command[0], "--help"]).output
+    assert not (tmp_path / "x.csv").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("scvi") is not None, reason="scvi-tools is installed here")
+def test_an_interpreter_without_scvi_gives_the_reason(labelled_h5):
+    with pytest.raises(ValueError) as error:
+        run_benchmark([labelled_h5], ["scvi-kmeans"], seeds=[0], interpreters={"scvi": sys.executable})
+    assert str(error.value) == f"--scvi-python {sys.executable}: cannot import scvi: No module named 'scvi'"
+
+
+def test_a_crash_of_scvi_is_an_error_with_its_last_line(labelled_h5, fake_scvi, monkeypatch):
+    monkeypatch.setenv("FAKE_SCVI_CRASH", "1")
+    with pytest.raises(RuntimeError, match=r"scVI failed: scvi: RuntimeError: training diverged \(exit code 1\)"):
+        run_benchmark([labelled_h5], ["scvi-kmeans"], seeds=[0], interpreters={"scvi": sys.executable})
+
+
+def test_select_reuses_cached_scvi_rows_keyed_by_the_tools_version(labelled_h5, tmp_path, fake_scvi):
+    from contrastive_sc.benchmarks.selection import read_cache, run_missing
+
+    cache, seen, said = tmp_path / "lodo.csv", [], []
+    run_missing([labelled_h5], ["scvi-kmeans", "scvi-leiden"], [0], cache, on_row=seen.append,
+                interpreters={"scvi": sys.executable}, on_message=said.append)
+    assert len(seen) == 2 and said == [f"scvi: scvi-tools 9.9, torch 0 ({sys.executable})"]
+    assert set(read_cache(cache)["setting"]) == {"scvi:scvi-tools 9.9"}
+    seen.clear()
+    again = run_missing([labelled_h5], ["scvi-kmeans", "scvi-leiden"], [0], cache, on_row=seen.append,
+                        interpreters={"scvi": sys.executable})
+    assert not seen and len(again) == 2 and fake_scvi.read_text().split() == ["0"]
+
+
+def test_the_scvi_recipe_is_the_researchs():
+    # The runner is started by path in scvi-tools' environment: here it must at least compile,
+    # and its recipe is read as text (scvi-tools is not installed here).
+    import ast
+    import inspect
+
+    from contrastive_sc.benchmarks import external_baselines as ext
+
+    compile(Path(ext.__file__).read_text(), ext.__file__, "exec")
+    assert ext.EMBEDDERS == {"scvi": ext.scvi_latent} and ext.PACKAGES["scvi"][0] == "scvi-tools"
+    source = inspect.getsource(ext.scvi_latent)
+    for part in ('flavor="seurat_v3"', "min(2000, adata.n_vars)", 'layer="counts"', "filter_genes(adata, min_counts=3)",
+                 "scvi.settings.seed = seed", "SCVI(adata)", "get_latent_representation()", 'accelerator="cpu"'):
+        assert part in source, part
+    train = next(n for n in ast.walk(ast.parse(textwrap.dedent(source)))
+                 if isinstance(n, ast.Call) and getattr(n.func, "attr", "") == "train")
+    assert {k.arg for k in train.keywords} == {"accelerator", "enable_progress_bar"}  # scvi-tools' own epochs
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SCVI_PYTHON or not Path(SCVI_PYTHON).exists(),
+                    reason="set CONTRASTIVE_SC_SCVI_PYTHON to the Python of an environment with scvi-tools (not a dependency)")
+def test_real_scvi_on_tiny_data(synthetic):
+    from contrastive_sc.benchmarks.benchmark import benchmark_adata
+
+    # 300 cells: 400 epochs by scvi-tools' rule, minutes on a CPU (half the cells found the groups less
+    # well: one run on 150 cells fell under the bound below)
+    rows = benchmark_adata(synthetic, ["scvi-kmeans", "scvi-leiden"], [0], interpreters={"scvi": SCVI_PYTHON})
+    by_method = {row["method"]: row for row in rows}
+    assert by_method["scvi-kmeans"]["ari"] > 0.8, by_method
+    assert by_method["scvi-kmeans"]["train_seconds"] > 0

@@ -351,20 +351,29 @@ class ToolFailed(Exception):
 
 def check_tool(method: str, python: str | None) -> str:
     """The tool's versions as text, or :class:`ToolUnavailable` with the reason."""
-    name, option, why = EXTERNAL[method]
+    versions = tool_versions(method, python, EXTERNAL)
+    return ", ".join(f"{package} {v}" for package, v in versions.items())
+
+
+def tool_versions(tool: str, python: str | None, external: Mapping[str, tuple[str, str, str]]) -> dict[str, str]:
+    """Package -> version of ``tool`` in the environment of ``python``, or :class:`ToolUnavailable`.
+
+    ``external[tool]`` is (name, CLI option that gives the interpreter, why it runs apart), for
+    the messages: ``annotation-benchmark``'s :data:`EXTERNAL` or ``benchmark``'s own.
+    """
+    name, option, why = external[tool]
     if not python:
         msg = f"no interpreter for {name}; pass {option} PYTHON ({why})"
         raise ToolUnavailable(msg)
     try:
-        done = subprocess.run([python, str(SCRIPT), "check", method], capture_output=True, text=True, timeout=600)
+        done = subprocess.run([python, str(SCRIPT), "check", tool], capture_output=True, text=True, timeout=600)
     except (OSError, subprocess.TimeoutExpired) as error:
         msg = f"{option} {python} cannot be run: {error}"
         raise ToolUnavailable(msg) from None
     if done.returncode != 0:
         msg = f"{option} {python}: {_last_line(done.stderr) or f'exit code {done.returncode}'}"
         raise ToolUnavailable(msg)
-    versions = json.loads(done.stdout.strip().splitlines()[-1])
-    return ", ".join(f"{package} {v}" for package, v in versions.items())
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def run_tool(method: str, python: str, ref, query, seed: int, split: Split) -> tuple[np.ndarray, np.ndarray, float]:
@@ -389,6 +398,35 @@ def run_tool(method: str, python: str, ref, query, seed: int, split: Split) -> t
             raise ToolFailed(msg)
         with np.load(out) as result:
             return result["called"].astype(str), result["confidence"].astype(float), float(result["seconds"])
+
+
+def embed_with_tool(tool: str, python: str, adata, seed: int) -> dict[str, np.ndarray]:
+    """Run an embedding tool (``scvi``) on the raw counts of ``adata`` through temporary files.
+
+    Returns the tool's output: ``latent``, ``seconds`` (its own time: preprocessing, training
+    and the latent, not the interpreter's start and imports), ``train_seconds`` and ``epochs``;
+    :class:`ToolFailed` with its last line on stderr when it ends without them.
+    """
+    import anndata as ad
+    import scipy.sparse as sp
+
+    with tempfile.TemporaryDirectory(prefix="scbench-") as folder:
+        data, out = os.path.join(folder, "counts.h5ad"), os.path.join(folder, "latent.npz")
+        counts = ad.AnnData(sp.csr_matrix(adata.X, dtype=np.float32),
+                            var=pd.DataFrame(index=np.asarray(adata.var_names, dtype=str)))
+        counts.var_names_make_unique()  # anndata refuses to write duplicated gene names
+        counts.write_h5ad(data)
+        log_path = os.path.join(folder, "stderr.txt")
+        with open(log_path, "w") as log:
+            code = subprocess.run([python, str(SCRIPT), "embed", tool, "--query", data, "--seed", str(seed),
+                                   "--out", out], stdout=log, stderr=log).returncode
+        if code != 0 or not os.path.exists(out):
+            with open(log_path) as log:
+                last = _last_line(log.read())
+            msg = f"{tool}: {last} (exit code {code})" if last else f"{tool}: exit code {code}"
+            raise ToolFailed(msg)
+        with np.load(out) as result:
+            return {key: result[key] for key in result.files}
 
 
 def _last_line(text: str) -> str:

@@ -7,12 +7,18 @@ paper's 500-gene input), ``scanpy-kmeans`` and ``scanpy-leiden`` (scanpy's stand
 :func:`scanpy_pcs`, then KMeans, or neighbors -> Leiden at the default resolution) and
 ``original-loop-kmeans`` (the paper's method trained with the original, straightforward
 PyTorch loop, for the speed comparison). KMeans methods are given the true number of classes.
+
+``scvi-kmeans`` and ``scvi-leiden`` cluster scVI's latent (the anchor of the clustering research)
+the same two ways. scvi-tools is not a dependency of the package: its latent is computed by the
+interpreter of another environment (``interpreters={"scvi": PYTHON}``, the CLI's
+``--scvi-python``) running :mod:`external_baselines`; without one, asking for these methods is an
+error naming the option.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -27,7 +33,12 @@ from ..method.io import default_label_key, read
 
 COLUMNS = ["dataset", "method", "seed", "ari", "nmi", "silhouette", "calinski_harabasz", "n_clusters",
            "seconds", "train_seconds"]
-BASELINES = ("pca2-kmeans", "pca50-kmeans", "scanpy-kmeans", "scanpy-leiden", "original-loop-kmeans")
+BASELINES = ("pca2-kmeans", "pca50-kmeans", "scanpy-kmeans", "scanpy-leiden", "original-loop-kmeans", "scvi-kmeans",
+             "scvi-leiden")
+#: Representations computed in another environment: source -> (name, CLI option giving its interpreter, why apart).
+EXTERNAL = {"scvi": ("scVI", "--scvi-python", "scvi-tools is not a dependency of contrastive-sc")}
+#: The methods clustered with scanpy's neighbours + Leiden (:func:`_scanpy_leiden`).
+SCANPY_LEIDEN = ("scanpy-leiden", "scvi-leiden")
 #: scanpy's standard recipe: genes kept (seurat dispersion on log data), clip of scaled values, components.
 SCANPY_GENES, SCANPY_CLIP, SCANPY_COMPONENTS = 2000, 10.0, 50
 
@@ -46,7 +57,8 @@ class _Embedded:
 
 def run_benchmark(paths: Iterable[str | Path], methods: Iterable[str], seeds: Iterable[int], *,
                   label_key: str | None = None, overrides: dict | None = None,
-                  on_row: Callable[[dict], None] | None = None) -> pd.DataFrame:
+                  on_row: Callable[[dict], None] | None = None,
+                  interpreters: Mapping[str, str | None] | None = None) -> pd.DataFrame:
     """Run every method on every dataset for every seed.
 
     Parameters
@@ -63,28 +75,81 @@ def run_benchmark(paths: Iterable[str | Path], methods: Iterable[str], seeds: It
         Flat config overrides applied to every preset (e.g. ``{"n_genes": 5000}``).
     on_row
         Called with each result row as it is produced (progress reporting).
+    interpreters
+        Source -> Python interpreter of its environment (:data:`EXTERNAL`), e.g. ``{"scvi": PYTHON}``.
 
     Returns
     -------
-    One row per dataset x method x seed, columns :data:`COLUMNS`.
+    One row per dataset x method x seed, columns :data:`COLUMNS`; ``attrs["tools"]``: each
+    external tool's package versions and interpreter.
+
+    Raises
+    ------
+    ValueError
+        If an external method has no interpreter, or its interpreter cannot run the tool.
     """
     methods = list(methods)
+    versions = check_external(methods, interpreters)
     _warm_up(methods)
     rows = []
     for path in paths:
         adata = read(path, label_key)
-        rows += benchmark_adata(adata, methods, seeds, label_key=label_key, overrides=overrides, on_row=on_row)
-    return pd.DataFrame(rows, columns=COLUMNS)
+        rows += benchmark_adata(adata, methods, seeds, label_key=label_key, overrides=overrides, on_row=on_row,
+                                interpreters=interpreters)
+    results = pd.DataFrame(rows, columns=COLUMNS)
+    results.attrs["tools"] = {source: f"{_versions_text(v)} ({interpreters[source]})" for source, v in versions.items()}
+    return results
+
+
+def external_sources(methods: Iterable[str]) -> list[str]:
+    """The sources among ``methods`` computed in another environment (:data:`EXTERNAL`)."""
+    return list(dict.fromkeys(m.rsplit("-", 1)[0] for m in methods if m.rsplit("-", 1)[0] in EXTERNAL))
+
+
+def check_external(methods: Iterable[str], interpreters: Mapping[str, str | None] | None) -> dict[str, dict[str, str]]:
+    """Source -> package versions of every external tool ``methods`` need, checked in its environment.
+
+    Raises
+    ------
+    ValueError
+        Naming the option when a tool has no interpreter, or why its interpreter cannot run it.
+    """
+    from .annotation_benchmark import ToolUnavailable, tool_versions
+
+    methods = list(methods)
+    _require_interpreters(methods, interpreters)
+    versions = {}
+    for source in external_sources(methods):
+        try:
+            versions[source] = tool_versions(source, interpreters[source], EXTERNAL)
+        except ToolUnavailable as error:
+            raise ValueError(str(error)) from None
+    return versions
+
+
+def _require_interpreters(methods: list[str], interpreters: Mapping[str, str | None] | None) -> None:
+    for source in external_sources(methods):
+        if not (interpreters or {}).get(source):
+            name, option, why = EXTERNAL[source]
+            asked = ", ".join(m for m in methods if m.startswith(f"{source}-"))
+            msg = f"{asked} need(s) {name} from another environment; pass {option} PYTHON, an interpreter with it ({why})"
+            raise ValueError(msg)
+
+
+def _versions_text(versions: Mapping[str, str]) -> str:
+    return ", ".join(f"{package} {v}" for package, v in versions.items())
 
 
 def benchmark_adata(adata, methods: Iterable[str], seeds: Iterable[int], *, label_key: str | None = None,
-                    overrides: dict | None = None, on_row: Callable[[dict], None] | None = None) -> list[dict]:
-    """Benchmark rows for one labelled AnnData (see :func:`run_benchmark`)."""
+                    overrides: dict | None = None, on_row: Callable[[dict], None] | None = None,
+                    interpreters: Mapping[str, str | None] | None = None) -> list[dict]:
+    """Benchmark rows for one labelled AnnData (see :func:`run_benchmark`; the external tools are not checked here)."""
     methods = list(methods)
     unknown = sorted(set(methods) - set(available_methods()))
     if unknown:
         msg = f"unknown method(s) {unknown}; expected some of {available_methods()}"
         raise ValueError(msg)
+    _require_interpreters(methods, interpreters)
     name = adata.uns.get("dataset", {}).get("name", "anndata")
     key = label_key or default_label_key(adata)
     if key is None:
@@ -96,7 +161,7 @@ def benchmark_adata(adata, methods: Iterable[str], seeds: Iterable[int], *, labe
     for seed in seeds:
         cache: dict[str, _Embedded] = {}
         for method in methods:
-            embedded = _embedding(adata, method, seed, overrides or {}, cache)
+            embedded = _embedding(adata, method, seed, overrides or {}, cache, interpreters or {})
             # The embedding is timed once, inside _embed; cluster_and_score times only this method's
             # clustering, so a method's seconds are its own embedding plus its clustering whether or
             # not another method of the same source computed that embedding first.
@@ -112,11 +177,18 @@ def benchmark_adata(adata, methods: Iterable[str], seeds: Iterable[int], *, labe
 
 
 def _warm_up(methods: list[str]) -> None:
-    """Run each method once on tiny data so imports and JIT compilation stay out of the timings."""
+    """Run each method once on tiny data so imports and JIT compilation stay out of the timings.
+
+    An external tool is not run (its seconds are its own, timed in its process after its imports,
+    and a training on tiny data would cost as much as a real one): a method of the same
+    clustering warms that clustering up instead.
+    """
     from ..method.simulate import simulate_splat
 
+    stand_in = {"kmeans": "pca2-kmeans", "leiden": "scanpy-leiden"}
+    methods = [stand_in[m.rsplit("-", 1)[1]] if m.rsplit("-", 1)[0] in EXTERNAL else m for m in methods]
     tiny = simulate_splat(n_cells=120, n_genes=200, group_prob=(0.5, 0.5), seed=0).to_anndata()
-    benchmark_adata(tiny, methods, [0], overrides={"epochs": 1, "n_genes": 50})
+    benchmark_adata(tiny, list(dict.fromkeys(methods)), [0], overrides={"epochs": 1, "n_genes": 50})
 
 
 def summarise(results: pd.DataFrame) -> pd.DataFrame:
@@ -126,19 +198,35 @@ def summarise(results: pd.DataFrame) -> pd.DataFrame:
     return mean_sd_text(results, ["dataset", "method"], digits)
 
 
-def _embedding(adata, method: str, seed: int, overrides: dict, cache: dict[str, _Embedded]) -> _Embedded:
+def _embedding(adata, method: str, seed: int, overrides: dict, cache: dict[str, _Embedded],
+               interpreters: Mapping[str, str | None]) -> _Embedded:
     """The embedding ``method`` clusters, computed once per source and seed."""
     source = method.rsplit("-", 1)[0]
     if source not in cache:
-        cache[source] = _embed(adata, source, seed, overrides)
+        if source in EXTERNAL:
+            cache[source] = _embed_external(adata, source, seed, interpreters[source])
+        else:
+            cache[source] = _embed(adata, source, seed, overrides)
     return cache[source]
+
+
+def _embed_external(adata, source: str, seed: int, python: str) -> _Embedded:
+    """A representation computed by an external tool from the raw counts; its seconds are the tool's own."""
+    from .annotation_benchmark import ToolFailed, embed_with_tool
+
+    try:
+        result = embed_with_tool(source, python, adata, seed)
+    except ToolFailed as error:
+        raise RuntimeError(f"{EXTERNAL[source][0]} failed: {error}") from None
+    return _Embedded(np.asarray(result["latent"], dtype=np.float32), float(result["seconds"]),
+                     float(result["train_seconds"]))
 
 
 def _cluster(embedded: _Embedded, method: str, seed: int, n_classes: int) -> np.ndarray:
     from ..analysis.cluster import cluster_labels
 
     source, algorithm = method.rsplit("-", 1)
-    if method == "scanpy-leiden":
+    if method in SCANPY_LEIDEN:
         return _scanpy_leiden(embedded.embedding, seed)
     # A preset's Leiden runs with the preset's own graph settings; the baselines use the defaults.
     graph = get_preset(source).cluster if source in PRESETS else get_preset("paper").cluster
@@ -212,7 +300,7 @@ def scanpy_pcs(adata, *, seed: int = 0, n_genes: int = SCANPY_GENES, clip: float
 
 
 def _scanpy_leiden(pcs: np.ndarray, seed: int) -> np.ndarray:
-    """scanpy's standard graph clustering: neighbours on 50 PCs, Leiden at resolution 1."""
+    """scanpy's standard graph clustering: neighbours on ``pcs`` (50 PCs, or scVI's latent), Leiden at resolution 1."""
     import anndata as ad
     import scanpy as sc
 

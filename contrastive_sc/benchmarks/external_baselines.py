@@ -1,17 +1,23 @@
-"""External annotation baselines, each run by the interpreter of its own environment.
+"""External baselines (annotators, one embedding), each run by the interpreter of its own environment.
 
 ``annotation-benchmark`` starts this file by path (never as part of the package: it imports
 neither contrastive_sc nor torch, only what the one tool needs) with the interpreter given by
-``--celltypist-python``, ``--ingest-python`` or ``--scanvi-python``::
+``--celltypist-python``, ``--ingest-python`` or ``--scanvi-python``; ``benchmark`` and ``select``
+with the one given by ``--scvi-python``::
 
     PYTHON external_baselines.py check TOOL                      # imports TOOL; prints its versions
     PYTHON external_baselines.py run TOOL --reference R.h5ad --query Q.h5ad --seed S --out OUT.npz
+    PYTHON external_baselines.py embed TOOL --query D.h5ad --seed S --out OUT.npz
 
 The two ``.h5ad`` hold raw counts in ``X``, ``obs["celltype"]`` (reference) and
 ``obs["batch_key"]``; ``OUT.npz`` gets ``called`` (a reference type or ``"unassigned"``),
 ``confidence`` (NaN when the tool has none) and ``seconds`` (the tool's own time). Each tool is set
 up as its documentation shows (docs/annotation.md). A tool that cannot run exits with code 3 and
 one line on stderr saying why.
+
+``embed`` (``scvi``): ``D.h5ad`` holds raw counts in ``X``; ``OUT.npz`` gets ``latent`` (cells x
+dimensions), ``seconds`` (preprocessing, training and the latent, not the imports), ``train_seconds``
+and ``epochs``.
 """
 
 from __future__ import annotations
@@ -33,7 +39,8 @@ UNASSIGNED = "unassigned"
 #: Tool -> the packages whose versions the check reports (the first is the tool).
 PACKAGES = {"celltypist": ("celltypist", "scikit-learn", "scanpy"),
             "ingest": ("scanpy", "pynndescent", "umap-learn"),
-            "scanvi": ("scvi-tools", "torch", "scanpy")}
+            "scanvi": ("scvi-tools", "torch", "scanpy"),
+            "scvi": ("scvi-tools", "torch", "scanpy")}
 CANNOT_RUN = 3
 
 
@@ -63,7 +70,7 @@ def check(tool: str) -> dict[str, str]:
             import pynndescent  # noqa: F401
             import scanpy  # noqa: F401
             import umap  # noqa: F401
-        elif tool == "scanvi":
+        elif tool in ("scanvi", "scvi"):
             import scvi  # noqa: F401
         else:
             msg = f"unknown tool {tool!r}; expected one of {sorted(PACKAGES)}"
@@ -170,10 +177,66 @@ def scanvi_run(ref, query, seed):
 RUNNERS = {"celltypist": celltypist_run, "ingest": ingest_run, "scanvi": scanvi_run}
 
 
+def scvi_latent(adata, seed):
+    """scVI's latent as the clustering research that chose it ran it (scvi-tools' quick-start tutorial).
+
+    ``filter_genes(min_counts=3)`` (the tutorial's filter; seurat_v3's loess fails on all-zero
+    genes), the counts in ``layers["counts"]``, 2,000 ``seurat_v3`` highly variable genes of the
+    counts (all genes when there are fewer), ``SCVI.setup_anndata(layer="counts")``, ``SCVI()``
+    with its defaults (n_latent 10), ``train()`` with scvi-tools' own number of epochs
+    (min(round(20000 / cells * 400), 400)) on the CPU, seeded, and ``get_latent_representation()``
+    (posterior means). Returns the latent and ``{"train_seconds", "epochs"}``.
+    """
+    import numpy as np
+    import scanpy as sc
+    import scvi
+
+    scvi.settings.seed = seed
+    scvi.settings.dl_num_workers = 0
+    adata = adata.copy()
+    sc.pp.filter_genes(adata, min_counts=3)
+    adata.layers["counts"] = adata.X.copy()
+    sc.pp.highly_variable_genes(adata, n_top_genes=min(2000, adata.n_vars), flavor="seurat_v3", layer="counts",
+                                subset=True)
+    scvi.model.SCVI.setup_anndata(adata, layer="counts")
+    model = scvi.model.SCVI(adata)
+    started = time.perf_counter()
+    model.train(accelerator="cpu", enable_progress_bar=False)
+    train_seconds = time.perf_counter() - started
+    latent = np.asarray(model.get_latent_representation(), dtype=np.float32)
+    if not np.isfinite(latent).all():  # a diverged training must not be scored as a clustering
+        msg = "scVI's latent is not finite (the training diverged)"
+        raise RuntimeError(msg)
+    return latent, {"train_seconds": train_seconds, "epochs": len(model.history["elbo_train"])}
+
+
+EMBEDDERS = {"scvi": scvi_latent}
+
+
+def embed(tool: str, data: str, seed: int, out: str) -> None:
+    import anndata as ad
+    import numpy as np
+
+    if tool not in EMBEDDERS:
+        msg = f"{tool} gives no embedding; expected one of {sorted(EMBEDDERS)}"
+        raise CannotRun(msg)
+    check(tool)
+    adata = ad.read_h5ad(data)
+    started = time.perf_counter()
+    latent, info = EMBEDDERS[tool](adata, seed)
+    seconds = time.perf_counter() - started
+    with open(out, "wb") as handle:  # np.savez on a str path would append ".npz"
+        np.savez(handle, latent=latent, seconds=np.float64(seconds), train_seconds=np.float64(info["train_seconds"]),
+                 epochs=np.int64(info["epochs"]))
+
+
 def run(tool: str, reference: str, query: str, seed: int, out: str) -> None:
     import anndata as ad
     import numpy as np
 
+    if tool not in RUNNERS:
+        msg = f"{tool} is not an annotator; expected one of {sorted(RUNNERS)}"
+        raise CannotRun(msg)
     check(tool)
     ref, qry = ad.read_h5ad(reference), ad.read_h5ad(query)
     started = time.perf_counter()
@@ -186,7 +249,7 @@ def run(tool: str, reference: str, query: str, seed: int, out: str) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=["check", "run"])
+    parser.add_argument("action", choices=["check", "run", "embed"])
     parser.add_argument("tool", choices=sorted(PACKAGES))
     parser.add_argument("--reference")
     parser.add_argument("--query")
@@ -197,6 +260,8 @@ def main(argv=None) -> int:
     try:
         if args.action == "check":
             print(json.dumps(check(args.tool)))
+        elif args.action == "embed":
+            embed(args.tool, args.query, args.seed, args.out)
         else:
             run(args.tool, args.reference, args.query, args.seed, args.out)
     except CannotRun as error:

@@ -20,7 +20,16 @@ import numpy as np
 import pandas as pd
 
 from ..method.config import PRESETS, ContrastiveConfig, get_preset
-from .benchmark import COLUMNS, SCANPY_CLIP, SCANPY_COMPONENTS, SCANPY_GENES, available_methods, benchmark_adata
+from .benchmark import (
+    COLUMNS,
+    EXTERNAL,
+    SCANPY_CLIP,
+    SCANPY_COMPONENTS,
+    SCANPY_GENES,
+    available_methods,
+    benchmark_adata,
+    check_external,
+)
 
 #: The cache's columns: the benchmark's, the number of true classes, what the setting was and
 #: which code ran it (:func:`code_id`).
@@ -29,14 +38,19 @@ CACHE_COLUMNS = [*COLUMNS, "n_classes", "setting", "code"]
 COUNT_TOLERANCE = 0.30
 
 
-def setting_id(method: str) -> str:
+def setting_id(method: str, versions: dict[str, str] | None = None) -> str:
     """Fingerprint of what ``method`` runs, so cached rows of an edited preset are not reused.
 
     A preset's fingerprint hashes its settings that differ from the configuration defaults, so a
     new setting added later with a default that keeps old behaviour leaves it unchanged; a
-    baseline's names its fixed recipe.
+    baseline's names its fixed recipe. An external tool's (``scvi``) also names the tool's
+    version (``versions``: package -> version, from :func:`~.benchmark.check_external`), since its
+    recipe is the package's code but its training is the tool's.
     """
     source = method.rsplit("-", 1)[0]
+    if source in EXTERNAL:
+        package, version = next(iter(versions.items())) if versions else ("?", "?")  # the tool itself comes first
+        return f"{source}:{package} {version}"
     if source in PRESETS:
         defaults = ContrastiveConfig().to_params()
         params = {k: v for k, v in get_preset(source).to_params().items() if k not in defaults or v != defaults[k]}
@@ -79,13 +93,17 @@ def read_cache(path: str | Path) -> pd.DataFrame:
 
 def run_missing(paths: Iterable[str | Path], methods: Sequence[str], seeds: Iterable[int], cache: str | Path, *,
                 label_key: str | None = None, on_row: Callable[[dict], None] | None = None,
-                any_code: bool = False) -> pd.DataFrame:
+                any_code: bool = False, interpreters: dict[str, str | None] | None = None,
+                on_message: Callable[[str], None] | None = None) -> pd.DataFrame:
     """Run what ``cache`` lacks of datasets x methods x seeds, append it, return all the requested rows.
 
     A cached row counts only when its ``setting`` matches :func:`setting_id` today and its
     ``code`` matches :func:`code_id` (or ``any_code``: rows of any code version count, the later
     one of a repeated run winning); other rows are left in the file but ignored (and rerun). Each
     new row is appended as soon as it is produced, so an interrupted run loses at most one run.
+    External methods (``scvi-*``) need their interpreter in ``interpreters`` (checked first, even
+    when every row is cached: its tool's version is part of their setting); ``on_message`` gets
+    each tool's versions.
     """
     from ..method.io import default_label_key, read
     from .benchmark import _warm_up
@@ -96,9 +114,13 @@ def run_missing(paths: Iterable[str | Path], methods: Sequence[str], seeds: Iter
         msg = f"unknown method(s) {unknown}; expected some of {available_methods()}"
         raise ValueError(msg)
     seeds = list(seeds)
+    versions = check_external(methods, interpreters)
+    for source, found in versions.items():
+        if on_message is not None:
+            on_message(f"{source}: {', '.join(f'{p} {v}' for p, v in found.items())} ({interpreters[source]})")
     cache = Path(cache)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    settings = {m: setting_id(m) for m in methods}
+    settings = {m: setting_id(m, versions.get(m.rsplit("-", 1)[0])) for m in methods}
     code = code_id()
     cached = read_cache(cache)
     if cache.exists() and "code" not in pd.read_csv(cache, nrows=0).columns:
@@ -129,7 +151,7 @@ def run_missing(paths: Iterable[str | Path], methods: Sequence[str], seeds: Iter
                 if on_row is not None:
                     on_row(row)
 
-            benchmark_adata(adata, todo, [seed], label_key=label_key, on_row=append)
+            benchmark_adata(adata, todo, [seed], label_key=label_key, on_row=append, interpreters=interpreters)
     frame = read_cache(cache)
     keep = (frame["dataset"].isin(names) & frame["method"].isin(methods) & frame["seed"].isin(seeds)
             & (frame["setting"] == frame["method"].map(settings)))

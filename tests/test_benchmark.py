@@ -1,4 +1,5 @@
 import importlib.util
+import os
 import sys
 import textwrap
 import time
@@ -217,7 +218,7 @@ def test_the_scvi_recipe_is_the_researchs():
 
 @pytest.mark.slow
 @pytest.mark.skipif(not SCVI_PYTHON or not Path(SCVI_PYTHON).exists(),
-                    reason="set CONTRASTIVE_SC_SCVI_PYTHON to the Python of an environment with scvi-tools (not a dependency)")
+                    reason="set CONTRASTIVE_SC_SCVI_PYTHON to the Python of an scvi-tools environment (not a dependency)")
 def test_real_scvi_on_tiny_data(synthetic):
     from contrastive_sc.benchmarks.benchmark import benchmark_adata
 

@@ -161,12 +161,14 @@ def test_config_overrides_and_round_trip():
 @pytest.mark.parametrize("n_genes", [100, "auto"])
 def test_the_annotator_is_fitted_on_the_encoders_input_preprocessed_once(synthetic, tiny_config, monkeypatch, n_genes):
     """Training preprocesses the labelled cells once: what the annotator learns from is what the encoder read."""
-    from contrastive_sc.method import gene_search, model as model_module
+    from contrastive_sc.method import gene_search
+    from contrastive_sc.method import model as model_module
 
     monkeypatch.setattr(gene_search, "AUTO_GENE_COUNTS", (50, 100))
     seen = []
     fit = model_module.CellTypeAnnotator.fit
-    monkeypatch.setattr(model_module.CellTypeAnnotator, "fit", lambda self, pre, *a, **k: seen.append(pre) or fit(self, pre, *a, **k))
+    monkeypatch.setattr(model_module.CellTypeAnnotator, "fit",
+                        lambda self, pre, *a, **k: seen.append(pre) or fit(self, pre, *a, **k))
     calls = []
     again = model_module.transform_in_memory
     monkeypatch.setattr(model_module, "transform_in_memory", lambda *a, **k: calls.append(1) or again(*a, **k))

@@ -30,9 +30,19 @@ def test_marker_genes_rank_the_genes_that_differ(synthetic):
     assert top == synthetic.var_names[7]
 
 
-def test_umap_has_two_columns_per_cell(rng):
-    coords = umap_coordinates(rng.normal(size=(60, 8)))
-    assert coords.shape == (60, 2) and np.isfinite(coords).all()
+def test_umap_keeps_separate_groups_apart_and_is_reproducible(rng):
+    # three groups far apart in 8 dimensions: on the map each cell's nearest cells are of its own group
+    groups = np.repeat([0, 1, 2], 40)
+    cells = rng.normal(size=(120, 8)) + 10 * np.eye(8)[groups]
+    coords = umap_coordinates(cells, seed=0)
+    assert coords.shape == (120, 2) and np.isfinite(coords).all()
+    distances = np.linalg.norm(coords[:, None] - coords[None], axis=2)
+    np.fill_diagonal(distances, np.inf)
+    nearest = np.argsort(distances, axis=1)[:, :5]
+    assert (groups[nearest] == groups[:, None]).mean() > 0.95
+    assert np.array_equal(coords, umap_coordinates(cells, seed=0))  # the same map for the same seed
+    # the measure is not trivially high: against a shuffled labelling it is near chance (random coordinates score so too)
+    assert (groups[nearest] == rng.permutation(groups)[:, None]).mean() < 0.6
 
 
 @pytest.mark.slow

@@ -387,15 +387,8 @@ def run_tool(method: str, python: str, ref, query, seed: int, split: Split) -> t
                                 "batch_key": adata.obs["batch_key"].astype(str).to_numpy()}, index=adata.obs_names)
             ad.AnnData(adata.X, obs=obs, var=pd.DataFrame(index=adata.var_names)).write_h5ad(paths[side])
         out = os.path.join(folder, "calls.npz")
-        log_path = os.path.join(folder, "stderr.txt")
-        with open(log_path, "w") as log:
-            code = subprocess.run([python, str(SCRIPT), "run", method, "--reference", paths["reference"], "--query",
-                                   paths["query"], "--seed", str(seed), "--out", out], stdout=log, stderr=log).returncode
-        if code != 0 or not os.path.exists(out):
-            with open(log_path) as log:
-                last = _last_line(log.read())
-            msg = f"{last} (exit code {code})" if last else f"exit code {code}"
-            raise ToolFailed(msg)
+        _run_script(python, ["run", method, "--reference", paths["reference"], "--query", paths["query"],
+                             "--seed", str(seed), "--out", out], folder, out)
         with np.load(out) as result:
             return result["called"].astype(str), result["confidence"].astype(float), float(result["seconds"])
 
@@ -416,17 +409,24 @@ def embed_with_tool(tool: str, python: str, adata, seed: int) -> dict[str, np.nd
                             var=pd.DataFrame(index=np.asarray(adata.var_names, dtype=str)))
         counts.var_names_make_unique()  # anndata refuses to write duplicated gene names
         counts.write_h5ad(data)
-        log_path = os.path.join(folder, "stderr.txt")
-        with open(log_path, "w") as log:
-            code = subprocess.run([python, str(SCRIPT), "embed", tool, "--query", data, "--seed", str(seed),
-                                   "--out", out], stdout=log, stderr=log).returncode
-        if code != 0 or not os.path.exists(out):
-            with open(log_path) as log:
-                last = _last_line(log.read())
-            msg = f"{tool}: {last} (exit code {code})" if last else f"{tool}: exit code {code}"
-            raise ToolFailed(msg)
+        _run_script(python, ["embed", tool, "--query", data, "--seed", str(seed), "--out", out], folder, out,
+                    prefix=f"{tool}: ")
         with np.load(out) as result:
             return {key: result[key] for key in result.files}
+
+
+def _run_script(python: str, args: list[str], folder: str, out: str, *, prefix: str = "") -> None:
+    """Run the external-tool script with ``args`` in another interpreter, its output logged in ``folder``.
+
+    Raises :class:`ToolFailed` with the log's last line and the exit code when it fails or writes no ``out``.
+    """
+    log_path = os.path.join(folder, "stderr.txt")
+    with open(log_path, "w") as log:
+        code = subprocess.run([python, str(SCRIPT), *args], stdout=log, stderr=log).returncode
+    if code != 0 or not os.path.exists(out):
+        with open(log_path) as log:
+            last = _last_line(log.read())
+        raise ToolFailed(f"{prefix}{last} (exit code {code})" if last else f"{prefix}exit code {code}")
 
 
 def _last_line(text: str) -> str:

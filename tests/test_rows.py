@@ -64,6 +64,9 @@ def test_every_kind_of_rows_gives_the_same_blocks_and_rows(both_containers, tmp_
             np.testing.assert_array_equal(taken.toarray() if sp.issparse(taken) else taken, expected[picks])
             np.testing.assert_array_equal(collect(lambda b: np.asarray(b.sum(axis=1)).reshape(-1, 1), rows, 1),
                                           expected.sum(axis=1, keepdims=True), err_msg=name)
+            whole = rows.to_memory()
+            np.testing.assert_array_equal(whole.toarray() if sp.issparse(whole) else whole, expected, err_msg=name)
+        assert dense.to_memory() is expected  # rows held in memory are handed over, not copied
     assert isinstance(as_rows(backed.X), BackedRows) and isinstance(as_rows(memory.X), InMemoryRows)
     with pytest.raises(ValueError, match="positive number of cells"):
         next(dense.blocks(0))
@@ -123,6 +126,22 @@ def test_other_flavors_are_ranked_by_scanpy_and_bad_names_refused(synthetic):
     assert state.genes == tuple(adata.var_names[adata.var["highly_variable"]])
     with pytest.raises(ValueError, match="gene names for a matrix"):
         fit_preprocess(as_rows(synthetic.X), synthetic.var_names[:5])
+
+
+def test_stored_rows_stay_with_the_kind_of_their_cells(both_containers, tmp_path):
+    # store() keeps new rows in memory for cells in memory, in a temporary file for cells on disk
+    halves = [(0, 150, np.full((150, 3), 1, np.float32)), (150, 300, np.full((150, 3), 2, np.float32))]
+    expected = np.concatenate([block for _, _, block in halves])
+    with as_rows(both_containers["memory"].X).store(iter(halves), 3) as kept:
+        assert isinstance(kept, InMemoryRows)
+        np.testing.assert_array_equal(kept.to_memory(), expected)
+    with as_rows(both_containers["backed"].X).store(iter(halves), 3, directory=tmp_path) as kept:
+        assert isinstance(kept, DiskMatrix) and kept.path.parent == tmp_path
+        np.testing.assert_array_equal(kept.to_memory(), expected)
+        with kept.store(iter(halves), 3, directory=tmp_path) as again:
+            assert isinstance(again, DiskMatrix) and again.path != kept.path
+        path = kept.path
+    assert not path.exists()
 
 
 def test_rows_of_a_backed_file_are_transformed_to_a_temporary_file(both_containers, tmp_path):

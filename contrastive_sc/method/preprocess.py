@@ -365,7 +365,8 @@ def transform_rows(counts: Rows, gene_names, state: PreprocessState, *,
     :class:`~contrastive_sc.method.rows.DiskMatrix` in a temporary file (in ``directory``), deleted
     when the rows are closed: use the result as a context manager.
     """
-    return counts.map(lambda block: transform(block, gene_names, state), state.n_genes, directory=directory)
+    transformed = ((start, stop, transform(block, gene_names, state)) for start, stop, block in counts.blocks())
+    return counts.store(transformed, state.n_genes, directory=directory)
 
 
 def transform_in_memory(counts: Rows, gene_names, state: PreprocessState) -> np.ndarray:

@@ -1,9 +1,9 @@
 """Rows of a cells x genes matrix, read a block or a selection at a time wherever they are held.
 
 Every step after the reader — the preprocessing fit, training, the PCA block, embedding — reads
-cells through one small interface, :class:`Rows`: ``shape``, ``blocks(size)`` and ``take(indices)``,
-plus ``map(fn)``, which applies a row-wise function to every block and keeps the result where
-such results belong (in memory for cells in memory, in a temporary file for cells on disk).
+cells through one small interface, :class:`Rows`: ``shape``, ``blocks(size)``, ``take(indices)``
+and ``to_memory()``, plus ``store(blocks)``, which keeps new rows (the preprocessed input) where
+such rows belong (in memory for cells in memory, in a temporary file for cells on disk).
 :func:`as_rows` wraps what holds the cells:
 
 * :class:`InMemoryRows`: a numpy array or a scipy sparse matrix;
@@ -23,7 +23,7 @@ from __future__ import annotations
 import mmap
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -46,10 +46,15 @@ class Rows(Protocol):
     def take(self, indices: np.ndarray):
         """Rows ``indices`` in the order given (a CSR matrix for sparse data, else an ndarray)."""
 
-    def map(self, fn: Callable[[object], np.ndarray], n_cols: int, *, directory: str | Path | None = None) -> Rows:
-        """``fn`` (row-wise, returning float32 ``(rows, n_cols)``) applied to every block, as new rows.
+    def to_memory(self):
+        """Every row as one in-memory matrix: the matrix itself when it is held in memory, else read once."""
 
-        Use the result as a context manager: rows written to a temporary file are deleted on exit.
+    def store(self, blocks: Iterable[tuple[int, int, np.ndarray]], n_cols: int, *,
+              directory: str | Path | None = None) -> Rows:
+        """New rows of the same kind holding ``blocks`` (float32 ``(start, stop, rows x n_cols)``, in order).
+
+        The kind follows the cells: in memory for rows held in memory, else a temporary file (in
+        ``directory``). Use the result as a context manager: a temporary file is deleted on exit.
         """
 
 
@@ -82,7 +87,7 @@ def _check_size(size: int) -> None:
 
 
 class _NoCleanup:
-    # In-memory rows need nothing closed: `with rows.map(...) as x` works on every kind.
+    # In-memory rows need nothing closed: `with rows.store(...) as x` works on every kind.
     def __enter__(self):
         return self
 
@@ -112,10 +117,13 @@ class InMemoryRows(_NoCleanup):
     def take(self, indices: np.ndarray):
         return self.matrix[np.asarray(indices)]
 
-    def map(self, fn, n_cols: int, *, directory=None) -> InMemoryRows:
+    def to_memory(self):
+        return self.matrix
+
+    def store(self, blocks, n_cols: int, *, directory=None) -> InMemoryRows:
         out = np.empty((self.shape[0], n_cols), dtype=np.float32)
-        for start, stop, block in self.blocks():
-            out[start:stop] = fn(block)
+        for start, stop, block in blocks:
+            out[start:stop] = block
         return InMemoryRows(out)
 
 
@@ -142,8 +150,11 @@ class BackedRows(_NoCleanup):
         unique, position = np.unique(indices, return_inverse=True)
         return self._read(unique)[position]
 
-    def map(self, fn, n_cols: int, *, directory=None) -> DiskMatrix:
-        return DiskMatrix.write(self.blocks(), (self.shape[0], n_cols), fn, directory=directory)
+    def to_memory(self):
+        return self._read(slice(0, self.shape[0]))
+
+    def store(self, blocks, n_cols: int, *, directory=None) -> DiskMatrix:
+        return DiskMatrix.write(blocks, (self.shape[0], n_cols), directory=directory)
 
 
 class DiskMatrix:
@@ -180,9 +191,9 @@ class DiskMatrix:
                        else np.zeros(self.shape, dtype=self.dtype))
 
     @classmethod
-    def write(cls, blocks: Iterator[tuple[int, int, object]], shape: tuple[int, int], fn=None, *,
+    def write(cls, blocks: Iterable[tuple[int, int, object]], shape: tuple[int, int], *,
               path: str | Path | None = None, directory: str | Path | None = None) -> DiskMatrix:
-        """Write ``fn(block)`` (or the blocks themselves) for every block to a file, and open it.
+        """Write the blocks (``(start, stop, rows)`` in order) to a file, and open it.
 
         Without ``path`` the file is temporary (in ``directory``) and deleted when the matrix is closed.
         """
@@ -195,8 +206,7 @@ class DiskMatrix:
         try:
             with path.open("wb") as out:
                 for _, _, block in blocks:
-                    values = fn(block) if fn is not None else block
-                    out.write(np.ascontiguousarray(values, dtype=np.float32).tobytes())
+                    out.write(np.ascontiguousarray(block, dtype=np.float32).tobytes())
         except BaseException:
             if delete:
                 path.unlink(missing_ok=True)
@@ -223,8 +233,13 @@ class DiskMatrix:
         self._release()
         return out
 
-    def map(self, fn, n_cols: int, *, directory=None) -> DiskMatrix:
-        return DiskMatrix.write(self.blocks(), (self.shape[0], n_cols), fn, directory=directory)
+    def to_memory(self) -> np.ndarray:
+        out = np.array(self._array)
+        self._release()
+        return out
+
+    def store(self, blocks, n_cols: int, *, directory=None) -> DiskMatrix:
+        return DiskMatrix.write(blocks, (self.shape[0], n_cols), directory=directory)
 
     def _release(self) -> None:
         # Drop this process's mapping of the pages just read: they leave the resident set

@@ -9,7 +9,8 @@ import torch
 from contrastive_sc import ContrastiveSC
 from contrastive_sc.method.preprocess import PreprocessState, fit_preprocess, seurat_top_genes, transform, transform_rows
 from contrastive_sc.method.rows import BackedRows, DiskMatrix, InMemoryRows, as_rows, collect
-from contrastive_sc.method.train import encode, fit_encoder
+from contrastive_sc.method.encoder import encode
+from contrastive_sc.method.train import fit_encoder
 
 
 def scanpy_state(counts, names, *, n_genes, min_cells=2, clip=None) -> PreprocessState:

@@ -2,19 +2,16 @@ import numpy as np
 import pytest
 import torch
 
+from contrastive_sc.method.augment import _batch_bounds, training_batches
 from contrastive_sc.method.config import EncoderConfig, TrainConfig
-from contrastive_sc.method.encoder import ContrastiveEncoder
+from contrastive_sc.method.encoder import ContrastiveEncoder, encode
 from contrastive_sc.method.loss import NTXentLoss
 from contrastive_sc.method.rows import as_rows
 from contrastive_sc.method.train import (
     SPARSE_MASK_RATE,
-    _batch_bounds,
-    _dense_batches,
-    _row_batches,
     _single_threaded,
     _transposed_weight,
     cosine_lr,
-    encode,
     fit_encoder,
 )
 
@@ -120,7 +117,7 @@ def test_training_equals_a_plain_loop(x, input_dropout):
     sparse = input_dropout >= SPARSE_MASK_RATE
     encoder = ContrastiveEncoder(x.shape[1], (16, 8)).train()
     cpu = torch.device("cpu")
-    batches = _row_batches(as_rows(x), cfg, cpu, True) if sparse else _dense_batches(x, cfg, cpu)
+    batches = training_batches(as_rows(x), cfg, cpu, sparse=sparse, resident=not sparse)
     criterion, losses = NTXentLoss(cfg.temperature), []
     with _single_threaded(True), _transposed_weight(encoder.linears[0], sparse):
         optimizer = torch.optim.Adam(encoder.parameters(), lr=cfg.lr, fused=True)

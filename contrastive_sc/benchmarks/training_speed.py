@@ -42,7 +42,7 @@ def training_flops(n_cells: int, n_genes: int, layers: Sequence[int], batch_size
     counted as 2. The batches are those :func:`~contrastive_sc.method.train.fit_encoder` trains on
     (a last batch of one cell is skipped).
     """
-    from ..method.train import _batch_bounds
+    from ..method.augment import _batch_bounds
 
     sizes = [int(n_genes), *map(int, layers)]
     per_row = sum(2 * a * b for a, b in zip(sizes[:-1], sizes[1:]))

@@ -1,20 +1,25 @@
-"""View makers for contrastive training: random gene masking and Gaussian noise.
+"""The views the encoder trains on: random gene masking and Gaussian noise, drawn batch by batch.
 
 :func:`make_views` builds the masked views as a dense tensor (torch only, any device).
 :class:`MaskedViews` holds the same views as their kept entries only, for the CPU training
 loop: with the paper's ``mask_rate=0.9`` a view keeps 10 % of the genes, so the first Linear
 layer is ten times less work on the kept entries than on the dense, mostly zero matrix.
+:func:`training_batches` draws an epoch's shuffled batches of views from the preprocessed rows.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .config import TrainConfig
+from .rows import Rows
 
 
 def make_views(x: torch.Tensor, *, n_views: int = 2, mask_rate: float = 0.9, noise_std: float = 0.0,
@@ -172,3 +177,103 @@ def _bernoulli_positions(rng: np.random.Generator, n: int, p: float) -> np.ndarr
         more = np.cumsum((rng.standard_exponential(draw) * scale).astype(np.int64) + 1)
         positions = np.concatenate([positions, positions[-1] + more])
     return positions[:np.searchsorted(positions, n)]
+
+
+#: Bytes of preprocessed rows an epoch reads at a time (a window of whole batches).
+DISK_WINDOW_BYTES = 64 * 2**20
+
+#: Each batch row's partner (a neighbour's row index), or ``None`` when the positives are the cell's own views.
+Partners = Callable[[np.ndarray], np.ndarray] | None
+
+
+def training_batches(x: Rows, cfg: TrainConfig, device: torch.device, *, sparse: bool, resident: bool,
+                     partners: Partners = None) -> Callable[[], Iterator]:
+    """A function that yields one epoch of shuffled batches of stacked views (two per cell).
+
+    Parameters
+    ----------
+    x
+        The preprocessed input.
+    cfg
+        ``batch_size``, ``seed``, ``input_dropout`` (the mask rate) and ``noise_std``.
+    device
+        Where the views are built.
+    sparse
+        Draw :class:`MaskedViews` with numpy (CPU only), else dense :func:`make_views` tensors.
+    resident
+        Dense views from a copy of the whole input held on the device; otherwise the rows are
+        read a window of batches at a time.
+    partners
+        Neighbour positives (:func:`~contrastive_sc.method.objectives.partner_drawer`): one view
+        of each cell, then one of its partner, in the same stacked layout.
+
+    Notes
+    -----
+    A last batch of one cell cannot be batch-normalised; it waits for the next shuffle.
+    """
+    bounds = _batch_bounds(x.shape[0], min(cfg.batch_size, x.shape[0]))
+    if resident:
+        return _dense_batches(np.ascontiguousarray(x.to_memory(), dtype=np.float32), bounds, cfg, device, partners)
+    return _row_batches(x, bounds, cfg, device, sparse, partners)
+
+
+def _dense_batches(x: np.ndarray, bounds: list[tuple[int, int]], cfg: TrainConfig, device: torch.device,
+                   partners: Partners) -> Callable[[], Iterator[torch.Tensor]]:
+    # Torch-native epochs of dense stacked views, on any device.
+    data = torch.as_tensor(x, device=device)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+
+    def epoch() -> Iterator[torch.Tensor]:
+        order = torch.randperm(len(x), generator=generator, device=device)
+        for start, stop in bounds:
+            rows = order[start:stop]
+            if partners is None:
+                yield make_views(data[rows], mask_rate=cfg.input_dropout, noise_std=cfg.noise_std, generator=generator)
+            else:  # one view of each cell, then one of a neighbour of each: the same stacked layout
+                pair = torch.as_tensor(partners(rows.cpu().numpy()), device=device)
+                yield make_views(torch.cat([data[rows], data[pair]]), n_views=1, mask_rate=cfg.input_dropout,
+                                 noise_std=cfg.noise_std, generator=generator)
+
+    return epoch
+
+
+def _row_batches(x: Rows, bounds: list[tuple[int, int]], cfg: TrainConfig, device: torch.device, sparse: bool,
+                 partners: Partners) -> Callable[[], Iterator]:
+    # Epochs over preprocessed rows read by ``take``. The epoch's permutation is gathered a window
+    # of batches at a time (for rows on disk, one sorted read) and cut into batches, so memory is
+    # one window whatever the number of cells; the draws (numpy's permutation and masks) do not
+    # depend on where the rows are held, so rows on disk train the same encoder as the array they
+    # hold. On the CPU the views are sparse MaskedViews; otherwise dense views of each batch.
+    take = x.take
+    n_cells, n_genes = x.shape
+    rng = np.random.default_rng(cfg.seed)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    per_window = max(1, DISK_WINDOW_BYTES // (min(cfg.batch_size, n_cells) * n_genes * 4))
+    rescale = np.float32(1.0 / (1.0 - cfg.input_dropout))
+
+    def views(batch: np.ndarray, rows: np.ndarray):
+        n_views = 2
+        if partners is not None:  # one view of each cell, then one of a neighbour of each: the same stacked layout
+            batch, n_views = np.concatenate([batch, take(partners(rows))]), 1
+        if sparse:
+            return MaskedViews.sample(batch * rescale, rng, n_views=n_views, mask_rate=cfg.input_dropout,
+                                      noise_std=cfg.noise_std)
+        return make_views(torch.as_tensor(batch, device=device), n_views=n_views, mask_rate=cfg.input_dropout,
+                          noise_std=cfg.noise_std, generator=generator)
+
+    def epoch() -> Iterator:
+        order = rng.permutation(n_cells)
+        for first in range(0, len(bounds), per_window):
+            window = bounds[first:first + per_window]
+            offset = window[0][0]
+            rows = take(order[offset:window[-1][1]])
+            for start, stop in window:
+                yield views(rows[start - offset:stop - offset], order[start:stop])
+
+    return epoch
+
+
+def _batch_bounds(n_cells: int, batch_size: int) -> list[tuple[int, int]]:
+    # A last batch of one cell cannot be batch-normalised; it waits for the next shuffle.
+    bounds = [(start, min(start + batch_size, n_cells)) for start in range(0, n_cells, batch_size)]
+    return [(a, b) for a, b in bounds if b - a > 1]

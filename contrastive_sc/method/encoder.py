@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .augment import MaskedViews
+from .rows import Rows, as_rows, collect
 
 #: What a trained encoder hands on as the embedding. The loss is always computed on ``"output"``,
 #: the L2-normalised last layer (the paper's embedding). ``"unnormalised"`` is that layer before
@@ -186,6 +188,29 @@ class FusedEmbedder(nn.Module):
         return {"encoder": self.encoder.init_args, "n_pca_genes": int(n_pca_genes), "n_components": int(n_components)}
 
     @classmethod
+    def fit(cls, encoder: ContrastiveEncoder, block, sample: np.ndarray, encoder_weight: float) -> FusedEmbedder:
+        """The encoder beside a fitted PCA block, each block centred and scaled on ``sample`` (preprocessed rows).
+
+        Parameters
+        ----------
+        encoder
+            The trained encoder.
+        block
+            The PCA block (:class:`~contrastive_sc.method.fusion.PCABlock`): ``index``, ``mean``,
+            ``components`` and ``transform(rows)``.
+        sample
+            Rows of the preprocessed input the centres and scales are measured on.
+        encoder_weight
+            The encoder block's root-mean-square norm relative to the PCA block's.
+        """
+        blocks = (encode(encoder, sample), block.transform(sample))
+        centers = [b.mean(axis=0) for b in blocks]
+        scales = [max(float(np.sqrt(((b - c) ** 2).sum(axis=1).mean())), 1e-12) for b, c in zip(blocks, centers)]
+        scales[0] /= encoder_weight
+        return cls(encoder, torch.from_numpy(block.index), torch.from_numpy(block.mean),
+                   torch.from_numpy(block.components), tuple(map(torch.from_numpy, centers)), scales).eval()
+
+    @classmethod
     def empty(cls, encoder: ContrastiveEncoder, n_pca_genes: int, n_components: int) -> FusedEmbedder:
         """A module of the right shapes, to load a saved ``state_dict`` into."""
         return cls(encoder, torch.zeros(n_pca_genes, dtype=torch.int64), torch.zeros(n_pca_genes),
@@ -197,6 +222,14 @@ class FusedEmbedder(nn.Module):
         z = (self.encoder(x) - self.z_center) / self.z_scale
         p = torch.mm(x.index_select(1, self.pca_index) - self.pca_mean, self.pca_components.t())
         return torch.cat([z, (p - self.p_center) / self.p_scale], dim=1)
+
+
+@torch.no_grad()
+def encode(encoder: nn.Module, x: Rows | np.ndarray, batch_size: int = 65536) -> np.ndarray:
+    """Embed preprocessed rows with a trained encoder (eval mode, no augmentation), a batch at a time."""
+    encoder.eval()
+    return collect(lambda rows: encoder(torch.as_tensor(rows, dtype=torch.float32)).numpy(), as_rows(x),
+                   encoder.n_outputs, size=batch_size)
 
 
 #: Version of the checkpoint written by :func:`save_checkpoint`.

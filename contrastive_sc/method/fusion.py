@@ -13,9 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .encoder import ContrastiveEncoder, FusedEmbedder
 from .rows import Rows
-from .train import encode
 
 #: Cells the PCA block is fitted on, at most (a random sample of larger data).
 PCA_SAMPLE_CELLS = 50_000
@@ -55,7 +53,7 @@ def pca_sample(x: Rows, seed: int) -> np.ndarray:
     if n_cells > PCA_SAMPLE_CELLS:  # the rule depends on the number of cells, never on the container
         rng = np.random.default_rng(seed)
         return x.take(np.sort(rng.choice(n_cells, PCA_SAMPLE_CELLS, replace=False)))
-    return np.asarray(x.take(np.arange(n_cells)))
+    return np.asarray(x.to_memory())
 
 
 def fit_pca_block(input_genes, pca_genes, sample: np.ndarray, n_components: int, seed: int) -> PCABlock:
@@ -66,18 +64,3 @@ def fit_pca_block(input_genes, pca_genes, sample: np.ndarray, n_components: int,
     index = np.array([column_of[g] for g in pca_genes if g in column_of], dtype=np.int64)
     n_components = min(n_components, len(index), sample.shape[0] - 1)
     return PCABlock(index, PCA(n_components=n_components, random_state=seed).fit(sample[:, index]))
-
-
-def fuse(encoder: ContrastiveEncoder, block: PCABlock, sample: np.ndarray, encoder_weight: float) -> FusedEmbedder:
-    """The encoder and the PCA block side by side, each centred and scaled on ``sample`` (preprocessed rows).
-
-    ``encoder_weight`` is the encoder block's root-mean-square norm relative to the PCA block's.
-    """
-    import torch
-
-    blocks = (encode(encoder, sample), block.transform(sample))
-    centers = [b.mean(axis=0) for b in blocks]
-    scales = [max(float(np.sqrt(((b - c) ** 2).sum(axis=1).mean())), 1e-12) for b, c in zip(blocks, centers)]
-    scales[0] /= encoder_weight
-    return FusedEmbedder(encoder, torch.from_numpy(block.index), torch.from_numpy(block.mean),
-                         torch.from_numpy(block.components), tuple(map(torch.from_numpy, centers)), scales).eval()

@@ -1,9 +1,8 @@
-"""``n_genes="auto"``: one embedding per gene count, the one whose clusters are best separated is kept.
+"""The embedding at the configured gene count, or with ``n_genes="auto"`` the best separated of several.
 
 No labels are read: each candidate's training cells are clustered (KMeans with the configured
 k, else the estimated one) and the silhouette of that clustering in its own embedding decides.
 """
-
 from __future__ import annotations
 
 import logging
@@ -20,24 +19,32 @@ from .rows import Rows
 log = logging.getLogger(__name__)
 
 
-def search_gene_count(counts: Rows, genes: np.ndarray, config: ContrastiveConfig, *, progress: bool = False,
-                      on_epoch: Callable[[int, float], None] | None = None, keep_inputs: bool = False,
-                      ) -> tuple[FittedEmbedding, list[dict]]:
-    """Fit one embedding per gene count of :data:`~contrastive_sc.method.config.AUTO_GENE_COUNTS` below the genes there are.
+def fit_gene_count(counts: Rows, genes: np.ndarray, config: ContrastiveConfig, *, progress: bool = False,
+                   on_epoch: Callable[[int, float], None] | None = None, keep_inputs: bool = False,
+                   ) -> tuple[FittedEmbedding, list[dict]]:
+    """:func:`~contrastive_sc.method.pipeline.fit_embedding` at ``n_genes``; for ``"auto"``, at each candidate count.
+
+    The candidates are the counts of :data:`~contrastive_sc.method.config.AUTO_GENE_COUNTS` below
+    the genes there are (or all of them).
 
     Returns
     -------
-    The best fit by silhouette, and one ``{"n_genes", "silhouette"}`` per candidate. ``on_epoch``
-    replays the chosen fit's losses once it is chosen; ``keep_inputs`` as in
-    :func:`~contrastive_sc.method.pipeline.fit_embedding` (every candidate keeps its input, the
-    others' are dropped as the search goes).
+    The fit (for ``"auto"`` the best by silhouette) and one ``{"n_genes", "silhouette"}`` per
+    candidate (empty when the count was given). ``on_epoch`` follows the training live for a
+    given count; for ``"auto"`` it replays the chosen fit's losses once it is chosen.
+    ``keep_inputs`` as in :func:`~contrastive_sc.method.pipeline.fit_embedding` (every candidate
+    keeps its input, the others' are dropped as the search goes).
     """
-    candidates = [n for n in AUTO_GENE_COUNTS if n < counts.shape[1]] or [counts.shape[1]]
+    auto = config.preprocess.n_genes == "auto"
+    candidates = (([n for n in AUTO_GENE_COUNTS if n < counts.shape[1]] or [counts.shape[1]]) if auto
+                  else [config.preprocess.n_genes])
     cluster, seed = config.cluster, config.train.seed
     best, search = None, []
     for n_genes in candidates:
-        fitted = fit_embedding(counts, genes, config.replace(n_genes=n_genes), progress=progress,
-                               keep_inputs=keep_inputs)
+        fitted = fit_embedding(counts, genes, config.replace(n_genes=n_genes) if auto else config, progress=progress,
+                               on_epoch=None if auto else on_epoch, keep_inputs=keep_inputs)
+        if not auto:
+            return fitted, []
         method = "kmeans" if cluster.n_clusters else "auto"
         labels = cluster_labels(fitted.embedding, method, n_clusters=cluster.n_clusters,
                                 n_neighbors=cluster.n_neighbors, seed=seed)

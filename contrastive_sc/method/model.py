@@ -13,12 +13,12 @@ from ..analysis.annotate import UNASSIGNED, CellTypeAnnotator, held_out_type_det
 from ..analysis.cluster import TrainingClusters
 from .config import DEFAULT_PRESET, ContrastiveConfig, get_preset
 from .data import Cells, DataSetup
-from .gene_search import search_gene_count
-from .pipeline import fit_embedding
+from .encoder import encode
+from .gene_search import fit_gene_count
 from .preprocess import GeneCoverage, PreprocessState, empty_cells, gene_coverage, transform, transform_in_memory
 from .rows import collect
 from .saved_model import load_model, save_model
-from .train import TrainingHistory, encode
+from .train import TrainingHistory
 
 EMBEDDING_KEY = "X_contrastive"
 #: ``obs`` columns written by :meth:`ContrastiveSC.annotate` (its default ``key_added``, and ``<key>_confidence``).
@@ -118,12 +118,8 @@ class ContrastiveSC:
                   on_epoch=None) -> ContrastiveSC:
         """:meth:`fit` on cells already read by :meth:`check` (a tracked run starts between the two)."""
         labelled = cells.labels is not None  # the annotator is fitted on the encoder's input: keep it
-        if self.config.preprocess.n_genes == "auto":
-            fitted, self.gene_search = search_gene_count(cells.counts, cells.genes, self.config, progress=progress,
-                                                         on_epoch=on_epoch, keep_inputs=labelled)
-        else:
-            fitted, self.gene_search = fit_embedding(cells.counts, cells.genes, self.config, progress=progress,
-                                                     on_epoch=on_epoch, keep_inputs=labelled), []
+        fitted, self.gene_search = fit_gene_count(cells.counts, cells.genes, self.config, progress=progress,
+                                                  on_epoch=on_epoch, keep_inputs=labelled)
         self.setup, self.model_id = cells.setup, uuid.uuid4().hex  # a new fit is a new model
         self.state = replace(fitted.state, model_id=self.model_id)
         self.encoder, self.history = fitted.encoder, fitted.history

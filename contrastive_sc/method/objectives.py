@@ -1,6 +1,7 @@
-"""Training objectives beside the paper's: neighbour positives and a cluster-level contrastive loss.
+"""The training objective: the paper's NT-Xent, and beside it neighbour positives and a cluster-level loss.
 
-Both are off in the ``paper`` and ``fused`` presets and switched on by training settings:
+:class:`TrainingObjective` is the loss every batch of stacked views trains on. The two additions
+are off in the ``paper`` and ``fused`` presets and switched on by training settings:
 
 - ``positive_neighbours = k > 0`` (NNCLR, CLEAR and scNAME use neighbours as positives): the
   second view of each cell is a masked view of a random one of its ``k`` nearest neighbours
@@ -22,7 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .augment import Partners
+from .config import TrainConfig
 from .loss import NTXentLoss
+from .rows import Rows
 
 #: Principal components the neighbour search runs on, and the temperature of the cluster loss.
 NEIGHBOUR_COMPONENTS = 50
@@ -54,9 +58,46 @@ def neighbour_table(x: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
     return NearestNeighbors(n_neighbors=k).fit(pcs).kneighbors(pcs, return_distance=False).astype(np.int64)
 
 
+def partner_drawer(x: Rows, cfg: TrainConfig) -> Partners:
+    """Neighbour positives for :func:`~contrastive_sc.method.augment.training_batches`, or ``None`` when off.
+
+    The neighbour table is built once, on every row of ``x``; each batch row's partner is then
+    drawn from its own random stream (seed + 1), so the views' draws stay those of the paper.
+    """
+    if not cfg.positive_neighbours:
+        return None
+    table = neighbour_table(x.to_memory(), cfg.positive_neighbours, seed=cfg.seed)
+    rng = np.random.default_rng(cfg.seed + 1)
+    return lambda rows: draw_partners(table, rows, rng)
+
+
 def draw_partners(table: np.ndarray, rows: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """For each of ``rows``, one of its neighbours in ``table`` drawn uniformly (possibly itself)."""
     return table[rows, rng.integers(0, table.shape[1], size=len(rows))]
+
+
+class TrainingObjective(nn.Module):
+    """The loss a batch of stacked views trains on: NT-Xent, plus the cluster-level loss when ``cluster_head`` > 0.
+
+    Parameters
+    ----------
+    n_outputs
+        The encoder's output size.
+    temperature
+        NT-Xent's temperature.
+    cluster_head
+        ``K`` clusters of a :class:`ClusterHead` trained beside the encoder (0: none); its
+        parameters are this module's and are dropped with it after training.
+    """
+
+    def __init__(self, n_outputs: int, temperature: float, cluster_head: int = 0) -> None:
+        super().__init__()
+        self.head = ClusterHead(n_outputs, cluster_head) if cluster_head else None
+        self.instance = NTXentLoss(temperature)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        loss = self.instance(z)
+        return loss + cluster_loss(self.head(z)) if self.head is not None else loss
 
 
 class ClusterHead(nn.Module):

@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 
 from .config import ContrastiveConfig
-from .fusion import fit_pca_block, fuse, pca_sample
+from .encoder import FusedEmbedder, encode
+from .fusion import fit_pca_block, pca_sample
 from .preprocess import PreprocessState, fit_preprocess, transform_rows
-from .rows import InMemoryRows, Rows, collect
-from .train import TrainingHistory, encode, fit_encoder
+from .rows import Rows
+from .train import TrainingHistory, fit_encoder
 
 
 @dataclass
@@ -72,9 +73,8 @@ def fit_embedding(counts: Rows, genes: np.ndarray, config: ContrastiveConfig, *,
                                        projection=projection)
         encoder.readout = enc.readout
         if block is not None:
-            encoder = fuse(encoder, block, sample, enc.encoder_weight)
+            encoder = FusedEmbedder.fit(encoder, block, sample, enc.encoder_weight)
         embedding = encode(encoder, x)
-        inputs = None
-        if keep_inputs:  # cells on disk: read the temporary file back before it is deleted
-            inputs = x.matrix if isinstance(x, InMemoryRows) else collect(lambda block: block, x, state.n_genes)
+        # cells on disk: the temporary file is read back before it is deleted
+        inputs = x.to_memory() if keep_inputs else None
     return FittedEmbedding(state, encoder, history, embedding, inputs)

@@ -384,12 +384,12 @@ def _build_config(preset: str, values: dict):
 def train(data, label_key, batch_key, layer, methods, preset, experiment, run_name, no_map, tracking_uri,
           **values) -> None:
     """Train one model and log it (params, loss, metrics, artifacts, pyfunc model) to MLflow."""
-    from .method.io import default_label_key, load
+    from .method.io import default_label_key, open_dataset
     from .mlops import tracking
 
     config = _build_config(preset, values)
     # the layer is the model's data setup, recorded at fit; the model checks the counts it reads
-    adata = load(data, label_key, validate=False)
+    adata = open_dataset(data, label_key)
     label_key = label_key or default_label_key(adata)
     uri = tracking.setup(tracking_uri, experiment)
     result = tracking.train_run(

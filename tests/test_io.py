@@ -8,7 +8,7 @@ import pytest
 import scipy.io
 import scipy.sparse as sp
 
-from contrastive_sc.method.io import read
+from contrastive_sc.method.io import load, open_dataset, read
 
 COUNTS = np.array([[1, 0, 3, 2], [0, 2, 1, 0], [4, 1, 0, 1]], dtype=np.float32)
 GENES = ["GeneA", "GeneB", "GeneC", "GeneD"]
@@ -151,3 +151,20 @@ def test_missing_file_and_unknown_format(tmp_path):
     other.write_text("x")
     with pytest.raises(ValueError, match="unsupported input"):
         read(other)
+
+
+def test_open_dataset_hands_over_the_file_as_stored_for_the_model_to_check(tmp_path):
+    # `train` opens the file and leaves the layer and the raw-count check to the model's data setup
+    path = tmp_path / "x.h5ad"
+    a = ad.AnnData(X=np.log1p(COUNTS))
+    a.var_names, a.obs_names = GENES, CELLS
+    a.layers["counts"] = sp.csr_matrix(COUNTS)
+    a.write_h5ad(path)
+    opened = open_dataset(path)
+    np.testing.assert_allclose(opened.X, np.log1p(COUNTS))
+    assert "counts" in opened.layers and opened.uns["dataset"]["name"] == "x"
+    with pytest.raises(ValueError, match="raw counts"):
+        load(path)
+    _check(load(path, layer="counts"))
+    with pytest.raises(KeyError, match="label key 'cell_type' not found"):
+        open_dataset(path, label_key="cell_type")

@@ -114,7 +114,7 @@ def test_eval_data_decides_between_datasets(store_with_runs, synthetic, tmp_path
     from click.testing import CliRunner
 
     from contrastive_sc.cli import main
-    from contrastive_sc.mlops.tracking import dataset_digest
+    from contrastive_sc.mlops.run_data import dataset_digest
 
     uri, runs = store_with_runs
     worse, better = _ordered(runs)

@@ -34,7 +34,17 @@ def load(spec: str | Path, label_key: str | None = None, *, layer: str | None = 
 
     ``label_key``, ``layer`` and ``validate`` as in :func:`read`.
     """
-    return _load(spec, label_key, layer, validate, simulated=str(spec).startswith(SIMULATED))
+    return _counts(open_dataset(spec, label_key), layer, validate)
+
+
+def open_dataset(spec: str | Path, label_key: str | None = None) -> ad.AnnData:
+    """The AnnData a file (or ``simulated[:GROUPS]``) holds, with ``label_key`` checked, as it is stored.
+
+    For a caller that hands it to a model: where the counts are (the layer) and whether they are
+    raw counts is the model's data setup, read and checked when it is fitted
+    (:class:`~contrastive_sc.method.data.DataSetup`).
+    """
+    return _open(spec, label_key, simulated=str(spec).startswith(SIMULATED))
 
 
 def read(path: str | Path, label_key: str | None = None, *, layer: str | None = None,
@@ -61,16 +71,20 @@ def read(path: str | Path, label_key: str | None = None, *, layer: str | None = 
     -------
     AnnData with ``uns["dataset"]`` naming the source file (and the layer read).
     """
-    return _load(path, label_key, layer, validate, simulated=False)
+    return _counts(_open(path, label_key, simulated=False), layer, validate)
 
 
-def _load(spec, label_key: str | None, layer: str | None, validate: bool, *, simulated: bool) -> ad.AnnData:
+def _open(spec, label_key: str | None, *, simulated: bool) -> ad.AnnData:
     adata = _read_file(Path(spec), label_key) if not simulated else simulated_dataset(str(spec))
     if label_key is not None and label_key not in adata.obs:
         source = "the simulated data" if simulated else Path(spec).name
         msg = (f"label key {label_key!r} not found in {source}; available obs columns: {list(adata.obs.columns)}. "
                "Pass one of those, or omit --label-key")
         raise KeyError(msg)
+    return adata
+
+
+def _counts(adata: ad.AnnData, layer: str | None, validate: bool) -> ad.AnnData:
     counts = counts_view(adata, layer)
     if layer:
         counts.uns["dataset"] = counts.uns["dataset"] | {"layer": layer}

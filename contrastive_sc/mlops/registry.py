@@ -294,7 +294,7 @@ class _Evaluation:
         import pandas as pd
 
         from ..method.io import default_label_key, load
-        from .tracking import dataset_digest
+        from .run_data import dataset_digest
 
         adata = load(path, label_key)
         label_key = label_key or default_label_key(adata)

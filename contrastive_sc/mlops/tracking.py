@@ -8,7 +8,6 @@ Tracking defaults to an explicit SQLite store, ``sqlite:///<cwd>/mlflow.db``;
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
+from .run_data import log_dataset
 from .signals import keep_killed_after_mlflow_run, raise_if_stopped
 from .store import canonical_uri, remove_encoded_twin, require_existing, sqlite_path
 
@@ -147,23 +147,6 @@ def ensure_experiment(name: str, uri: str | None = None) -> str:
     return client.create_experiment(name, artifact_location=location)
 
 
-def dataset_digest(adata) -> str:
-    """Short content hash of a count matrix (shape, gene names and values)."""
-    import scipy.sparse as sp
-
-    digest = hashlib.sha256()
-    digest.update(str(adata.shape).encode())
-    digest.update("\n".join(map(str, adata.var_names)).encode())
-    x = adata.X
-    if sp.issparse(x):
-        x = sp.csr_matrix(x)
-        for part in (x.data, x.indices, x.indptr):
-            digest.update(np.ascontiguousarray(part).tobytes())
-    else:
-        digest.update(np.ascontiguousarray(x).tobytes())
-    return digest.hexdigest()[:16]
-
-
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
@@ -210,7 +193,7 @@ def train_run(adata, config, *, layer: str | None = None, label_key: str | None 
         mlflow.log_params(_as_param_strings(params | {"cluster_methods": ",".join(methods)}))
         mlflow.set_tags({"preset": model.config.preset, "contrastive_sc_version": __version__,
                          "git_commit": git_commit(), "dataset": dataset_name})
-        _log_dataset(cells.view, dataset_name, cells.setup)
+        log_dataset(cells.view, dataset_name, cells.setup)
 
         started = time.perf_counter()
         model.fit_cells(cells, progress=progress, on_epoch=_log_epoch_loss)
@@ -333,29 +316,6 @@ def _ended_as_killed_on_interrupt():
 
 def _as_param_strings(params: dict) -> dict:
     return {k: ",".join(map(str, v)) if isinstance(v, list | tuple) else v for k, v in params.items()}
-
-
-def _log_dataset(counts, name: str, setup) -> None:
-    import mlflow
-    from mlflow.data.meta_dataset import MetaDataset
-
-    path = counts.uns.get("dataset", {}).get("path")
-    dataset = MetaDataset(source=_dataset_source(path), name=name, digest=dataset_digest(counts))
-    mlflow.log_input(dataset, context="training")
-    mlflow.log_params({"data.name": name, "data.n_cells": counts.n_obs, "data.n_genes": counts.n_vars,
-                       "data.digest": dataset.digest, "data.label_key": setup.label_key or "",
-                       "data.batch_key": setup.batch_key or "",
-                       "data.layer": setup.layer or counts.uns.get("dataset", {}).get("layer") or ""})
-
-
-def _dataset_source(path: str | None):
-    from mlflow.data.code_dataset_source import CodeDatasetSource
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
-
-    if not path:
-        return CodeDatasetSource(tags={"origin": "in-memory AnnData"})
-    # A local file is referenced, not copied: datasets can be large and belong to the user.
-    return resolve_dataset_source(str(Path(path).resolve()))
 
 
 def _log_model(folder: Path, model) -> str:

@@ -1,9 +1,11 @@
 """Stopping a command on SIGTERM / SIGINT, and when the ``mlflow run`` that started it is stopped.
 
 A signal raises ``SystemExit`` (SIGTERM) or ``KeyboardInterrupt`` (SIGINT) where the program is,
-and also sets :data:`STOP`: a library that swallows the exception (a database driver in the
-middle of a commit, say) cannot keep training going, since the training loop's per-epoch hook
-calls :func:`raise_if_stopped`. The run then ends KILLED (``tracking``'s interrupt handling).
+and also sets :data:`STOP`: a library that swallows the exception cannot keep training going,
+since the training loop's per-epoch hook calls :func:`raise_if_stopped`. The run then ends KILLED
+(``tracking``'s interrupt handling). Inside :func:`deferred` (a write to the tracking store) the
+exception waits for the end of the block: cut in half, a SQLite write can leave the store locked
+for the write that marks the run KILLED, and the run would stay RUNNING.
 
 ``mlflow run`` does not pass SIGTERM (a ``kill``, a scheduler's timeout) on to the entry point's
 process: left alone, training would go on, finish FINISHED and be registrable although the user
@@ -13,6 +15,7 @@ as if signalled.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -24,12 +27,31 @@ POLL_SECONDS = 0.5
 #: Set once a stop was asked for; :data:`_SIGNAL` holds which signal.
 STOP = threading.Event()
 _SIGNAL: list[int] = []
+#: How many :func:`deferred` blocks the main thread is in.
+_DEFERRED = [0]
 
 
 def _stop(signum, frame) -> None:
     STOP.set()
     _SIGNAL.append(signum)
-    raise_if_stopped()
+    if not _DEFERRED[0]:
+        raise_if_stopped()
+
+
+@contextlib.contextmanager
+def deferred(*, raise_after: bool = True):
+    """Hold a stop that a signal asks for until the block has ended, then raise it (``raise_after``).
+
+    For writes to the tracking store: the exception is raised between two writes, never inside
+    one. ``raise_after=False`` is for the write that records the stop itself.
+    """
+    _DEFERRED[0] += 1
+    try:
+        yield
+    finally:
+        _DEFERRED[0] -= 1
+    if raise_after:
+        raise_if_stopped()
 
 
 def raise_if_stopped() -> None:
@@ -56,11 +78,16 @@ def _parent(pid: int) -> int | None:
     return int(stat.rsplit(")", 1)[1].split()[1])  # the field after the state, past the command's parentheses
 
 
-def _is_mlflow_run(pid: int) -> bool:
+def _cmdline(pid: int) -> bytes:
+    # The command line of a live process; b"" once it has ended (a zombie's is empty too).
     try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
-        return False
+        return b""
+
+
+def _is_mlflow_run(pid: int) -> bool:
+    argv = _cmdline(pid).split(b"\0")
     return any(part.endswith(b"mlflow") for part in argv) and b"run" in argv
 
 
@@ -76,30 +103,36 @@ def mlflow_run_ancestor() -> int | None:
     return None
 
 
-def keep_killed_after_mlflow_run(run_id: str, tracking_uri: str) -> bool:
-    """Under ``mlflow run``, mark ``run_id`` KILLED again once that ``mlflow run`` process has ended.
+def keep_killed(run_id: str, tracking_uri: str, *, this_process: bool = False) -> bool:
+    """Mark ``run_id`` KILLED from a detached process once the processes that could overwrite it have ended.
 
-    ``mlflow run`` marks the run FAILED after its entry point exits with an error, even when the
-    entry point already ended it KILLED: MLflow 3.17's ``_maybe_set_run_terminated`` checks
-    ``RunStatus.is_terminated`` (integer statuses) against the run's status string, which never
-    matches. A small detached process waits for ``mlflow run`` to end and writes KILLED back.
+    Under ``mlflow run``: that ``mlflow run`` process. It marks the run FAILED after its entry
+    point exits with an error, even when the entry point already ended it KILLED: MLflow 3.17's
+    ``_maybe_set_run_terminated`` checks ``RunStatus.is_terminated`` (integer statuses) against
+    the run's status string, which never matches. With ``this_process``: this process too (when
+    it could not write KILLED itself, its end releases whatever held the store).
 
-    Returns whether the process was started (only under ``mlflow run``).
+    Returns whether the detached process was started (there was something to wait for).
     """
     import subprocess
     import sys
 
-    ancestor = mlflow_run_ancestor()  # (MLflow has removed MLFLOW_RUN_ID from the environment by now)
-    if ancestor is None:
+    watched = [pid for pid in (mlflow_run_ancestor(), os.getpid() if this_process else None) if pid is not None]
+    if not watched:  # (MLflow has removed MLFLOW_RUN_ID from the environment by now: look at the ancestors)
         return False
     code = ("import sys, time\n"
-            "from contrastive_sc.mlops.signals import _is_mlflow_run\n"
-            "pid = int(sys.argv[1])\n"
-            "while _is_mlflow_run(pid):\n"
+            "from contrastive_sc.mlops.signals import _cmdline\n"
+            "watched = [(int(pid), _cmdline(int(pid))) for pid in sys.argv[3:]]\n"
+            "while any(command and _cmdline(pid) == command for pid, command in watched):\n"
             "    time.sleep(0.2)\n"
             "from mlflow import MlflowClient\n"
-            "MlflowClient(tracking_uri=sys.argv[2]).set_terminated(sys.argv[3], 'KILLED')\n")
-    subprocess.Popen([sys.executable, "-c", code, str(ancestor), tracking_uri, run_id], start_new_session=True,
+            "for attempt in range(30):  # another process may hold the SQLite store for a moment\n"
+            "    try:\n"
+            "        MlflowClient(tracking_uri=sys.argv[1]).set_terminated(sys.argv[2], 'KILLED')\n"
+            "        break\n"
+            "    except Exception:\n"
+            "        time.sleep(1)\n")
+    subprocess.Popen([sys.executable, "-c", code, tracking_uri, run_id, *map(str, watched)], start_new_session=True,
                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return True
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from .. import __version__
 from .run_data import log_dataset
-from .signals import keep_killed_after_mlflow_run, raise_if_stopped
+from .signals import deferred, keep_killed, raise_if_stopped
 from .store import canonical_uri, remove_encoded_twin, require_existing, sqlite_path
 
 log = logging.getLogger(__name__)
@@ -190,10 +190,11 @@ def train_run(adata, config, *, layer: str | None = None, label_key: str | None 
         # Effective values under "config.": `mlflow run` has already logged the entry point's
         # raw parameters (e.g. lr=preset) under the plain names, and params cannot change.
         params = {f"config.{k}": v for k, v in model.config.to_params().items()}
-        mlflow.log_params(_as_param_strings(params | {"cluster_methods": ",".join(methods)}))
-        mlflow.set_tags({"preset": model.config.preset, "contrastive_sc_version": __version__,
-                         "git_commit": git_commit(), "dataset": dataset_name})
-        log_dataset(cells.view, dataset_name, cells.setup)
+        with deferred():  # a stop waits for the end of a store write (signals.py)
+            mlflow.log_params(_as_param_strings(params | {"cluster_methods": ",".join(methods)}))
+            mlflow.set_tags({"preset": model.config.preset, "contrastive_sc_version": __version__,
+                             "git_commit": git_commit(), "dataset": dataset_name})
+            log_dataset(cells.view, dataset_name, cells.setup)
 
         started = time.perf_counter()
         model.fit_cells(cells, progress=progress, on_epoch=_log_epoch_loss)
@@ -217,7 +218,8 @@ def train_run(adata, config, *, layer: str | None = None, label_key: str | None 
             report = write_run_report(tmp, cells.view, embedding, labels_by_method, loss=model.history.loss,
                                       truth=cells.labels, batches=cells.batches, map_plot=map_plot, seed=seed,
                                       title=f"{model.config.preset} preset, UMAP of the embedding")
-            model_uri = _log_results(tmp, model, metrics, report, log_model)
+            with deferred():
+                model_uri = _log_results(tmp, model, metrics, report, log_model)
         return {"run_id": run.info.run_id, "metrics": metrics, "model_uri": model_uri}
 
 
@@ -308,9 +310,16 @@ def _ended_as_killed_on_interrupt():
         yield
     except (KeyboardInterrupt, SystemExit):
         run = mlflow.active_run()
-        mlflow.end_run("KILLED")
+        written = True
+        try:
+            with deferred(raise_after=False):  # a second Ctrl-C does not cut this write in half
+                mlflow.end_run("KILLED")
+        except Exception as error:  # e.g. the store is locked: a process writes KILLED once this one has ended
+            log.warning("the run could not be marked KILLED now (%s); it will be once this process ends",
+                        str(error).splitlines()[0])
+            written = False
         if run is not None:  # `mlflow run` would mark it FAILED after this process ends
-            keep_killed_after_mlflow_run(run.info.run_id, mlflow.get_tracking_uri())
+            keep_killed(run.info.run_id, mlflow.get_tracking_uri(), this_process=not written)
         raise
 
 
@@ -367,11 +376,11 @@ def _log_epoch_loss(epoch: int, loss: float) -> None:
     import mlflow
 
     raise_if_stopped()  # a stop asked for during the epoch, whose exception a library may have swallowed
-    try:
-        retry_while_busy(mlflow.log_metric, "loss", loss, step=epoch)
-    except Exception as error:  # the run's final metrics are still written when training ends
-        log.warning("epoch %d loss not logged (%s); training goes on", epoch, str(error).splitlines()[0])
-    raise_if_stopped()
+    with deferred():  # ... and one asked for during the write is raised after it
+        try:
+            retry_while_busy(mlflow.log_metric, "loss", loss, step=epoch)
+        except Exception as error:  # the run's final metrics are still written when training ends
+            log.warning("epoch %d loss not logged (%s); training goes on", epoch, str(error).splitlines()[0])
 
 
 def retry_while_busy(call, *args, attempts: int = 6, **kwargs):

@@ -7,9 +7,9 @@ import scipy.sparse as sp
 import torch
 
 from contrastive_sc import ContrastiveSC
+from contrastive_sc.method.encoder import encode
 from contrastive_sc.method.preprocess import PreprocessState, fit_preprocess, seurat_top_genes, transform, transform_rows
 from contrastive_sc.method.rows import BackedRows, DiskMatrix, InMemoryRows, as_rows, collect
-from contrastive_sc.method.encoder import encode
 from contrastive_sc.method.train import fit_encoder
 
 

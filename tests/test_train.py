@@ -132,3 +132,9 @@ def test_training_equals_a_plain_loop(x, input_dropout):
                 losses.append(loss.item())
     assert history.loss[-1] == pytest.approx(np.mean(losses[-len(losses) // 3:]), rel=1e-6)
     np.testing.assert_array_equal(encode(trained, x), encode(encoder.eval(), x))
+
+
+@pytest.mark.parametrize("shape", [(1, 40), (40,)])
+def test_too_few_cells_or_a_flat_array_is_refused_before_training(shape):
+    with pytest.raises(ValueError, match=r"expected a \(cells, genes\) matrix with at least 2 cells, got shape"):
+        fit_encoder(np.zeros(shape, np.float32), EncoderConfig(layers=(8,)), TrainConfig(epochs=1), progress=True)

@@ -83,8 +83,8 @@ def fit_encoder(x: Rows | np.ndarray, encoder_config: EncoderConfig, train_confi
     -----
     The parts, each in its own module: the encoder (``encoder.py``), the objective and its
     neighbour positives (``objectives.py``), the epochs of batches of views (``augment.py``);
-    this function puts them together and runs the loop. On the CPU torch runs single-threaded (the previous thread
-    count is restored after), and when most genes are masked (``input_dropout >=``
+    this function puts them together and runs the loop. On the CPU torch runs single-threaded
+    (the previous thread count is restored after), and when most genes are masked (``input_dropout >=``
     :data:`SPARSE_MASK_RATE`) the views are drawn by numpy as sparse ``MaskedViews``;
     otherwise, and on CUDA, they are dense tensors. Both are the paper's views, so the two paths
     train the same model up to the random draws. Dense views of an input of up to
@@ -92,23 +92,23 @@ def fit_encoder(x: Rows | np.ndarray, encoder_config: EncoderConfig, train_confi
     window at a time (the rule depends on the size, never on where the rows are held).
     """
     cfg = train_config
-    device = resolve_device(cfg.device)
-    history = TrainingHistory(device=str(device))
-    learning_rates = [cosine_lr(cfg.lr, epoch, cfg.lr_cosine_epochs or cfg.epochs) if cfg.lr_schedule == "cosine"
-                      else cfg.lr for epoch in range(cfg.epochs)]
-    epochs = _progress(range(cfg.epochs), progress)
+    if len(x.shape) != 2 or x.shape[0] < 2:
+        msg = f"expected a (cells, genes) matrix with at least 2 cells, got shape {tuple(x.shape)}"
+        raise ValueError(msg)
     projecting = encoder_config.input_projection != "none"
     if projecting != (projection is not None):
         msg = (f"input_projection {encoder_config.input_projection!r} "
                + ("needs the fitted PCA: pass projection=(index, mean, components)" if projecting
                   else "takes no projection; set input_projection to 'pca-frozen' or 'pca-init' to use one"))
         raise ValueError(msg)
+    device = resolve_device(cfg.device)
+    history = TrainingHistory(device=str(device))
+    learning_rates = [cosine_lr(cfg.lr, epoch, cfg.lr_cosine_epochs or cfg.epochs) if cfg.lr_schedule == "cosine"
+                      else cfg.lr for epoch in range(cfg.epochs)]
+    epochs = _progress(range(cfg.epochs), progress)  # after the checks: no bar is left behind by an error
     with _single_threaded(device.type == "cpu"):
         x = as_rows(x)
         n_cells, n_genes = x.shape
-        if n_cells < 2:
-            msg = f"expected a (cells, genes) matrix with at least 2 cells, got shape {x.shape}"
-            raise ValueError(msg)
         sparse = device.type == "cpu" and cfg.input_dropout >= SPARSE_MASK_RATE
         resident = not sparse and n_cells * n_genes * 4 <= DEVICE_RESIDENT_BYTES
         torch.manual_seed(cfg.seed)

@@ -186,7 +186,7 @@ def train_run(adata, config, *, layer: str | None = None, label_key: str | None 
     methods = [m for m in methods if m != "kmeans" or n_clusters]
     dataset_name = adata.uns.get("dataset", {}).get("name", "anndata")
 
-    with mlflow.start_run(run_name=run_name, nested=nested) as run, _ended_as_killed_on_interrupt():
+    with _training_run(run_name, nested) as run:
         # Effective values under "config.": `mlflow run` has already logged the entry point's
         # raw parameters (e.g. lr=preset) under the plain names, and params cannot change.
         params = {f"config.{k}": v for k, v in model.config.to_params().items()}
@@ -297,19 +297,23 @@ def log_artifact(path: str | Path) -> None:
 
 
 @contextlib.contextmanager
-def _ended_as_killed_on_interrupt():
-    """Mark the active run KILLED when training is interrupted (Ctrl-C, or SIGTERM turned into one).
+def _training_run(run_name: str | None, nested: bool):
+    """An MLflow run whose status changes a stop cannot cut in half; KILLED when training is interrupted.
 
-    MLflow marks a run FAILED on any other exception; without this, an interrupted run would be
-    FAILED and a process killed by an unhandled SIGTERM would leave it RUNNING forever. A run
-    that did not finish never gets its ``model_uri`` tag, so it can never be registered.
+    Interrupted (Ctrl-C, or SIGTERM turned into one) the run ends KILLED: MLflow would mark it
+    FAILED, and a process killed by an unhandled SIGTERM would leave it RUNNING forever. A run
+    that did not finish never gets its ``model_uri`` tag, so it can never be registered. Its
+    start and its end are written inside :func:`~contrastive_sc.mlops.signals.deferred`, so a
+    stop that arrives then is raised once the store has the run's status.
     """
     import mlflow
 
+    with deferred(raise_after=False):
+        run = mlflow.start_run(run_name=run_name, nested=nested)
     try:
-        yield
+        raise_if_stopped()  # asked for while the run was being created
+        yield run
     except (KeyboardInterrupt, SystemExit):
-        run = mlflow.active_run()
         written = True
         try:
             with deferred(raise_after=False):  # a second Ctrl-C does not cut this write in half
@@ -318,9 +322,15 @@ def _ended_as_killed_on_interrupt():
             log.warning("the run could not be marked KILLED now (%s); it will be once this process ends",
                         str(error).splitlines()[0])
             written = False
-        if run is not None:  # `mlflow run` would mark it FAILED after this process ends
-            keep_killed(run.info.run_id, mlflow.get_tracking_uri(), this_process=not written)
+        # `mlflow run` would mark it FAILED after this process ends
+        keep_killed(run.info.run_id, mlflow.get_tracking_uri(), this_process=not written)
         raise
+    except BaseException:
+        with deferred(raise_after=False):
+            mlflow.end_run("FAILED")
+        raise
+    with deferred():
+        mlflow.end_run("FINISHED")
 
 
 def _as_param_strings(params: dict) -> dict:

@@ -11,7 +11,7 @@ export MLFLOW_EXPERIMENT_NAME="${MLFLOW_EXPERIMENT_NAME:-contrastive-sc}"
 step() { printf '\n== %s\n' "$*"; }
 
 # Create the experiment first so its artifacts live in $DEMO_DIR beside the database.
-python -c "from contrastive_sc.mlops.tracking import ensure_experiment; ensure_experiment('$MLFLOW_EXPERIMENT_NAME')"
+MLFLOW_LOGGING_LEVEL=WARNING python -c "from contrastive_sc.mlops.tracking import ensure_experiment; ensure_experiment('$MLFLOW_EXPERIMENT_NAME')"
 
 step "1/6 train the default preset (fused) on the built-in simulated dataset (mlflow run -e train)"
 mlflow run . -e train --env-manager local --experiment-name "$MLFLOW_EXPERIMENT_NAME" \

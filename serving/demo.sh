@@ -9,6 +9,8 @@ mkdir -p "$DEMO_DIR"
 export MLFLOW_TRACKING_URI="${MLFLOW_TRACKING_URI:-sqlite:///$(cd "$DEMO_DIR" && pwd)/mlflow.db}"
 export MLFLOW_EXPERIMENT_NAME="${MLFLOW_EXPERIMENT_NAME:-contrastive-sc}"
 step() { printf '\n== %s\n' "$*"; }
+# Is the server up? (python, not curl: the demo needs nothing the project does not install)
+ready() { python -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5)" "$1" 2>/dev/null; }
 
 # Create the experiment first so its artifacts live in $DEMO_DIR beside the database.
 MLFLOW_LOGGING_LEVEL=WARNING python -c "from contrastive_sc.mlops.tracking import ensure_experiment; ensure_experiment('$MLFLOW_EXPERIMENT_NAME')"
@@ -33,11 +35,11 @@ bash serving/serve.sh "models:/$MODEL_NAME@champion" "$PORT" > "$DEMO_DIR/server
 SERVER_PID=$!
 trap 'kill $SERVER_PID 2>/dev/null || true; wait $SERVER_PID 2>/dev/null || true' EXIT
 for _ in $(seq 1 120); do
-  if curl -sf "http://127.0.0.1:$PORT/ping" > /dev/null; then break; fi
+  if ready "http://127.0.0.1:$PORT/ping"; then break; fi
   if ! kill -0 $SERVER_PID 2>/dev/null; then cat "$DEMO_DIR/server.log"; echo "server exited" >&2; exit 1; fi
   sleep 1
 done
-curl -sf "http://127.0.0.1:$PORT/ping" > /dev/null || { cat "$DEMO_DIR/server.log"; echo "server not ready" >&2; exit 1; }
+ready "http://127.0.0.1:$PORT/ping" || { cat "$DEMO_DIR/server.log"; echo "server not ready" >&2; exit 1; }
 echo "serving on http://127.0.0.1:$PORT (log: $DEMO_DIR/server.log)"
 
 step "6/6 query the endpoint with 300 simulated cells (the training clusters)"

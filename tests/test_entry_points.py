@@ -199,3 +199,19 @@ def test_out_never_replaces_a_users_file(user_folder, command):
     assert first.returncode == 0 and again.returncode == 0, again.stderr[-2000:]
     forced = _cli([*command, "--out", "notes.txt", "--overwrite"], user_folder)
     assert forced.returncode == 0 and (user_folder / "notes.txt").read_text().startswith("dataset,method,seed")
+
+
+def test_the_demo_runs_as_the_readme_says_and_prints_the_model_to_use(tmp_path):
+    # `make demo`: train -> register -> promote -> export -> serve -> query, with nothing but its own steps on screen
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env |= {"PATH": f"{BIN}:{os.environ['PATH']}", "DEMO_DIR": str(tmp_path / "demo")}
+    before = set(os.listdir(REPO))
+    done = subprocess.run(["bash", "serving/demo.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    out = done.stdout + done.stderr
+    assert "the model to use: models:/contrastive-sc@champion" in out and "models:/m-" not in out
+    assert "300 cells clustered (trained)" in out and (tmp_path / "demo" / "clusters.csv").exists()
+    noise = [line for line in out.splitlines()
+             if ("INFO" in line or "Warning" in line or "Downloading" in line) and "succeeded" not in line]
+    assert noise == [], noise
+    assert set(os.listdir(REPO)) == before  # everything landed in DEMO_DIR

@@ -211,10 +211,13 @@ def training_batches(x: Rows, cfg: TrainConfig, device: torch.device, *, sparse:
     -----
     A last batch of one cell cannot be batch-normalised; it waits for the next shuffle.
     """
-    bounds = _batch_bounds(x.shape[0], min(cfg.batch_size, x.shape[0]))
+    batch_size = min(cfg.batch_size, x.shape[0])
+    bounds = _batch_bounds(x.shape[0], batch_size)
     if resident:
         return _dense_batches(np.ascontiguousarray(x.to_memory(), dtype=np.float32), bounds, cfg, device, partners)
-    return _row_batches(x, bounds, cfg, device, sparse, partners)
+    # a window of whole batches of rows is read at a time
+    per_window = max(1, DISK_WINDOW_BYTES // (batch_size * x.shape[1] * 4))
+    return _row_batches(x, bounds, per_window, cfg, device, sparse, partners)
 
 
 def _dense_batches(x: np.ndarray, bounds: list[tuple[int, int]], cfg: TrainConfig, device: torch.device,
@@ -237,18 +240,17 @@ def _dense_batches(x: np.ndarray, bounds: list[tuple[int, int]], cfg: TrainConfi
     return epoch
 
 
-def _row_batches(x: Rows, bounds: list[tuple[int, int]], cfg: TrainConfig, device: torch.device, sparse: bool,
-                 partners: Partners) -> Callable[[], Iterator]:
+def _row_batches(x: Rows, bounds: list[tuple[int, int]], per_window: int, cfg: TrainConfig, device: torch.device,
+                 sparse: bool, partners: Partners) -> Callable[[], Iterator]:
     # Epochs over preprocessed rows read by ``take``. The epoch's permutation is gathered a window
     # of batches at a time (for rows on disk, one sorted read) and cut into batches, so memory is
     # one window whatever the number of cells; the draws (numpy's permutation and masks) do not
     # depend on where the rows are held, so rows on disk train the same encoder as the array they
     # hold. On the CPU the views are sparse MaskedViews; otherwise dense views of each batch.
     take = x.take
-    n_cells, n_genes = x.shape
+    n_cells = x.shape[0]
     rng = np.random.default_rng(cfg.seed)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    per_window = max(1, DISK_WINDOW_BYTES // (min(cfg.batch_size, n_cells) * n_genes * 4))
     rescale = np.float32(1.0 / (1.0 - cfg.input_dropout))
 
     def views(batch: np.ndarray, rows: np.ndarray):
